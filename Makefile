@@ -1,0 +1,37 @@
+# Two commands get a newcomer from clone to results:
+#   make run    set up, then run the default pipeline on the embedded dataset (an MLflow run)
+#   make test   set up, then run the test suite (what CI runs)
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+export KEDRO_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export MPLBACKEND := Agg
+
+.PHONY: setup run test viz mlflow-ui bench clean
+
+$(BIN)/kedro: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $(BIN)/kedro
+
+setup: $(BIN)/kedro
+
+run: setup
+	$(BIN)/kedro run $(if $(PIPELINE),--pipeline=$(PIPELINE)) $(if $(ENV),--env=$(ENV))
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+viz: setup
+	$(BIN)/kedro viz run
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --port 5000
+
+bench: setup
+	$(BIN)/python benchmarks/bench_metrics.py
+
+clean:
+	rm -rf data/02_intermediate data/04_feature data/06_models data/07_model_output data/08_reporting mlruns mlflow.db

@@ -1,0 +1,209 @@
+"""The sample index: one ``pandas.DataFrame`` row per image, whatever the dataset layout.
+
+Columns (:data:`INDEX_COLUMNS`):
+
+=============  ===============================================================================
+dataset        dataset name (e.g. ``"mvtec"``, ``"synthetic"``)
+class_name     object / texture category
+split          ``"train"`` or ``"test"``
+label          0 normal, 1 anomalous
+defect_type    ``"good"`` for normal images, else the defect folder / class name
+image_path     path to the image file (the layout scanners write absolute paths)
+mask_path      path to the ground-truth mask, ``""`` when there is none
+=============  ===============================================================================
+
+:func:`validate_index` checks an index against the files it points to and raises one
+:class:`DatasetValidationError` that lists **every** problem found, one per line, each naming the
+file (so a broken dataset is fixed in one pass, not one error at a time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .images import ImageReadError, image_size, load_image, read_mask_values
+
+__all__ = [
+    "INDEX_COLUMNS",
+    "DatasetValidationError",
+    "empty_index",
+    "index_fingerprint",
+    "validate_index",
+]
+
+INDEX_COLUMNS: list[str] = ["dataset", "class_name", "split", "label", "defect_type", "image_path", "mask_path"]
+_SPLITS = ("train", "test")
+
+
+class DatasetValidationError(ValueError):
+    """The sample index has problems; ``problems`` is the full list (one string per problem)."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = [str(p) for p in problems]
+        n = len(self.problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"dataset validation found {n} problem{'s' if n != 1 else ''}:\n{lines}")
+
+    def __reduce__(self):
+        return (type(self), (self.problems,))
+
+
+def empty_index() -> pd.DataFrame:
+    """An index with the right columns and dtypes and no rows."""
+    df = pd.DataFrame({c: pd.Series(dtype="object") for c in INDEX_COLUMNS})
+    df["label"] = df["label"].astype("int64")
+    return df
+
+
+def _is_blank(v) -> bool:
+    return v is None or (isinstance(v, float) and np.isnan(v)) or str(v) == ""
+
+
+def _check_files(row: tuple, check_images: bool, full_decode: bool, mask_policy: str) -> list[str]:
+    """Problems with one row's files. ``row = (split, label, image_path, mask_path)``."""
+    split, label, img_path, mask_path = row
+    problems: list[str] = []
+    size = None
+    if check_images and not _is_blank(img_path):
+        try:
+            if full_decode:
+                arr = load_image(img_path)
+                size = (arr.shape[1], arr.shape[0])
+            else:
+                size = image_size(img_path)
+        except ImageReadError as exc:
+            problems.append(f"unreadable image {exc.path}: {exc.reason}")
+    if not _is_blank(mask_path):
+        try:
+            vals = read_mask_values(mask_path)
+        except ImageReadError as exc:
+            problems.append(f"unreadable mask {exc.path} (for image {img_path}): {exc.reason}")
+        else:
+            if size is not None and (vals.shape[1], vals.shape[0]) != size:
+                problems.append(
+                    f"mask/image size mismatch: mask {mask_path} is {vals.shape[1]}x{vals.shape[0]}, "
+                    f"image {img_path} is {size[0]}x{size[1]}"
+                )
+            uniq = np.unique(vals)
+            positive = uniq[uniq > 0]
+            if mask_policy == "binary" and positive.size > 1:
+                shown = ", ".join(str(int(u)) for u in uniq[:8]) + (", ..." if uniq.size > 8 else "")
+                problems.append(f"non-binary mask {mask_path}: values {{{shown}}} (expected 0 and one positive value)")
+            if label == 0 and positive.size > 0:
+                problems.append(f"normal image {img_path} has a non-empty mask {mask_path}")
+    return problems
+
+
+def validate_index(
+    df: pd.DataFrame,
+    check_images: bool = True,
+    max_workers: int | None = None,
+    full_decode: bool = False,
+    mask_policy: str = "binary",
+    require_splits: Iterable[str] = _SPLITS,
+) -> None:
+    """Check ``df`` and raise :class:`DatasetValidationError` listing every problem found.
+
+    Checks: missing columns (reported alone, nothing else can be checked); bad ``split`` /
+    ``label`` values; ``label`` inconsistent with ``defect_type`` (``good`` <=> 0); empty or
+    duplicated image paths; classes with no rows in one of ``require_splits`` (default: no
+    train or no test images); anomalous test images without a mask; and, file by file:
+    unreadable images (header only, unless ``full_decode=True`` which decodes every pixel and
+    so also catches truncated files), unreadable masks (always fully decoded), mask/image size
+    mismatch, non-binary masks and normal images with a non-empty mask.
+
+    ``mask_policy="binary"`` (default) accepts masks holding 0 and at most one positive value
+    (0/255, 0/1, ...); ``"nonzero"`` accepts any values (nonzero = anomalous; use it for raw
+    datasets that store defect ids in the mask). ``check_images=False`` skips reading image
+    headers (masks are still read). File checks run on a thread pool of ``max_workers``
+    (default ``min(8, cpu count)``) when there are more than 64 rows.
+    """
+    if mask_policy not in ("binary", "nonzero"):
+        raise ValueError(f"mask_policy must be 'binary' or 'nonzero', got {mask_policy!r}")
+    missing = [c for c in INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise DatasetValidationError([f"index is missing columns {missing} (has {list(df.columns)})"])
+    problems: list[str] = []
+    if len(df) == 0:
+        raise DatasetValidationError(["index has no rows"])
+
+    splits = df["split"].astype(str)
+    labels_raw = df["label"]
+    bad_split = ~splits.isin(_SPLITS)
+    for p, s in zip(df.loc[bad_split, "image_path"], splits[bad_split]):
+        problems.append(f"bad split {s!r} for {p} (expected one of {list(_SPLITS)})")
+    labels = pd.to_numeric(labels_raw, errors="coerce")
+    bad_label = ~labels.isin([0, 1])
+    for p, v in zip(df.loc[bad_label, "image_path"], labels_raw[bad_label]):
+        problems.append(f"bad label {v!r} for {p} (expected 0 or 1)")
+    defect = df["defect_type"].astype(str)
+    inconsistent = ~bad_label & ((labels == 0) != (defect == "good"))
+    for p, v, d in zip(df.loc[inconsistent, "image_path"], labels[inconsistent], defect[inconsistent]):
+        problems.append(f"label {int(v)} contradicts defect_type {d!r} for {p} (defect_type 'good' <=> label 0)")
+
+    img_paths = df["image_path"]
+    blank = img_paths.map(_is_blank)
+    for idx in np.flatnonzero(blank.to_numpy()):
+        r = df.iloc[idx]
+        problems.append(f"row {idx} ({r['dataset']}/{r['class_name']}/{r['split']}) has an empty image_path")
+    dup = df.duplicated(subset=["split", "image_path"], keep="first") & ~blank
+    for p, s in zip(img_paths[dup], splits[dup]):
+        problems.append(f"duplicate image {p} in split {s!r}")
+
+    mask_paths = df["mask_path"]
+    no_mask = mask_paths.map(_is_blank)
+    need_mask = (splits == "test") & (labels == 1) & no_mask
+    for p in img_paths[need_mask]:
+        problems.append(f"anomalous test image without mask: {p}")
+
+    groups = df.assign(_split=splits).groupby(["dataset", "class_name"], sort=True)["_split"]
+    for (ds, cls), sp in groups:
+        present = set(sp)
+        for s in require_splits:
+            if s not in present:
+                problems.append(f"class {ds}/{cls} has no {s} images")
+
+    rows = list(zip(splits, labels.fillna(-1).astype(int), img_paths, mask_paths))
+    work = [r for r, b in zip(rows, blank) if not b]
+    if check_images or (~no_mask).any():
+        nw = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
+        if len(work) > 64 and nw > 1:
+            with ThreadPoolExecutor(max_workers=nw) as pool:
+                results = list(pool.map(lambda r: _check_files(r, check_images, full_decode, mask_policy), work,
+                                        chunksize=16))
+        else:
+            results = [_check_files(r, check_images, full_decode, mask_policy) for r in work]
+        for res in results:
+            problems.extend(res)
+    if problems:
+        raise DatasetValidationError(problems)
+
+
+def index_fingerprint(df: pd.DataFrame, root: str | os.PathLike | None = None) -> str:
+    """``sha256`` hex digest of the index rows (columns of :data:`INDEX_COLUMNS`, rows sorted),
+    independent of row order. With ``root``, paths under it are made relative first so the
+    fingerprint does not depend on where the dataset is mounted."""
+    missing = [c for c in INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"index is missing columns {missing}")
+    sub = df[INDEX_COLUMNS].copy()
+    for c in INDEX_COLUMNS:
+        sub[c] = sub[c].map(lambda v: "" if _is_blank(v) else str(v))
+    if root is not None:
+        base = str(Path(root).expanduser().absolute())
+        rel = lambda p: os.path.relpath(p, base) if p and Path(p).is_absolute() and (p + os.sep).startswith(base + os.sep) else p  # noqa: E731
+        sub["image_path"] = sub["image_path"].map(rel)
+        sub["mask_path"] = sub["mask_path"].map(rel)
+    lines = sorted("\x1f".join(r) for r in sub.itertuples(index=False, name=None))
+    h = hashlib.sha256()
+    h.update(("\x1f".join(INDEX_COLUMNS) + "\n").encode())
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()

@@ -1,0 +1,152 @@
+"""Experimental settings: which rows train a model and which rows test it.
+
+:func:`make_split` turns sample indexes into ``(train_df, test_df, info)``:
+
+``multi_class``
+    One model for all classes (the unified setting of Dinomaly / INP-Former): every train-split
+    image of every class trains it, every test-split image tests it.
+``one_class``
+    One model per class (the classic setting). The rows are the same as ``multi_class``;
+    ``info["groups"]`` lists the classes and the caller trains and evaluates one model per group
+    on ``train_df[train_df.class_name == g]`` / ``test_df[test_df.class_name == g]``
+    (:func:`iter_groups` does the slicing).
+``few_shot``
+    ``shots`` normal train images per class. The choice is deterministic: per class, the
+    candidate paths are sorted and ``shots`` of them are drawn without replacement by
+    ``numpy.random.default_rng([seed, crc32(class_name)])`` (a per-class stream, so filtering
+    classes does not change any class's choice). The chosen paths are recorded in
+    ``info["few_shot_choice"] = {class: [paths]}``. Tests on all test images.
+``zero_shot``
+    Train on dataset A (the train-split rows of ``train_source_df``), test on dataset B (the
+    test-split rows of ``test_source_df``, required). ``info`` records both dataset names.
+    ``classes`` then filters the test side (B's classes); A is used whole.
+
+When ``test_source_df`` is given for another setting, test rows come from it instead of from
+``train_source_df``. ``info`` is JSON-serialisable.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .index import INDEX_COLUMNS
+
+__all__ = ["SETTINGS", "iter_groups", "make_split"]
+
+SETTINGS: tuple[str, ...] = ("multi_class", "one_class", "few_shot", "zero_shot")
+_SORT = ["dataset", "class_name", "split", "label", "defect_type", "image_path"]
+
+
+def _check_columns(df: pd.DataFrame, what: str) -> None:
+    missing = [c for c in INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what} is missing index columns {missing}")
+
+
+def _filter_classes(df: pd.DataFrame, classes: Sequence[str] | None, what: str) -> pd.DataFrame:
+    if classes is None:
+        return df
+    available = sorted(set(df["class_name"]))
+    unknown = [c for c in classes if c not in available]
+    if unknown:
+        raise ValueError(f"classes {unknown} are not in {what}; available: {available}")
+    return df[df["class_name"].isin(list(classes))]
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
+    return df.sort_values(_SORT, kind="mergesort").reset_index(drop=True)[INDEX_COLUMNS]
+
+
+def _names(df: pd.DataFrame) -> list[str]:
+    return sorted({str(x) for x in df["dataset"]})
+
+
+def make_split(
+    train_source_df: pd.DataFrame,
+    test_source_df: pd.DataFrame | None = None,
+    setting: str = "multi_class",
+    shots: int | None = None,
+    seed: int = 0,
+    classes: Iterable[str] | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Select train and test rows for ``setting`` (see the module docstring).
+
+    Returns ``(train_df, test_df, info)``: both frames sorted with a fresh 0..n-1 index, and
+    ``info`` with at least ``setting, seed, classes, train_datasets, test_datasets, n_train,
+    n_test`` (+ ``groups`` for one_class, ``shots`` and ``few_shot_choice`` for few_shot).
+    """
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; valid settings: {list(SETTINGS)}")
+    _check_columns(train_source_df, "train_source_df")
+    if test_source_df is not None:
+        _check_columns(test_source_df, "test_source_df")
+    cls_list = None if classes is None else ([classes] if isinstance(classes, str) else [str(c) for c in classes])
+
+    info: dict = {"setting": setting, "seed": int(seed)}
+    if setting == "zero_shot":
+        if test_source_df is None:
+            raise ValueError("zero_shot needs test_source_df (the target dataset B); got None")
+        train = train_source_df[train_source_df["split"] == "train"]
+        test = _filter_classes(test_source_df[test_source_df["split"] == "test"], cls_list, "test_source_df")
+        info["train_dataset"] = ", ".join(_names(train))
+        info["test_dataset"] = ", ".join(_names(test))
+    else:
+        src_test = test_source_df if test_source_df is not None else train_source_df
+        train = _filter_classes(train_source_df[train_source_df["split"] == "train"], cls_list, "train_source_df")
+        test = _filter_classes(src_test[src_test["split"] == "test"], cls_list, "the test source")
+
+    if setting == "few_shot":
+        if shots is None or int(shots) < 1:
+            raise ValueError(f"few_shot needs shots >= 1, got {shots!r}")
+        k = int(shots)
+        normal = train[train["label"] == 0]
+        picked: list[pd.DataFrame] = []
+        choice: dict[str, list[str]] = {}
+        multi_ds = normal["dataset"].nunique() > 1
+        for (ds, cls), grp in normal.groupby(["dataset", "class_name"], sort=True):
+            grp = grp.sort_values("image_path", kind="mergesort")
+            if len(grp) < k:
+                raise ValueError(f"few_shot: class {ds}/{cls} has {len(grp)} normal train images < shots={k}")
+            rng = np.random.default_rng([int(seed), zlib.crc32(str(cls).encode("utf-8"))])
+            idx = np.sort(rng.choice(len(grp), size=k, replace=False))
+            sel = grp.iloc[idx]
+            picked.append(sel)
+            choice[f"{ds}/{cls}" if multi_ds else str(cls)] = [str(p) for p in sel["image_path"]]
+        train = pd.concat(picked) if picked else train.iloc[:0]
+        info["shots"] = k
+        info["few_shot_choice"] = choice
+
+    train, test = _tidy(train), _tidy(test)
+    if len(train) == 0:
+        raise ValueError(f"{setting}: no train rows selected")
+    if len(test) == 0:
+        raise ValueError(f"{setting}: no test rows selected")
+    info["classes"] = sorted({str(c) for c in test["class_name"]} | ({str(c) for c in train["class_name"]}
+                                                                      if setting != "zero_shot" else set()))
+    if setting == "zero_shot":
+        info["train_classes"] = sorted({str(c) for c in train["class_name"]})
+    if setting == "one_class":
+        info["groups"] = sorted({str(c) for c in train["class_name"]})
+    info["train_datasets"] = _names(train)
+    info["test_datasets"] = _names(test)
+    info["n_train"] = int(len(train))
+    info["n_test"] = int(len(test))
+    return train, test, info
+
+
+def iter_groups(
+    train_df: pd.DataFrame, test_df: pd.DataFrame, info: dict
+) -> Iterator[tuple[str, pd.DataFrame, pd.DataFrame]]:
+    """Yield ``(group, train_rows, test_rows)``: one per class for ``one_class``, else a single
+    ``("all", train_df, test_df)``."""
+    groups = info.get("groups")
+    if not groups:
+        yield "all", train_df, test_df
+        return
+    for g in groups:
+        yield (g, train_df[train_df["class_name"] == g].reset_index(drop=True),
+               test_df[test_df["class_name"] == g].reset_index(drop=True))

@@ -1,0 +1,315 @@
+"""The iteration-based training loop every gradient-trained method shares.
+
+:class:`Trainer` owns everything that is not the method's own: device placement, bf16 autocast on
+CUDA, seeding, a deterministic stream of batches, gradient clipping, the NaN/Inf guard, a tqdm
+progress bar with ETA, periodic atomic checkpoints and resume. The method supplies the optimiser
+(:meth:`~uad.methods.base.AnomalyMethod.configure_optimization`) and the loss
+(:meth:`~uad.methods.base.AnomalyMethod.training_step`).
+
+Resume is exact: the batch stream is a pure function of ``(seed, step)`` (one seeded permutation
+per epoch), so a run killed at step ``s`` and restarted from its last checkpoint at step ``c``
+replays exactly the batches ``c .. iterations`` it would have seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .checkpoint import flatten_optimizer_state, load_state, save_state, unflatten_optimizer_state
+from .device import autocast_dtype_for, pick_device, seed_everything
+
+log = logging.getLogger("uad.engine")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when a training loss becomes NaN or Inf."""
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the shared engine (not of any method).
+
+    ``iterations``: when set, overrides the method's own iteration budget (environments use it
+    to scale a run down; it is logged as a parameter like everything else here).
+    ``batch_size``/``num_workers``: loader settings; ``batch_size=None`` keeps the method's.
+    """
+
+    device: str = "auto"
+    precision: str = "bf16"
+    seed: int = 1
+    deterministic: bool = True
+    iterations: int | None = None
+    batch_size: int | None = None
+    num_workers: int = 0
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 500
+    resume: bool = True
+    log_every: int = 10
+    progress: bool = True
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> "EngineConfig":
+        params = dict(params or {})
+        valid = set(cls.__dataclass_fields__)
+        unknown = sorted(set(params) - valid)
+        if unknown:
+            raise ValueError(f"unknown engine parameter(s) {unknown}; valid: {sorted(valid)}")
+        return cls(**params)
+
+
+class StepSampler(Sampler[int]):
+    """Deterministic stream of sample indices for iteration-based training.
+
+    Epoch ``e`` is ``randperm(n)`` drawn from a generator seeded with ``seed * 1_000_003 + e``;
+    epochs are concatenated and the stream starts at sample ``start * batch_size``. Indices are
+    returned as *virtual* indices ``e * n + i`` so an :class:`EpochAwareDataset` can tell the
+    dataset which epoch a sample belongs to (augmentations seeded by ``(seed, epoch, index)``
+    stay deterministic whatever the worker scheduling).
+    """
+
+    def __init__(self, n: int, batch_size: int, num_steps: int, seed: int, start_step: int = 0, shuffle: bool = True):
+        if n <= 0:
+            raise ValueError("cannot train on an empty dataset")
+        self.n, self.bs, self.steps, self.seed, self.start, self.shuffle = n, batch_size, num_steps, seed, start_step, shuffle
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start) * self.bs
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).numpy()
+
+    def __iter__(self) -> Iterator[int]:
+        first = self.start * self.bs
+        total = len(self)
+        epoch, offset = divmod(first, self.n)
+        produced = 0
+        while produced < total:
+            perm = self._perm(epoch)[offset:]
+            take = perm[: total - produced]
+            yield from (int(epoch * self.n + i) for i in take)
+            produced += len(take)
+            epoch, offset = epoch + 1, 0
+
+
+class EpochAwareDataset(Dataset):
+    """Maps a virtual index ``e * n + i`` to sample ``i`` of epoch ``e`` (sets ``base.epoch``)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.n = len(base)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, v: int):
+        epoch, i = divmod(int(v), self.n)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+        elif hasattr(self.base, "epoch"):
+            self.base.epoch = epoch
+        return self.base[i]
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def run_key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts: names a run's checkpoint folder for resume."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@dataclass
+class FitResult:
+    stage: str
+    iterations: int
+    resumed_from: int
+    final_loss: float
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Trainer:
+    """Runs gradient-trained stages of a method. See the module docstring."""
+
+    def __init__(self, config: EngineConfig | Mapping[str, Any] | None = None, key: str = "",
+                 on_log: Callable[[str, int, float], None] | None = None):
+        self.config = config if isinstance(config, EngineConfig) else EngineConfig.from_params(config)
+        self.device = pick_device(self.config.device)
+        self.autocast_dtype = autocast_dtype_for(self.device, self.config.precision)
+        self.key = key
+        self.on_log = on_log
+
+    # ------------------------------------------------------------------ helpers
+    def prepare(self, method) -> None:
+        """Seed and move ``method`` to the engine's device with its autocast dtype."""
+        seed_everything(self.config.seed, self.config.deterministic)
+        method.to(self.device, self.autocast_dtype)
+
+    def checkpoint_path(self, method, stage: str) -> Path | None:
+        if not self.config.checkpoint_dir:
+            return None
+        return Path(self.config.checkpoint_dir) / f"{method.name}-{stage}-{self.key or 'run'}" / "last.safetensors"
+
+    def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_steps: int | None = None,
+               start_step: int = 0) -> DataLoader:
+        """A DataLoader over ``dataset``: a deterministic step stream when ``num_steps`` is set,
+        one ordered pass otherwise."""
+        cfg = self.config
+        common: dict[str, Any] = dict(
+            batch_size=batch_size,
+            num_workers=cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0,
+        )
+        if cfg.num_workers > 0:
+            common["prefetch_factor"] = 4
+        if num_steps is None:
+            return DataLoader(dataset, shuffle=False, drop_last=False, **common)
+        sampler = StepSampler(len(dataset), batch_size, num_steps, cfg.seed, start_step, shuffle)
+        return DataLoader(EpochAwareDataset(dataset), sampler=sampler, drop_last=False, **common)
+
+    # ------------------------------------------------------------------ main loop
+    def fit(self, method, stage: str, loader: DataLoader | Dataset) -> dict[str, Any]:
+        """Train ``stage`` of ``method`` on the samples of ``loader`` (a DataLoader or Dataset)."""
+        cfg = self.config
+        dataset = loader.dataset if isinstance(loader, DataLoader) else loader
+        batch_size = cfg.batch_size or (loader.batch_size if isinstance(loader, DataLoader) else None) or 8
+        self.prepare(method)
+        setup = method.configure_optimization(stage, len(dataset))
+        if setup is None:
+            raise ValueError(f"{method.name} stage {stage!r} has no optimiser; it must override fit_stage")
+        iterations = int(cfg.iterations or setup.iterations)
+        # A schedule built for the method's own budget is rebuilt by the method when the engine
+        # overrides iterations: methods read ``trainer_iterations`` through this hook.
+        if cfg.iterations and hasattr(method, "rescale_schedule"):
+            setup = method.rescale_schedule(setup, iterations)
+        params = setup.parameters or [p for m in method.trainable_modules().values() for p in m.parameters() if p.requires_grad]
+
+        start = 0
+        ckpt = self.checkpoint_path(method, stage)
+        if ckpt is not None and cfg.resume and ckpt.is_file():
+            start = self._restore(ckpt, method, setup)
+            log.info("resuming %s/%s from step %d (%s)", method.name, stage, start, ckpt)
+
+        history: list[tuple[int, float]] = []
+        t0 = time.perf_counter()
+        last_loss = float("nan")
+        if start >= iterations:
+            return FitResult(stage, iterations, start, last_loss, 0.0, history).as_dict()
+        stream = self.loader(dataset, batch_size, shuffle=True, num_steps=iterations, start_step=start)
+        bar = _progress(total=iterations, initial=start, desc=f"{method.name}:{stage}", enabled=cfg.progress)
+        running = None
+        step = start
+        try:
+            for step, batch in enumerate(stream, start=start):
+                batch = to_device(batch, self.device)
+                method.train_mode(stage)
+                with method.autocast():
+                    loss = method.training_step(stage, batch, step)
+                if not torch.isfinite(loss.detach()).all():
+                    raise NonFiniteLossError(
+                        f"{method.name}/{stage}: loss became {loss.item()} at step {step}; "
+                        "lower the learning rate, check the input data for NaNs, or use precision: fp32"
+                    )
+                setup.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if setup.grad_clip_norm:
+                    torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
+                setup.optimizer.step()
+                if setup.scheduler is not None:
+                    setup.scheduler.step()
+                last_loss = float(loss.detach())
+                running = last_loss if running is None else 0.9 * running + 0.1 * last_loss
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+                done = step + 1
+                if done % cfg.log_every == 0 or done == iterations:
+                    history.append((done, last_loss))
+                    if self.on_log:
+                        self.on_log(stage, done, last_loss)
+                if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == iterations):
+                    self._save(ckpt, method, setup, done, stage)
+        finally:
+            bar.close()
+        return FitResult(stage, iterations, start, last_loss, time.perf_counter() - t0, history).as_dict()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, path: Path, method, setup, step: int, stage: str) -> None:
+        tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
+        opt_t, opt_meta = flatten_optimizer_state(setup.optimizer.state_dict())
+        tensors.update(opt_t)
+        meta = {
+            "step": step,
+            "stage": stage,
+            "method": method.name,
+            "optimizer": opt_meta,
+            "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
+            "torch_rng": torch.get_rng_state().tolist(),
+        }
+        save_state(path, tensors, _jsonable(meta))
+
+    def _restore(self, path: Path, method, setup) -> int:
+        tensors, meta = load_state(path)
+        model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        method.load_state_dict(model)
+        method.to(self.device, self.autocast_dtype)
+        opt_state = unflatten_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
+        setup.optimizer.load_state_dict(opt_state)
+        if setup.scheduler is not None and meta.get("scheduler") is not None:
+            setup.scheduler.load_state_dict(meta["scheduler"])
+        if meta.get("torch_rng") is not None:
+            torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        return int(meta["step"])
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if isinstance(obj, (np.integer, np.floating)):
+        return obj.item()
+    return obj
+
+
+class _NullBar:
+    def update(self, *_: Any) -> None: ...
+    def set_postfix(self, *_: Any, **__: Any) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+    if not enabled:
+        return _NullBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,176 @@
+"""Catalog datasets: safetensors checkpoints, pickle-free NPZ arrays, PNG bytes, MLflow tags.
+
+Every file dataset writes atomically (temp file + rename) and supports Kedro versioning, so a
+rerun never overwrites an earlier version and ``kedro run --load-versions`` reloads one. Nothing
+here unpickles: NPZ is read with ``allow_pickle=False`` and checkpoints are safetensors.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from copy import deepcopy
+from pathlib import PurePosixPath
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from kedro.io.core import AbstractDataset, AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
+
+from uad.engine.checkpoint import atomic_write_bytes, load_state, save_state
+
+
+class _LocalVersionedDataset(AbstractVersionedDataset):
+    """Shared plumbing: a local (or fsspec) file, versioned, written atomically.
+
+    ``mlflow_artifact_path``: when set, every saved version is also logged to the active MLflow
+    run under that artifact folder. (kedro-mlflow's ``MlflowArtifactDataset`` gives each wrapped
+    versioned dataset its own save timestamp, which Kedro 1.x's catalog rejects, so versioned
+    datasets log themselves.)
+    """
+
+    def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None,
+                 mlflow_artifact_path: str | None = None):
+        protocol, path = get_protocol_and_path(filepath, version)
+        self._protocol = protocol
+        self._fs = fsspec.filesystem(protocol)
+        self.metadata = metadata
+        self._mlflow_artifact_path = mlflow_artifact_path
+        super().__init__(filepath=PurePosixPath(path), version=version, exists_function=self._fs.exists,
+                         glob_function=self._fs.glob)
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "version": self._version}
+
+    def _path(self, which: str) -> str:
+        p = self._get_load_path() if which == "load" else self._get_save_path()
+        return get_filepath_str(p, self._protocol)
+
+    def _write(self, data: bytes) -> None:
+        path = self._path("save")
+        if self._protocol == "file":
+            atomic_write_bytes(path, data)
+        else:
+            with self._fs.open(path, "wb") as fh:
+                fh.write(data)
+        self._invalidate_cache()
+        self._log_artifact(path)
+
+    def _log_artifact(self, path: str) -> None:
+        if self._mlflow_artifact_path is None:
+            return
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.log_artifact(path, artifact_path=self._mlflow_artifact_path)
+
+    def _read(self) -> bytes:
+        path = self._path("load")
+        with self._fs.open(path, "rb") as fh:
+            return fh.read()
+
+    def _exists(self) -> bool:
+        try:
+            path = self._path("load")
+        except DatasetError:
+            return False
+        return self._fs.exists(path)
+
+    def _invalidate_cache(self) -> None:
+        self._fs.invalidate_cache(str(self._filepath))
+
+
+class SafetensorsDataset(_LocalVersionedDataset):
+    """A ``{"tensors": {name: Tensor}, "meta": dict}`` checkpoint in one safetensors file."""
+
+    def load(self) -> dict[str, Any]:
+        path = self._path("load")
+        tensors, meta = load_state(path)
+        return {"tensors": tensors, "meta": meta}
+
+    def save(self, data: dict[str, Any]) -> None:
+        if not isinstance(data, dict) or "tensors" not in data:
+            raise DatasetError(f"{self._filepath}: expected {{'tensors': ..., 'meta': ...}}, got {type(data).__name__}")
+        path = self._path("save")
+        if self._protocol != "file":
+            raise DatasetError("SafetensorsDataset writes local files only")
+        save_state(path, data["tensors"], data.get("meta") or {})
+        self._invalidate_cache()
+        self._log_artifact(path)
+
+
+class NpzDataset(_LocalVersionedDataset):
+    """A dict of numpy arrays as ``.npz`` (optionally compressed); loaded without pickle."""
+
+    def __init__(self, filepath: str, compress: bool = False, version: Version | None = None,
+                 metadata: dict[str, Any] | None = None, mlflow_artifact_path: str | None = None):
+        super().__init__(filepath, version, metadata, mlflow_artifact_path)
+        self._compress = compress
+
+    def load(self) -> dict[str, np.ndarray]:
+        raw = self._read()
+        with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save(self, data: dict[str, Any]) -> None:
+        arrays = {}
+        for k, v in data.items():
+            a = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            if a.dtype == object:
+                raise DatasetError(f"{self._filepath}: array {k!r} has dtype object; it would need pickle")
+            arrays[k] = a
+        buf = io.BytesIO()
+        (np.savez_compressed if self._compress else np.savez)(buf, **arrays)
+        self._write(buf.getvalue())
+
+
+class PngDataset(_LocalVersionedDataset):
+    """PNG bytes (as produced by :func:`uad.metrics.plots.figure_to_png_bytes`)."""
+
+    def load(self) -> bytes:
+        return self._read()
+
+    def save(self, data: bytes) -> None:
+        if not isinstance(data, (bytes, bytearray)) or not bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":
+            raise DatasetError(f"{self._filepath}: expected PNG bytes")
+        self._write(bytes(data))
+
+
+class JSONTagsDataset(_LocalVersionedDataset):
+    """A small JSON dict (run information) kept on disk beside the run's other outputs."""
+
+    def load(self) -> dict[str, Any]:
+        return json.loads(self._read().decode())
+
+    def save(self, data: dict[str, Any]) -> None:
+        self._write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+
+class MlflowTagsDataset(AbstractDataset):
+    """Sets its dict as tags on the active MLflow run (kedro-mlflow opens one per ``kedro run``).
+
+    Outside an MLflow run (``kedro run`` with tracking disabled) saving is a no-op; loading
+    returns the tags last saved in this session.
+    """
+
+    def __init__(self, metadata: dict[str, Any] | None = None):
+        self.metadata = metadata
+        self._last: dict[str, str] = {}
+
+    def _describe(self) -> dict[str, Any]:
+        return {"kind": "mlflow tags"}
+
+    def load(self) -> dict[str, str]:
+        return deepcopy(self._last)
+
+    def save(self, data: dict[str, Any]) -> None:
+        import mlflow
+
+        tags = {str(k): str(v) for k, v in data.items() if v is not None}
+        self._last = tags
+        if mlflow.active_run() is not None:
+            mlflow.set_tags(tags)
+
+    def _exists(self) -> bool:
+        return bool(self._last)

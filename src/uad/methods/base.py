@@ -1,0 +1,162 @@
+"""The contract every anomaly-detection method implements.
+
+A method is a plain object (no Kedro, no MLflow) built from a name and a parameter dict by
+:func:`uad.methods.registry.build_method`. The shared training engine
+(:class:`uad.engine.trainer.Trainer`) drives its optimisation loop; the Kedro template pipeline
+(``uad.pipelines.method``) only calls the methods below, so every method runs through the same
+train -> predict -> evaluate nodes.
+
+Lifecycle::
+
+    method = build_method("dinomaly", params)          # paper defaults + overrides
+    for stage in method.stages:                        # e.g. ("train",) or ("reconstruction", "residual")
+        method.fit_stage(stage, train_loader, trainer)
+    state = method.state_dict()                        # only what is learned: safetensors-safe
+    method.load_state_dict(state)                      # on a fresh object, same params
+    out = method.predict(images)                       # batched, no_grad, maps at input size
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Prediction:
+    """Batched output of :meth:`AnomalyMethod.predict`.
+
+    ``scores``: (B,) image anomaly scores, float32 on CPU.
+    ``maps``: (B, H, W) pixel anomaly maps at the input image size (the crop size), float32 on CPU.
+    """
+
+    scores: torch.Tensor
+    maps: torch.Tensor
+
+
+@dataclass
+class OptimSetup:
+    """What :meth:`AnomalyMethod.configure_optimization` returns for one training stage."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None = None  # a torch LR scheduler, stepped once per iteration
+    iterations: int = 1000  # total optimisation steps for the stage
+    grad_clip_norm: float | None = None  # clip the total gradient norm of ``parameters``
+    parameters: list[nn.Parameter] = field(default_factory=list)
+
+
+class AnomalyMethod(abc.ABC):
+    """Base class of every method. Subclasses set ``name`` and ``stages``."""
+
+    name: str = "base"
+    stages: tuple[str, ...] = ("train",)
+    #: True when training never changes what the frozen encoder sees (no image perturbation),
+    #: so encoder features may be computed once and cached (the ``features`` pipeline).
+    cacheable_features: bool = False
+
+    def __init__(self, params: Mapping[str, Any] | None = None):
+        self.params = dict(params or {})
+        self.device = torch.device("cpu")
+        self.autocast_dtype: torch.dtype | None = None
+
+    # --- data -----------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def input_spec(self) -> dict[str, Any]:
+        """How images must be prepared: ``{"resize": int, "crop": int, "mean": (3,), "std": (3,)}``."""
+
+    # --- placement ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Every nn.Module the method owns (frozen encoder included), keyed by a stable name."""
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        """The modules whose weights are learned and saved. Default: all but ``encoder``."""
+        return {k: m for k, m in self.modules().items() if k != "encoder"}
+
+    def to(self, device: torch.device | str, autocast_dtype: torch.dtype | None = None) -> "AnomalyMethod":
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        for m in self.modules().values():
+            m.to(self.device)
+        return self
+
+    def train_mode(self, stage: str) -> None:
+        """Put modules in train/eval mode for ``stage``; the frozen encoder always stays in eval."""
+        for k, m in self.modules().items():
+            m.train(k in self.trainable_modules())
+        enc = self.modules().get("encoder")
+        if enc is not None:
+            enc.eval()
+
+    def eval_mode(self) -> None:
+        for m in self.modules().values():
+            m.eval()
+
+    # --- training -------------------------------------------------------------------------
+    def configure_optimization(self, stage: str, num_train_samples: int) -> OptimSetup | None:
+        """Optimiser and schedule for a gradient-trained stage; ``None`` for a stage that is fit
+        in one pass (a memory bank, say), in which case :meth:`fit_stage` is overridden."""
+        return None
+
+    def training_step(self, stage: str, batch: Mapping[str, Any], step: int) -> torch.Tensor:
+        """One optimisation step's loss for ``batch`` (already on ``self.device``)."""
+        raise NotImplementedError(f"{self.name} has no gradient-trained stage {stage!r}")
+
+    def fit_stage(self, stage: str, loader: Iterable, trainer: Any) -> dict[str, float]:
+        """Fit one stage. Default: hand the loop to the shared engine."""
+        return trainer.fit(self, stage, loader)
+
+    # --- inference ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """Scores and maps for a normalised batch (B, 3, H, W) already on ``self.device``."""
+
+    # --- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Learned state as a flat ``{name: tensor}`` dict (safetensors-safe, no pickles)."""
+        out: dict[str, torch.Tensor] = {}
+        for k, m in self.trainable_modules().items():
+            for n, t in m.state_dict().items():
+                out[f"{k}.{n}"] = t.detach().cpu().contiguous()
+        out.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in self.extra_state().items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        mods = self.trainable_modules()
+        grouped: dict[str, dict[str, torch.Tensor]] = {k: {} for k in mods}
+        extra: dict[str, torch.Tensor] = {}
+        for key, t in state.items():
+            head, _, rest = key.partition(".")
+            if head == "extra":
+                extra[rest] = t
+            elif head in grouped:
+                grouped[head][rest] = t
+            else:
+                raise KeyError(f"{self.name}: unexpected key {key!r} in saved state")
+        for k, m in mods.items():
+            m.load_state_dict(grouped[k], strict=True)
+        self.load_extra_state(extra)
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Non-module learned tensors (a PatchCore memory bank, say)."""
+        return {}
+
+    def load_extra_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise KeyError(f"{self.name}: unexpected extra state {sorted(state)}")
+
+    # --- bookkeeping ----------------------------------------------------------------------
+    def tags(self) -> dict[str, str]:
+        """Run tags (backbone name, weights source, ...) for MLflow."""
+        return {"method": self.name}
+
+    def autocast(self):
+        """Context manager: bf16 autocast on CUDA when enabled, a no-op otherwise."""
+        if self.autocast_dtype is not None and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, enabled=False)

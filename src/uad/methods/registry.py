@@ -1,0 +1,49 @@
+"""Method registry: build any method from a name and a parameter dict (timm's factory idea).
+
+Methods register themselves with :func:`register`; :func:`build_method` imports the method's
+module lazily, so importing the registry stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable, Mapping
+
+from .base import AnomalyMethod
+
+_REGISTRY: dict[str, type[AnomalyMethod]] = {}
+
+# name -> module that registers it on import
+_KNOWN = {
+    "patchcore": "uad.methods.patchcore.method",
+    "dinomaly": "uad.methods.dinomaly.method",
+    "inpformer": "uad.methods.inpformer.method",
+}
+
+
+def register(name: str) -> Callable[[type[AnomalyMethod]], type[AnomalyMethod]]:
+    def deco(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"method {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available_methods() -> list[str]:
+    return sorted(set(_KNOWN) | set(_REGISTRY))
+
+
+def method_class(name: str) -> type[AnomalyMethod]:
+    if name not in _REGISTRY:
+        if name not in _KNOWN:
+            raise KeyError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+        importlib.import_module(_KNOWN[name])
+    return _REGISTRY[name]
+
+
+def build_method(name: str, params: Mapping[str, Any] | None = None) -> AnomalyMethod:
+    """Instantiate method ``name``; ``params`` override the paper defaults of its config."""
+    return method_class(name)(params or {})

@@ -1,0 +1,216 @@
+"""Evaluation figures: anomaly-map overlays, ROC / PR curves, per-class metric bars.
+
+Every function builds a :class:`matplotlib.figure.Figure` with its own Agg canvas: nothing goes
+through ``matplotlib.pyplot``, so no global figure state is created or leaked and no display
+backend is needed (safe in Kedro nodes, tests and worker processes). Turn a figure into PNG
+bytes with :func:`figure_to_png_bytes` (what MLflow / the catalog store).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+
+from uad.metrics.metrics import METRIC_NAMES, auroc, average_precision, pr_curve, roc_curve
+
+__all__ = ["anomaly_overlay_grid", "roc_pr_curves", "per_class_bar_chart", "figure_to_png_bytes"]
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def figure_to_png_bytes(fig: Figure, dpi: int = 100) -> bytes:
+    """Render ``fig`` with Agg and return the PNG file content."""
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
+def anomaly_overlay_grid(
+    images: Any,
+    masks: Any,
+    maps: Any,
+    titles: Sequence[str] | None = None,
+    *,
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cmap: str = "jet",
+    alpha: float = 0.5,
+    cell_size: float = 2.4,
+) -> Figure:
+    """One row per sample: image | ground truth (red fill + contour) | anomaly-map heat overlay.
+
+    Args:
+        images: (N, H, W, 3) uint8 (``(N, H, W)`` gray is accepted).
+        masks: (N, H, W) binary ground truth, or ``None`` (the middle column then shows only
+            the image).
+        maps: (N, H, W) anomaly maps at the image size.
+        titles: N row titles (e.g. ``"bottle / broken_large / score 0.91"``).
+        vmin, vmax: colour range of the maps; default: min and max over all N maps, so rows are
+            comparable.
+    """
+    img = np.asarray(images)
+    if img.ndim == 3:
+        img = np.repeat(img[..., None], 3, axis=-1)
+    if img.ndim != 4 or img.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3), got shape {np.shape(images)}")
+    n, h, w, _ = img.shape
+    amap = np.asarray(maps, dtype=np.float32)
+    if amap.shape != (n, h, w):
+        raise ValueError(f"maps must be {(n, h, w)} like the images, got {amap.shape}")
+    gt = None if masks is None else np.asarray(masks).astype(bool)
+    if gt is not None and gt.shape != (n, h, w):
+        raise ValueError(f"masks must be {(n, h, w)} like the images, got {gt.shape}")
+    if titles is not None and len(titles) != n:
+        raise ValueError(f"titles has {len(titles)} entries for {n} images")
+    if n == 0:
+        raise ValueError("no images to draw")
+    norm = Normalize(
+        vmin=float(amap.min()) if vmin is None else vmin,
+        vmax=float(amap.max()) if vmax is None else vmax,
+    )
+    fig = _new_figure(3 * cell_size + 0.8, n * cell_size)
+    axes = fig.subplots(n, 3, squeeze=False)
+    red = np.zeros((h, w, 4), dtype=np.float32)
+    red[..., 0] = 1.0
+    heat = None
+    for i in range(n):
+        a0, a1, a2 = axes[i]
+        a0.imshow(img[i])
+        a1.imshow(img[i])
+        if gt is not None and gt[i].any():
+            red[..., 3] = gt[i] * 0.35
+            a1.imshow(red)
+            a1.contour(gt[i].astype(np.float32), levels=[0.5], colors="red", linewidths=1.0)
+        a2.imshow(img[i])
+        heat = a2.imshow(amap[i], cmap=cmap, norm=norm, alpha=alpha)
+        if titles is not None:
+            a0.set_ylabel(str(titles[i]), fontsize=8)
+        for ax in axes[i]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("image", fontsize=9)
+    axes[0, 1].set_title("ground truth", fontsize=9)
+    axes[0, 2].set_title("anomaly map", fontsize=9)
+    fig.colorbar(heat, ax=axes[:, 2], shrink=0.8)
+    return fig
+
+
+def _sample_pixels(
+    masks: np.ndarray, maps: np.ndarray, idx: np.ndarray, k: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    hw = masks.shape[1] * masks.shape[2]
+    total = idx.size * hw
+    if total <= k:
+        return masks[idx].reshape(-1), maps[idx].reshape(-1)
+    flat = rng.integers(0, total, size=k)
+    img, pix = idx[flat // hw], flat % hw
+    return masks.reshape(masks.shape[0], -1)[img, pix], maps.reshape(maps.shape[0], -1)[img, pix]
+
+
+def roc_pr_curves(
+    labels: Any,
+    scores: Any,
+    masks: Any = None,
+    maps: Any = None,
+    class_names: Any = None,
+    *,
+    max_pixels: int = 200_000,
+    seed: int = 0,
+) -> Figure:
+    """Image-level ROC and PR curves per class (top row) and pixel-level ones (bottom row).
+
+    Image curves are exact. Pixel curves use a seeded uniform sample of at most ``max_pixels``
+    pixels in total (split evenly over the classes) to keep the figure fast; their legend values
+    are computed on that sample (exact values come from :func:`uad.metrics.compute_metrics`).
+    Pass ``masks=None`` / ``maps=None`` for the image row only. A class with a single label
+    value has no curve.
+    """
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=np.float64)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(f"labels and scores must be (N,), got {y.shape} and {s.shape}")
+    n = y.size
+    cls = np.full(n, "all") if class_names is None else np.asarray(class_names).astype(str)
+    if cls.shape != (n,):
+        raise ValueError(f"class_names must be ({n},), got {cls.shape}")
+    pixel = masks is not None and maps is not None
+    if pixel:
+        m = np.asarray(masks)
+        a = np.asarray(maps)
+        m = m[:, 0] if m.ndim == 4 else m
+        a = a[:, 0] if a.ndim == 4 else a
+        if a.ndim != 3 or a.shape[0] != n or m.shape != a.shape:
+            raise ValueError(f"masks {m.shape} and maps {a.shape} must both be ({n}, H, W)")
+    classes = sorted(set(cls.tolist()))
+    rng = np.random.default_rng(seed)
+    rows = 2 if pixel else 1
+    fig = _new_figure(10, 4.2 * rows)
+    axes = fig.subplots(rows, 2, squeeze=False)
+    per_class = max(1, max_pixels // len(classes))
+    for c in classes:
+        idx = np.flatnonzero(cls == c)
+        curves = [(0, y[idx], s[idx])]
+        if pixel:
+            py, ps = _sample_pixels(m, a, idx, per_class, rng)
+            curves.append((1, py.astype(bool), ps.astype(np.float64)))
+        for row, yy, ss in curves:
+            if yy.min() == yy.max():
+                continue
+            fpr, tpr, _ = roc_curve(yy, ss)
+            prec, rec, _ = pr_curve(yy, ss)
+            axes[row, 0].plot(fpr, tpr, lw=1, label=f"{c} ({auroc(yy, ss):.3f})")
+            axes[row, 1].plot(rec, prec, lw=1, label=f"{c} ({average_precision(yy, ss):.3f})")
+    for row, level in enumerate(["image", "pixel (sampled)"][:rows]):
+        ax_roc, ax_pr = axes[row]
+        ax_roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+        ax_roc.set(xlabel="false positive rate", ylabel="true positive rate",
+                   title=f"{level} ROC (AUROC)", xlim=(0, 1), ylim=(0, 1.01))
+        ax_pr.set(xlabel="recall", ylabel="precision", title=f"{level} PR (AP)",
+                  xlim=(0, 1), ylim=(0, 1.01))
+        for ax in (ax_roc, ax_pr):
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=6, loc="lower right" if ax is ax_roc else "lower left")
+    return fig
+
+
+def per_class_bar_chart(metrics_df: Any, metrics: Sequence[str] | None = None) -> Figure:
+    """Grouped bars: one group per row of ``metrics_df`` (classes and ``mean``), one bar per metric.
+
+    ``metrics_df`` is the table of :func:`uad.metrics.compute_metrics`; ``metrics`` defaults to
+    the columns of :data:`METRIC_NAMES` that are present and not all NaN. NaN values draw no bar.
+    """
+    if metrics is None:
+        metrics = [c for c in METRIC_NAMES if c in metrics_df.columns
+                   and metrics_df[c].notna().any()]
+    missing = [c for c in metrics if c not in metrics_df.columns]
+    if missing:
+        raise ValueError(f"metrics_df has no column(s) {missing}")
+    if len(metrics_df) == 0 or not metrics:
+        raise ValueError("metrics_df has no rows or no metric to plot")
+    groups = [str(i) for i in metrics_df.index]
+    values = metrics_df[list(metrics)].to_numpy(dtype=np.float64)  # G, M
+    g, k = values.shape
+    width = 0.8 / k
+    fig = _new_figure(float(np.clip(1.5 + 0.12 * g * k, 6.0, 16.0)), 4.2)
+    ax = fig.subplots()
+    x = np.arange(g)
+    for j, name in enumerate(metrics):
+        ax.bar(x - 0.4 + width * (j + 0.5), values[:, j], width, label=name)
+    ax.set_xticks(x, groups, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("score")
+    ax.grid(axis="y", lw=0.5, alpha=0.5)
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", fontsize=7,
+               ncols=min(k, 7), frameon=False)
+    return fig

@@ -1,0 +1,23 @@
+"""Project pipelines. Every method pipeline is the shared template under the method's namespace."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Pipeline
+
+from uad.methods.registry import method_class
+from uad.pipelines import ingest, method, synthesis
+
+#: methods with a Kedro pipeline (name == registry name == namespace == parameters key)
+METHODS = ("patchcore", "dinomaly", "inpformer")
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    ing = ingest.create_pipeline()
+    pipes: dict[str, Pipeline] = {"ingest": ing, "synthesis": ing + synthesis.create_pipeline()}
+    for name in METHODS:
+        pipes[name] = ing + method.create_pipeline(name)
+    pipes["features"] = ing + sum((method.features_pipeline(m) for m in METHODS if method_class(m).cacheable_features),
+                                  Pipeline([]))
+    pipes["evaluate"] = sum((method.evaluation_pipeline(m) for m in METHODS), Pipeline([]))
+    pipes["__default__"] = pipes["patchcore"]
+    return pipes

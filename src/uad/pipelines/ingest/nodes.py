@@ -1,0 +1,78 @@
+"""Ingest nodes: dataset root(s) -> validated sample index -> train/test split for the setting."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from uad.data.index import validate_index
+from uad.data.layouts import scan_dataset
+from uad.data.semi import hold_out_labelled_anomalies
+from uad.data.settings import make_split
+from uad.data.synthetic import ensure_synthetic_dataset
+
+log = logging.getLogger(__name__)
+
+
+def _sources(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """``data.<key>``: one source dict or a list (super-multi-class: several datasets at once)."""
+    src = data.get(key)
+    if src is None:
+        return []
+    return [dict(s) for s in (src if isinstance(src, list) else [src])]
+
+
+def _scan(sources: list[dict[str, Any]], classes) -> pd.DataFrame:
+    frames = []
+    for s in sources:
+        root = Path(s["root"])
+        if s.get("synthetic"):
+            ensure_synthetic_dataset(root, seed=int(s.get("seed", 0)), **dict(s.get("generator") or {}))
+        frames.append(scan_dataset(root, layout=s.get("layout", "auto"), classes=s.get("classes", classes),
+                                   dataset_name=s.get("name")))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
+    """Scan every configured source (train and, for zero-shot, test) into one validated index.
+
+    A failed validation raises before anything is saved, so a failed ingest writes nothing.
+    """
+    train_sources = _sources(data, "train")
+    test_sources = _sources(data, "test")
+    if not train_sources:
+        raise ValueError("parameters: data.train must name at least one dataset root")
+    index = _scan(train_sources, data.get("classes"))
+    if test_sources:
+        extra = _scan(test_sources, data.get("test_classes"))
+        index = pd.concat([index, extra], ignore_index=True).drop_duplicates(subset=["dataset", "image_path"])
+    if data.get("validate", True):
+        validate_index(index, check_images=True)
+    log.info("sample index: %d images, %d classes, datasets %s", len(index), index["class_name"].nunique(),
+             sorted(index["dataset"].unique()))
+    return index
+
+
+def split_for_setting(index: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Train/test tables for the configured setting (multi-class, one-class, few-shot, zero-shot),
+    plus the split information that the run records (few-shot choice, held-out anomalies)."""
+    train_names = {s.get("name") or Path(s["root"]).name for s in _sources(data, "train")}
+    test_names = {s.get("name") or Path(s["root"]).name for s in _sources(data, "test")}
+    setting = data.get("setting", "multi_class")
+    train_src = index[index["dataset"].isin(train_names)]
+    test_src = index[index["dataset"].isin(test_names)] if test_names else None
+    if setting != "zero_shot" and test_src is not None and not test_names <= train_names:
+        raise ValueError(f"data.test names other datasets {sorted(test_names - train_names)}: that is the "
+                         "zero_shot setting (data.setting: zero_shot)")
+    train_df, test_df, info = make_split(train_src, test_src, setting=setting, shots=data.get("shots"),
+                                         seed=int(data.get("seed", 0)), classes=data.get("classes"))
+    k = int(data.get("anomaly_shots") or 0)
+    if k > 0:  # semi-supervised: k labelled anomalies per class move from test to train
+        train_df, test_df, held = hold_out_labelled_anomalies(train_df, test_df, k, seed=int(data.get("seed", 0)))
+        info["semi_supervised_anomalies"] = held
+    info["setting"] = setting
+    info["n_train"], info["n_test"] = int(len(train_df)), int(len(test_df))
+    return train_df.reset_index(drop=True), test_df.reset_index(drop=True), info

@@ -1,0 +1,251 @@
+"""The train -> predict -> evaluate -> report template every method shares (thin Kedro nodes).
+
+Each node builds the method from its name and parameters through the registry and calls the
+core library; nothing here is specific to one method. Settings:
+
+- ``multi_class`` / ``few_shot`` / ``zero_shot``: one model for all training classes;
+- ``one_class``: one model per class; their states live in one checkpoint, keys prefixed
+  ``<class>::``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+
+from uad.data.index import index_fingerprint
+from uad.data.images import load_image
+from uad.data.torch_data import AnomalyImageDataset
+from uad.engine import EngineConfig, Trainer
+from uad.engine.trainer import run_key
+from uad.methods.registry import build_method
+from uad.metrics import METRIC_NAMES, compute_metrics
+from uad.metrics.plots import anomaly_overlay_grid, figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
+
+log = logging.getLogger(__name__)
+
+ONE_CLASS = "one_class"
+_SEP = "::"
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _engine_cfg(engine: dict | None, override: dict | None) -> EngineConfig:
+    merged = {**(engine or {}), **(override or {})}
+    return EngineConfig.from_params(merged)
+
+
+def _groups(train_df: pd.DataFrame, data: dict[str, Any]) -> list[str | None]:
+    if data.get("setting") == ONE_CLASS:
+        return sorted(train_df["class_name"].unique())
+    return [None]
+
+
+def _dataset(method, df: pd.DataFrame, classes: list[str], augment=None) -> AnomalyImageDataset:
+    spec = method.input_spec
+    return AnomalyImageDataset(df.reset_index(drop=True), resize=spec["resize"], crop=spec["crop"],
+                               mean=spec["mean"], std=spec["std"], augment=augment, class_names=classes)
+
+
+def _split_state(state: dict[str, torch.Tensor], group: str | None) -> dict[str, torch.Tensor]:
+    if group is None:
+        return dict(state)
+    prefix = f"{group}{_SEP}"
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.DataFrame,
+                       synth: dict[str, Any], seed: int, classes: list[str]):
+    """The pseudo-anomaly hook for stages that learn from synthetic anomalies (None otherwise)."""
+    wants = getattr(method, "wants_synthesis", None)
+    if not (callable(wants) and wants(stage)):
+        return None, {}
+    from uad.pipelines.synthesis.nodes import build_augment
+
+    return build_augment(train_df, labelled, synth, seed, crop=method.input_spec["crop"],
+                         resize=method.input_spec["resize"])
+
+
+# ------------------------------------------------------------------------------------ training
+def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: dict, method_params: dict,
+                engine: dict, engine_override: dict, synthesis: dict | None = None,
+                previous: dict | None = None, features: dict | None = None) -> tuple[dict, dict, dict]:
+    """Train one stage of ``method_name``; returns (checkpoint, loss history for MLflow, run tags).
+
+    ``previous``: the checkpoint of the method's previous stage. ``features``: cached encoder
+    features (``extract_features``) for methods that fit from them in one pass."""
+    cfg = _engine_cfg(engine, engine_override)
+    normal = train_index[train_index["label"] == 0]
+    labelled = train_index[train_index["label"] == 1]
+    classes = sorted(train_index["class_name"].unique())
+    fingerprint = index_fingerprint(train_index)
+    tensors: dict[str, torch.Tensor] = {}
+    history: dict[str, list[dict[str, float]]] = {}
+    tags: dict[str, str] = {}
+    for group in _groups(normal, data):
+        method = build_method(method_name, method_params)
+        if previous is not None:
+            method.load_state_dict(_split_state(previous["tensors"], group))
+        if stage not in method.stages:  # a stage switched off by the parameters (an ablation)
+            log.info("%s: stage %r is disabled by the parameters; passing the previous state on", method_name, stage)
+            tensors.update(previous["tensors"] if previous is not None else {})
+            tags.update(method.tags())
+            continue
+        df = normal if group is None else normal[normal["class_name"] == group]
+        aug, aug_tags = _synthesis_augment(method, stage, df, labelled if group is None else
+                                           labelled[labelled["class_name"] == group], synthesis or {}, cfg.seed, classes)
+        tags.update(aug_tags)
+        ds = _dataset(method, df, classes, augment=aug)
+        key = run_key(method_name, stage, group, method_params, fingerprint, cfg.seed, cfg.iterations, cfg.batch_size,
+                      synthesis if aug is not None else None)
+        metric = f"train_loss/{stage}" + (f"/{group}" if group else "")
+        trainer = Trainer(cfg, key=key)
+        trainer.prepare(method)
+        loader = trainer.loader(ds, batch_size=cfg.batch_size or int(getattr(getattr(method, "config", None), "batch_size", 8)))
+        if features is not None and hasattr(method, "fit_from_features"):
+            result = method.fit_from_features(_split_state(features["tensors"], group)["features"])
+        else:
+            result = method.fit_stage(stage, loader, trainer)
+        for step, loss in (result or {}).get("history", []):
+            history.setdefault(metric, []).append({"step": int(step), "value": float(loss)})
+        state = method.state_dict()
+        prefix = "" if group is None else f"{group}{_SEP}"
+        tensors.update({prefix + k: v for k, v in state.items()})
+        tags.update(method.tags())
+    tags.update({"setting": str(data.get("setting", "multi_class")),
+                 "dataset": ",".join(sorted(train_index["dataset"].astype(str).unique()))})
+    meta = {"method": method_name, "stage": stage, "params": method_params, "classes": classes,
+            "setting": data.get("setting", "multi_class"), "train_index_sha256": fingerprint}
+    return {"tensors": tensors, "meta": meta}, history, tags
+
+
+@torch.no_grad()
+def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
+                     engine_override: dict) -> dict:
+    """Frozen-encoder features of every normal training image, computed once and cached."""
+    cfg = _engine_cfg(engine, engine_override)
+    normal = train_index[train_index["label"] == 0]
+    classes = sorted(train_index["class_name"].unique())
+    tensors: dict[str, torch.Tensor] = {}
+    for group in _groups(normal, data):
+        method = build_method(method_name, method_params)
+        trainer = Trainer(cfg)
+        trainer.prepare(method)
+        method.eval_mode()
+        df = normal if group is None else normal[normal["class_name"] == group]
+        loader = trainer.loader(_dataset(method, df, classes), batch_size=cfg.batch_size or 8)
+        feats = [method.features(b["image"].to(trainer.device)).float().cpu() for b in loader]
+        tensors[("" if group is None else f"{group}{_SEP}") + "features"] = torch.cat(feats)
+    return {"tensors": tensors, "meta": {"method": method_name, "params": method_params,
+                                          "train_index_sha256": index_fingerprint(train_index)}}
+
+
+# ------------------------------------------------------------------------------------ prediction
+@torch.no_grad()
+def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
+            engine_override: dict, checkpoint: dict) -> dict[str, np.ndarray]:
+    """Anomaly maps and scores for every test image (maps float16 at the crop size)."""
+    cfg = _engine_cfg(engine, engine_override)
+    classes = sorted(checkpoint["meta"].get("classes") or test_index["class_name"].unique())
+    one_class = checkpoint["meta"].get("setting") == ONE_CLASS
+    groups = sorted(test_index["class_name"].unique()) if one_class else [None]
+    parts: list[dict[str, np.ndarray]] = []
+    for group in groups:
+        df = test_index if group is None else test_index[test_index["class_name"] == group]
+        method = build_method(method_name, method_params)
+        method.load_state_dict(_split_state(checkpoint["tensors"], group))
+        trainer = Trainer(cfg)
+        trainer.prepare(method)
+        method.eval_mode()
+        ds = _dataset(method, df, classes)
+        loader = trainer.loader(ds, batch_size=cfg.batch_size or 8)
+        scores, maps, masks = [], [], []
+        from tqdm.auto import tqdm
+
+        for batch in tqdm(loader, desc=f"{method_name}:predict" + (f":{group}" if group else ""),
+                          disable=not cfg.progress, mininterval=1.0):
+            images = batch["image"].to(trainer.device, non_blocking=True)
+            out = method.predict(images)
+            scores.append(out.scores.float().cpu().numpy())
+            maps.append(out.maps.float().cpu().numpy().astype(np.float16))
+            masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
+        parts.append({
+            "scores": np.concatenate(scores).astype(np.float32),
+            "maps": np.concatenate(maps),
+            "masks": np.concatenate(masks),
+            "labels": df["label"].to_numpy(np.int64),
+            "class_names": df["class_name"].to_numpy(str),
+            "image_paths": df["image_path"].to_numpy(str),
+            "defect_types": df["defect_type"].to_numpy(str),
+        })
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    out["input_resize"] = np.asarray(method.input_spec["resize"], dtype=np.int64)
+    return out
+
+
+# ------------------------------------------------------------------------------------ evaluation
+def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.DataFrame, dict]:
+    """The seven metrics per class and their mean (the papers' protocol)."""
+    has_masks = bool(predictions["masks"].any()) and evaluation.get("pixel", True)
+    table = compute_metrics(predictions["labels"], predictions["scores"], predictions["masks"].astype(bool),
+                            predictions["maps"], predictions["class_names"], pixel=has_masks)
+    mlflow_metrics: dict[str, dict[str, float]] = {}
+    for cls, row in table.iterrows():
+        for name in METRIC_NAMES:
+            val = row.get(name)
+            if val is None or not np.isfinite(val):
+                continue
+            key = name if cls == "mean" else f"{cls}/{name}"
+            mlflow_metrics[key] = {"value": float(val), "step": 0}
+    mean = table.loc["mean"]
+    log.info("mean over classes: %s", ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m])))
+    return table.reset_index().rename(columns={"index": "class_name"}), mlflow_metrics
+
+
+def report(method_name: str, predictions: dict[str, np.ndarray], metrics_table: pd.DataFrame, reporting: dict
+           ) -> tuple[bytes, bytes, bytes]:
+    """Overlay grid (image | ground truth | map), ROC/PR curves, per-class bar chart, as PNG bytes."""
+    per_class = int(reporting.get("overlays_per_class", 2))
+    rng = np.random.default_rng(int(reporting.get("seed", 0)))
+    picks: list[int] = []
+    for cls in sorted(np.unique(predictions["class_names"])):
+        idx = np.flatnonzero((predictions["class_names"] == cls) & (predictions["labels"] == 1))
+        if len(idx) == 0:
+            idx = np.flatnonzero(predictions["class_names"] == cls)
+        picks.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist())
+    crop = predictions["maps"].shape[-1]
+    resize = int(predictions["input_resize"]) if "input_resize" in predictions else crop
+    images = np.stack([_display_image(predictions["image_paths"][i], resize, crop) for i in picks])
+    titles = [f"{predictions['class_names'][i]} / {predictions['defect_types'][i]} (score {predictions['scores'][i]:.3f})" for i in picks]
+    overlay = anomaly_overlay_grid(images, predictions["masks"][picks].astype(bool), predictions["maps"][picks].astype(np.float32), titles)
+    curves = roc_pr_curves(predictions["labels"], predictions["scores"], predictions["masks"].astype(bool),
+                           predictions["maps"], predictions["class_names"])
+    table = metrics_table.set_index("class_name")
+    bars = per_class_bar_chart(table)
+    return figure_to_png_bytes(overlay), figure_to_png_bytes(curves), figure_to_png_bytes(bars)
+
+
+def _display_image(path: str, resize: int, crop: int) -> np.ndarray:
+    """The test image as the model saw it (square resize, then centre crop) for overlays."""
+    from PIL import Image
+
+    img = np.asarray(Image.fromarray(load_image(path)).resize((resize, resize), Image.BILINEAR))
+    top = (resize - crop) // 2
+    return img[top:top + crop, top:top + crop]
+
+
+def named(fn: Callable, name: str, **bound: Any) -> Callable:
+    """``fn`` with some keyword arguments bound, under a readable node name (kedro-viz shows it).
+
+    Kedro calls it with keyword arguments (the node's ``inputs`` is a dict)."""
+
+    def wrapper(**kwargs):
+        return fn(**bound, **kwargs)
+
+    wrapper.__name__ = wrapper.__qualname__ = name
+    wrapper.__doc__ = fn.__doc__
+    wrapper.__wrapped__ = fn
+    return wrapper

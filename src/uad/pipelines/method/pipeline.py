@@ -1,0 +1,81 @@
+"""One train -> predict -> evaluate -> report template, instantiated per method by namespace.
+
+``create_pipeline("dinomaly")`` and ``create_pipeline("inpformer")`` are the same nodes under two
+namespaces; they differ only in their parameters (``params:<method>.method``) and in the stages the
+method declares (``AnomalyMethod.stages``: one ``train_<stage>`` node per stage, each taking the
+previous stage's saved checkpoint, so any stage can be re-run alone with ``--from-nodes``).
+"""
+
+from __future__ import annotations
+
+from kedro.pipeline import Pipeline, node
+
+from uad.methods.registry import method_class
+
+from .nodes import evaluate, extract_features, named, predict, report, train_stage
+
+SHARED_INPUTS = {"train_index", "test_index"}
+SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting"}
+
+
+def _namespaced(nodes: list, method: str) -> Pipeline:
+    """``nodes`` under the method's namespace; shared datasets/parameters keep their names."""
+    used = {i for n in nodes for i in n.inputs}
+    return Pipeline(nodes, namespace=method, inputs=SHARED_INPUTS & used, parameters=SHARED_PARAMS & used)
+
+
+def _common(method: str) -> dict[str, str]:
+    return {"data": "params:data", "method_params": "params:method", "engine": "params:engine",
+            "engine_override": "params:engine_override"}
+
+
+def _features_nodes(method: str) -> list:
+    return [node(named(extract_features, "extract_features", method_name=method),
+                 {"train_index": "train_index", **_common(method)}, "train_features",
+                 name="extract_features", tags=["features"])]
+
+
+def _training_nodes(method: str) -> list:
+    cls = method_class(method)
+    nodes, previous = [], None
+    if cls.cacheable_features:
+        nodes += _features_nodes(method)
+    for stage in cls.stages:
+        inputs = {"train_index": "train_index", **_common(method), "synthesis": "params:synthesis"}
+        if previous is not None:
+            inputs["previous"] = previous
+        if cls.cacheable_features:
+            inputs["features"] = "train_features"
+        nodes.append(node(named(train_stage, f"train_{stage}", method_name=method, stage=stage), inputs,
+                          [f"checkpoint_{stage}", f"train_log_{stage}", f"run_tags_{stage}"],
+                          name=f"train_{stage}", tags=["train"]))
+        previous = f"checkpoint_{stage}"
+    return nodes, previous
+
+
+def _evaluation_nodes(method: str) -> list:
+    return [
+        node(evaluate, {"predictions": "predictions", "evaluation": "params:evaluation"},
+             ["metrics_table", "mlflow_metrics"], name="evaluate", tags=["evaluate"]),
+        node(named(report, "report", method_name=method),
+             {"predictions": "predictions", "metrics_table": "metrics_table", "reporting": "params:reporting"},
+             ["overlays", "curves", "per_class_chart"], name="report", tags=["evaluate", "report"]),
+    ]
+
+
+def create_pipeline(method: str) -> Pipeline:
+    train, final = _training_nodes(method)
+    pred = node(named(predict, "predict", method_name=method),
+                {"test_index": "test_index", **_common(method), "checkpoint": final},
+                "predictions", name="predict", tags=["predict"])
+    return _namespaced([*train, pred, *_evaluation_nodes(method)], method)
+
+
+def evaluation_pipeline(method: str) -> Pipeline:
+    """Only the shared evaluation + report nodes of ``method`` (re-evaluate saved predictions)."""
+    return _namespaced(_evaluation_nodes(method), method)
+
+
+def features_pipeline(method: str) -> Pipeline:
+    """Frozen-encoder feature caching for a method that never perturbs its input."""
+    return _namespaced(_features_nodes(method), method)

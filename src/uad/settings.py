@@ -1,0 +1,29 @@
+"""Kedro project settings (Kedro layer).
+
+Telemetry: kedro-telemetry is switched off for this project by the committed ``.telemetry``
+file (``consent: false``) and its project hooks are disabled here, so Kedro never prompts and
+never reaches for the network.
+"""
+
+from omegaconf.resolvers import oc
+
+from kedro.config import OmegaConfigLoader
+
+from uad.hooks import RunTagsHook
+
+HOOKS = (RunTagsHook(),)
+
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # ``${oc.env:VAR,default}`` everywhere: MLFLOW_TRACKING_URI switches the tracking server
+    # without code changes, and dataset roots can come from the environment.
+    "custom_resolvers": {"oc.env": oc.env},
+    "config_patterns": {
+        "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
+        "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],
+    },
+}

@@ -1,0 +1,34 @@
+"""Test-wide settings: offline, quiet, few threads, and one shared embedded dataset."""
+
+from __future__ import annotations
+
+import os
+
+# Before anything imports torch / huggingface_hub / kedro.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """The embedded synthetic dataset, generated once per test session."""
+    from uad.data.synthetic import ensure_synthetic_dataset
+
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("embedded") / "synthetic", seed=0)

@@ -1,0 +1,50 @@
+"""Run real Kedro sessions of this project in an isolated copy (conf + pyproject) under tmp."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_project_copy(dest: Path) -> Path:
+    """A throw-away project: the real conf/ and pyproject.toml, an empty data/ tree."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(PROJECT_ROOT / "conf", dest / "conf", dirs_exist_ok=True)
+    for f in ("pyproject.toml", ".telemetry"):
+        shutil.copy2(PROJECT_ROOT / f, dest / f)
+    # Kedro wants a source folder inside the project; the package itself is the installed one.
+    (dest / "src").mkdir(exist_ok=True)
+    for d in ("01_raw", "02_intermediate", "04_feature", "06_models", "07_model_output", "08_reporting"):
+        (dest / "data" / d).mkdir(parents=True, exist_ok=True)
+    return dest
+
+
+def run_pipeline(project: Path, pipeline: str, env: str = "smoke", params: dict[str, Any] | None = None,
+                 load_versions: dict[str, str] | None = None) -> dict:
+    """``kedro run --pipeline=<pipeline> --env=<env> --params=...`` inside ``project``."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env=env, runtime_params=params or {}) as session:
+            return session.run(pipeline_name=pipeline, load_versions=load_versions or {})
+    finally:
+        os.chdir(cwd)
+
+
+def last_run(tracking_uri: str, experiment: str = "uad"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"no MLflow experiment {experiment!r} at {tracking_uri}"
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    assert runs, "no MLflow run was recorded"
+    return client, runs[0]
