@@ -17,6 +17,9 @@ Usage::
     python benchmarks/bench_dinomaly.py --device cpu                   # small batch, few iterations
     python benchmarks/bench_dinomaly.py --device cuda --batch 16 --infer-batch 16
     python benchmarks/bench_dinomaly.py --backbones vits --crops 224 --warmup 1 --iters 2
+
+Rates come from the *median* time of the timed iterations (robust to bursts of other work on a
+shared machine). ``load avg`` is the 1-minute load average when a row started.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import datetime as _dt
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,24 +79,28 @@ def bench_train(m: Dinomaly, batch: int, crop: int, warmup: int, iters: int, dev
 
     for i in range(warmup):
         step(i)
-    _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for i in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
         step(warmup + i)
-    _sync(device)
-    return iters / (time.perf_counter() - t0)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1.0 / statistics.median(times)
 
 
 def bench_infer(m: Dinomaly, batch: int, crop: int, warmup: int, iters: int, device: torch.device) -> float:
     images = torch.randn(batch, 3, crop, crop, device=device)
     for _ in range(warmup):
         m.predict(images)
-    _sync(device)
-    t0 = time.perf_counter()
+    times = []
     for _ in range(iters):
+        _sync(device)
+        t0 = time.perf_counter()
         m.predict(images)  # returns CPU tensors: includes the device -> host copy
-    _sync(device)
-    return iters * batch / (time.perf_counter() - t0)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return batch / statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     ap.add_argument("--backbones", default="vits,vitb", help=f"comma list of {sorted(BACKBONES)}")
     ap.add_argument("--crops", default="224,392", help="comma list of crop sizes (multiples of 14)")
-    ap.add_argument("--batch", type=int, default=None, help="training batch (default 16 on CUDA, 2 on CPU)")
-    ap.add_argument("--infer-batch", type=int, default=None, help="inference batch (default 16 on CUDA, 2 on CPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 5 CUDA, 1 CPU)")
+    ap.add_argument("--batch", type=int, default=None, help="training batch (default 16 on CUDA, 1 on CPU)")
+    ap.add_argument("--infer-batch", type=int, default=None, help="inference batch (default 16 on CUDA, 1 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 5 CUDA, 2 CPU)")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 CUDA, 3 CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
@@ -115,28 +123,29 @@ def main(argv: list[str] | None = None) -> int:
         dev = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(dev)
     cuda = device.type == "cuda"
-    batch = args.batch or (16 if cuda else 2)
-    infer_batch = args.infer_batch or (16 if cuda else 2)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    batch = args.batch or (16 if cuda else 1)
+    infer_batch = args.infer_batch or (16 if cuda else 1)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
     iters = args.iters or (20 if cuda else 3)
     if cuda:
         torch.backends.cudnn.benchmark = True
 
     print(f"device: {device_name(device)}; torch {torch.__version__}; "
-          f"{'bf16 autocast' if cuda else 'fp32'}; {warmup} warm-up + {iters} timed iterations; "
+          f"{'bf16 autocast' if cuda else 'fp32'}; {warmup} warm-up + {iters} timed iterations (median); "
           f"{_dt.date.today().isoformat()}")
     print(f"command: python benchmarks/bench_dinomaly.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     print()
-    print("| backbone | crop | tokens | train batch | train it/s | train img/s | infer batch | infer img/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| backbone | crop | tokens | train batch | train it/s | train img/s | infer batch | infer img/s | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for key in [b.strip() for b in args.backbones.split(",") if b.strip()]:
         name = BACKBONES.get(key, key)
         for crop in [int(c) for c in args.crops.split(",") if c.strip()]:
             m = build(name, crop, device)
+            load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
             tr = bench_train(m, batch, crop, warmup, iters, device)
             inf = bench_infer(m, infer_batch, crop, warmup, iters, device)
             n = (crop // m.encoder.patch_size) ** 2
-            print(f"| {name} | {crop} | {n} | {batch} | {tr:.3f} | {tr * batch:.2f} | {infer_batch} | {inf:.2f} |",
+            print(f"| {name} | {crop} | {n} | {batch} | {tr:.3f} | {tr * batch:.2f} | {infer_batch} | {inf:.2f} | {load:.1f} |",
                   flush=True)
             del m
             if cuda:

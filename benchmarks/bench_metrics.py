@@ -129,7 +129,8 @@ def markdown(args: argparse.Namespace, results: list[dict], command: str,
         f"- runs: {len(results)}, each in a fresh process; the machine was shared with other "
         "jobs, so the best run is the headline and every run is listed",
         "",
-        "| run | wall time (s) | peak RSS (MB) | RSS before call (MB) | delta (MB) | load avg (1 min) at start |",
+        "| run | wall time (s) | peak RSS (MB) | RSS before call (MB) | delta (MB) "
+        "| load avg (1 min) at start |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for i, r in enumerate(results, 1):

@@ -24,7 +24,7 @@ def make_project_copy(dest: Path) -> Path:
 
 
 def run_pipeline(project: Path, pipeline: str, env: str = "smoke", params: dict[str, Any] | None = None,
-                 load_versions: dict[str, str] | None = None) -> dict:
+                 load_versions: dict[str, str] | None = None, namespaces: list[str] | None = None) -> dict:
     """``kedro run --pipeline=<pipeline> --env=<env> --params=...`` inside ``project``."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
@@ -33,8 +33,8 @@ def run_pipeline(project: Path, pipeline: str, env: str = "smoke", params: dict[
     os.chdir(project)
     try:
         bootstrap_project(project)
-        with KedroSession.create(project_path=project, env=env, runtime_params=params or {}) as session:
-            return session.run(pipeline_name=pipeline, load_versions=load_versions or {})
+        with KedroSession.create(project_path=project, env=env, runtime_params=_nest(params or {})) as session:
+            return session.run(pipeline_name=pipeline, load_versions=load_versions or {}, namespaces=namespaces)
     finally:
         os.chdir(cwd)
 
@@ -48,3 +48,15 @@ def last_run(tracking_uri: str, experiment: str = "uad"):
     runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
     assert runs, "no MLflow run was recorded"
     return client, runs[0]
+
+
+def _nest(params: dict[str, Any]) -> dict[str, Any]:
+    """``{"data.setting": x}`` -> ``{"data": {"setting": x}}``, as ``kedro run --params`` does."""
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out

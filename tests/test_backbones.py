@@ -298,3 +298,18 @@ def test_bundled_lite0_classifies_real_photos():
     assert set(top[0]) <= {652, 400, 667, 457, 906, 887, 834, 617, 869}
     assert top[1][0] == 698  # palace
     assert top[2][0] == 985  # daisy
+
+
+def test_random_initialisation_is_the_same_network_every_time():
+    """A frozen random encoder is not saved with the learned state, so training and prediction
+    must rebuild exactly the same one."""
+    import torch
+
+    from uad.backbones import build_backbone
+
+    torch.manual_seed(123)
+    a = build_backbone("dinov2_vits14_reg", weights="random", allow_random=True, layers=[0])
+    torch.manual_seed(456)
+    b = build_backbone("dinov2_vits14_reg", weights="random", allow_random=True, layers=[0])
+    for (ka, pa), (kb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(pa, pb), ka

@@ -29,6 +29,18 @@ from uad.methods.inpformer.model import (
 )
 
 TINY = dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=56, crop=56, batch_size=4)
+# a shallower variant for the tests that train: 2 encoder layers / 2 decoder blocks / 2 groups
+SHALLOW = dict(layers=[2, 3], decoder_depth=2, groups=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: the tiny tensors here gain nothing from more, and on a shared
+    2-core machine oversubscribed OpenMP threads slow every op down several-fold."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _method(**over):
@@ -212,7 +224,7 @@ def _batch(seed: int, b: int = 4, size: int = 56):
 
 def test_residual_stage_stop_gradient():
     torch.manual_seed(0)
-    m = _method()
+    m = _method(**SHALLOW)
     setup = m.configure_optimization("residual", 16)
     recon = dict(m.model.named_parameters())
     before = {k: v.detach().clone() for k, v in recon.items() if not k.startswith("seg_head.")}
@@ -236,11 +248,40 @@ def test_residual_stage_stop_gradient():
     assert opt_ids == {id(p) for p in m.model.seg_head.parameters()}
 
 
+@pytest.mark.parametrize("over", [
+    dict(use_inp=False, soft_mining=False, residual_learning=False),  # Table 9 row 1
+    dict(coherence="hard", soft_mining=False),
+    dict(coherence="none", num_inp_tokens=3),
+])
+def test_ablation_switches_train(over):
+    m = _method(**SHALLOW, **over)
+    m.train_mode("reconstruction")
+    loss = m.training_step("reconstruction", _batch(1, b=2), 0)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in m.model.decoder.parameters())
+    if m.model.extractor is not None:
+        assert m.model.extractor.tokens.shape[0] == m.cfg.num_inp_tokens
+        # the decoder output depends on the INPs: the tokens get a gradient
+        assert m.model.extractor.tokens.grad is not None
+
+
+def test_rl_without_stop_gradient_reaches_reconstruction_model():
+    m = _method(**SHALLOW, residual_stop_gradient=False)
+    setup = m.configure_optimization("residual", 16)
+    m.train_mode("residual")
+    assert m.model.decoder.training
+    m.training_step("residual", _batch(2, b=2), 0).backward()
+    assert m.model.decoder[0].attn.q.weight.grad is not None
+    opt_ids = {id(p) for g in setup.optimizer.param_groups for p in g["params"]}
+    assert id(m.model.decoder[0].attn.q.weight) in opt_ids
+
+
 def test_state_round_trip(tmp_path):
     from uad.engine.checkpoint import load_state, save_state
 
     torch.manual_seed(0)
-    m = _method()
+    m = _method(**SHALLOW)
     with torch.no_grad():  # make the seg head non-trivial
         for p in m.model.seg_head.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -249,7 +290,7 @@ def test_state_round_trip(tmp_path):
     save_state(tmp_path / "s.safetensors", state, {"method": "inpformer"})
     loaded, _ = load_state(tmp_path / "s.safetensors")
     torch.manual_seed(0)  # same random encoder (not part of the state), different trainable init
-    m2 = _method(seed=7)
+    m2 = _method(seed=7, **SHALLOW)
     m2.load_state_dict(loaded)
     x = torch.randn(2, 3, 56, 56)
     a, b = m.predict(x), m2.predict(x)
@@ -270,7 +311,7 @@ def test_short_training_decreases_both_losses():
         def __getitem__(self, i):
             return {k: v[0] for k, v in self.items[i].items()}
 
-    m = _method()
+    m = _method(**SHALLOW)
     data = Data()
 
     def run(stage: str, iters: int) -> list[float]:

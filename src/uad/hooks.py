@@ -45,5 +45,5 @@ class RunTagsHook:
         mlflow.set_tags({
             "git_commit": git_commit(self._project_path or Path.cwd()),
             "kedro_env": str(run_params.get("env") or self._env or "local"),
-            "pipeline": str(run_params.get("pipeline_name") or "__default__"),
+            "pipeline": ",".join(run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]),
         })

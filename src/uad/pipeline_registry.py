@@ -16,7 +16,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipes: dict[str, Pipeline] = {"ingest": ing, "synthesis": ing + synthesis.create_pipeline()}
     for name in METHODS:
         pipes[name] = ing + method.create_pipeline(name)
-    pipes["features"] = ing + sum((method.features_pipeline(m) for m in METHODS if method_class(m).cacheable_features),
+    pipes["features"] = ing + sum((method.features_pipeline(m) for m in METHODS if method_class(m).uses_feature_cache()),
                                   Pipeline([]))
     pipes["evaluate"] = sum((method.evaluation_pipeline(m) for m in METHODS), Pipeline([]))
     pipes["__default__"] = pipes["patchcore"]

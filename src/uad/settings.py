@@ -22,6 +22,8 @@ CONFIG_LOADER_ARGS = {
     # ``${oc.env:VAR,default}`` everywhere: MLFLOW_TRACKING_URI switches the tracking server
     # without code changes, and dataset roots can come from the environment.
     "custom_resolvers": {"oc.env": oc.env},
+    # Environments override single keys (deep merge), e.g. conf/smoke only shrinks the scale.
+    "merge_strategy": {"parameters": "soft", "catalog": "soft", "mlflow": "soft"},
     "config_patterns": {
         "parameters": ["parameters*", "parameters*/**", "**/parameters*"],
         "mlflow": ["mlflow*", "mlflow*/**", "**/mlflow*"],

@@ -47,6 +47,9 @@ from .registry import architecture, canonical_name, is_bundled
 
 logger = logging.getLogger("uad.backbones")
 
+#: seed of random initialisation (``allow_random``): fixed so every build is the same network
+RANDOM_INIT_SEED = 0
+
 SOURCES = ("file", "hub", "hub_cache", "bundled", "random")
 KEYWORDS = ("auto", "hub", "bundled", "random")
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -312,7 +315,12 @@ def _random(name: str, kwargs: dict, why: str) -> tuple[nn.Module, WeightsInfo]:
         "!!! BACKBONE %s USES RANDOM WEIGHTS (%s). Features are meaningless for anomaly detection; "
         "use this only for smoke tests. !!!", name, why,
     )
-    return _timm_create(name, False, None, kwargs), WeightsInfo("random", None, why)
+    # Deterministic: the same name always gives the same random weights, so a frozen random
+    # encoder (never saved with the learned state) is identical at training and prediction.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = _timm_create(name, False, None, kwargs)
+    return model, WeightsInfo("random", None, why + f" (seed {RANDOM_INIT_SEED})")
 
 
 # --------------------------------------------------------------------------------------------

@@ -54,9 +54,14 @@ class AnomalyMethod(abc.ABC):
 
     name: str = "base"
     stages: tuple[str, ...] = ("train",)
-    #: True when training never changes what the frozen encoder sees (no image perturbation),
-    #: so encoder features may be computed once and cached (the ``features`` pipeline).
+    #: True when the method is fit in one pass from frozen-encoder features that training never
+    #: perturbs, and implements ``features(images)`` and ``fit_from_features(features)``: the
+    #: ``features`` pipeline then computes them once and caches them through the catalog.
     cacheable_features: bool = False
+
+    @classmethod
+    def uses_feature_cache(cls) -> bool:
+        return bool(cls.cacheable_features) and hasattr(cls, "features") and hasattr(cls, "fit_from_features")
 
     def __init__(self, params: Mapping[str, Any] | None = None):
         self.params = dict(params or {})

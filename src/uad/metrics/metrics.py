@@ -83,7 +83,6 @@ PIXEL_METRIC_NAMES: tuple[str, ...] = METRIC_NAMES[3:]
 DEFAULT_FPR_LIMIT = 0.3
 
 
-
 # ----------------------------------------------------------------------------------------------
 # validation helpers
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +415,8 @@ def pixel_metrics(
     )
     auroc_value = twice_auc / (2.0 * n_pos * n_neg)
 
-    # PRO polyline: (0,0), then (FPR(>t_k), PRO_{k-1}), (FPR(>=t_k), PRO_k) for each k, then (1, PRO_K)
+    # PRO polyline: (0, 0), then (FPR(>t_k), PRO_{k-1}) and (FPR(>=t_k), PRO_k) for each k,
+    # then (1, PRO_K)
     x = np.empty(2 * thr.size + 2)
     y = np.empty_like(x)
     x[0], y[0] = 0.0, 0.0

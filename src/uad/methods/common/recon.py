@@ -185,6 +185,11 @@ class ViTReconstructionMethod(AnomalyMethod):
         return int(self.encoder.embed_dim)
 
     @property
+    def config(self) -> ReconConfig:
+        """The method's settings (the pipeline reads ``config.batch_size``)."""
+        return self.cfg
+
+    @property
     def input_spec(self) -> dict[str, Any]:
         dc = self.encoder.data_config
         return {"resize": int(self.cfg.resize), "crop": int(self.cfg.crop), "mean": tuple(dc["mean"]), "std": tuple(dc["std"])}

@@ -27,8 +27,9 @@ __all__ = ["Dinomaly"]
 class Dinomaly(ViTReconstructionMethod):
     config_class = DinomalyConfig
     stages = ("train",)
-    # no image augmentation and the encoder is frozen: its features could be cached
-    cacheable_features = True
+    # Training is iterative (not one pass over cached features), so the ``features`` pipeline
+    # does not apply; caching 8 layers of tokens per image would cost more disk than it saves.
+    cacheable_features = False
     cfg: DinomalyConfig
 
     def __init__(self, params: Mapping[str, Any] | None = None):

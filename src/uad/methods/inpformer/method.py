@@ -54,9 +54,6 @@ class INPFormer(ViTReconstructionMethod):
         if len(self.layers) != self.cfg.decoder_depth:
             raise ValueError(f"{len(self.layers)} encoder layers {self.layers} but decoder_depth={self.cfg.decoder_depth}")
         self.stages = self.cfg.stages
-        # The reconstruction stage alone would allow cached encoder features; the residual stage
-        # feeds synthesised images through the encoder, so features are cacheable only without it.
-        self.cacheable_features = not self.cfg.residual_learning
         self._stage = "reconstruction"
 
     # --- construction ----------------------------------------------------------------------
@@ -83,7 +80,6 @@ class INPFormer(ViTReconstructionMethod):
         """True for the stage whose batches must hold pseudo anomalies (``image`` + ``mask``):
         ``"residual"``. The reconstruction stage trains on normal images only (the paper avoids
         pseudo anomalies there on purpose)."""
-        self._check_stage(stage)
         return stage == "residual"
 
     def _check_stage(self, stage: str) -> None:

@@ -149,7 +149,8 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
             engine_override: dict, checkpoint: dict) -> dict[str, np.ndarray]:
     """Anomaly maps and scores for every test image (maps float16 at the crop size)."""
     cfg = _engine_cfg(engine, engine_override)
-    classes = sorted(checkpoint["meta"].get("classes") or test_index["class_name"].unique())
+    # zero-shot tests on classes the model never saw: ids cover both sides
+    classes = sorted(set(checkpoint["meta"].get("classes") or []) | set(test_index["class_name"].unique()))
     one_class = checkpoint["meta"].get("setting") == ONE_CLASS
     groups = sorted(test_index["class_name"].unique()) if one_class else [None]
     parts: list[dict[str, np.ndarray]] = []

@@ -38,17 +38,18 @@ def _features_nodes(method: str) -> list:
 def _training_nodes(method: str) -> list:
     cls = method_class(method)
     nodes, previous = [], None
-    if cls.cacheable_features:
+    if cls.uses_feature_cache():
         nodes += _features_nodes(method)
     for stage in cls.stages:
         inputs = {"train_index": "train_index", **_common(method), "synthesis": "params:synthesis"}
         if previous is not None:
             inputs["previous"] = previous
-        if cls.cacheable_features:
+        if cls.uses_feature_cache():
             inputs["features"] = "train_features"
-        nodes.append(node(named(train_stage, f"train_{stage}", method_name=method, stage=stage), inputs,
+        label = "train" if stage == "train" else f"train_{stage}"
+        nodes.append(node(named(train_stage, label, method_name=method, stage=stage), inputs,
                           [f"checkpoint_{stage}", f"train_log_{stage}", f"run_tags_{stage}"],
-                          name=f"train_{stage}", tags=["train"]))
+                          name=label, tags=["train"]))
         previous = f"checkpoint_{stage}"
     return nodes, previous
 

@@ -1,0 +1,147 @@
+"""End-to-end Kedro runs on the embedded dataset with the smoke environment, tracked in MLflow.
+
+One throw-away project copy is shared by the module (the embedded dataset is generated once);
+the runs are real ``KedroSession`` runs, exactly what ``kedro run --pipeline=... --env=smoke``
+does.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kedro_harness import last_run, make_project_copy, run_pipeline
+
+SEVEN = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+CLASSES = ("fabric", "pcb", "washer", "wood")
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = make_project_copy(tmp_path_factory.mktemp("project"))
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    yield root
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _versions(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _check_metrics(run, method: str, min_image_auroc: float) -> None:
+    m = run.data.metrics
+    for name in SEVEN:
+        assert name in m, f"{method}: MLflow run lacks {name}"
+        for cls in CLASSES:
+            assert f"{cls}/{name}" in m
+    assert m["image_auroc"] >= min_image_auroc, f"{method}: image AUROC {m['image_auroc']:.3f}"
+    assert m["pixel_auroc"] >= min_image_auroc
+    tags = run.data.tags
+    assert tags["method"] == method
+    assert tags["dataset"] == "synthetic" and tags["setting"] == "multi_class"
+    assert tags["weights_source"] and tags["backbone"]
+    assert tags["git_commit"]
+
+
+def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project):
+    run_pipeline(project, "patchcore")
+    client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    _check_metrics(run, "patchcore", 0.75)
+    assert run.data.tags["weights_source"] == "bundled"
+    arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/anomaly_overlays.png", "plots/roc_pr_curves.png", "plots/per_class_metrics.png"} <= arts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/metrics_per_class.csv"}
+    assert client.list_artifacts(run.info.run_id, "predictions")
+    # per-class table in data/08_reporting
+    table = pd.read_csv(project / "data/08_reporting/patchcore/metrics_per_class.csv")
+    assert list(table["class_name"]) == [*CLASSES, "mean"]
+    assert np.isclose(table.set_index("class_name").loc["mean", "image_auroc"], run.data.metrics["image_auroc"])
+    # versioned checkpoint + maps; a rerun adds a version and never overwrites
+    ckpt = project / "data/06_models/patchcore/fit.safetensors"
+    maps = project / "data/07_model_output/patchcore/anomaly_maps.npz"
+    first = _versions(ckpt)
+    assert len(first) == 1 and len(_versions(maps)) == 1
+    run_pipeline(project, "patchcore")
+    second = _versions(ckpt)
+    assert len(second) == 2 and first[0] in second
+    # --load-versions reloads a chosen checkpoint: evaluate the first version's maps again
+    oldest = _versions(maps)[0]
+    run_pipeline(project, "evaluate", namespaces=["patchcore"], load_versions={"patchcore.predictions": oldest})
+    _, rerun = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert rerun.data.tags["pipeline"] == "evaluate"
+    assert np.isclose(rerun.data.metrics["image_auroc"], run.data.metrics["image_auroc"])
+
+
+def test_dinomaly_smoke_run_detects_defects(project):
+    run_pipeline(project, "dinomaly")
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    _check_metrics(run, "dinomaly", 0.6)
+    assert any(k.startswith("train_loss/train") for k in run.data.metrics)
+
+
+def test_inpformer_smoke_run_multi_class(project):
+    run_pipeline(project, "inpformer")
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    _check_metrics(run, "inpformer", 0.55)
+    assert any(k.startswith("train_loss/reconstruction") for k in run.data.metrics)
+    assert any(k.startswith("train_loss/residual") for k in run.data.metrics)
+    assert run.data.tags["synthesis_texture_source"].startswith("fallback")
+
+
+def test_inpformer_zero_shot_trains_on_one_dataset_and_tests_on_another(project):
+    params = {
+        "data.train": [{"name": "synthA", "root": "data/01_raw/synthetic_a", "layout": "mvtec", "synthetic": True,
+                        "seed": 1, "generator": {"classes": ["fabric", "washer"]}}],
+        "data.test": [{"name": "synthB", "root": "data/01_raw/synthetic_b", "layout": "mvtec", "synthetic": True,
+                       "seed": 2, "generator": {"classes": ["wood", "pcb"]}}],
+        "data.setting": "zero_shot",
+    }
+    run_pipeline(project, "inpformer", params=params)
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert run.data.tags["setting"] == "zero_shot"
+    for name in SEVEN:
+        assert name in run.data.metrics
+    assert "wood/image_auroc" in run.data.metrics and "fabric/image_auroc" not in run.data.metrics
+    test_index = pd.read_csv(project / "data/02_intermediate/test_index.csv")
+    train_index = pd.read_csv(project / "data/02_intermediate/train_index.csv")
+    assert set(test_index["dataset"]) == {"synthB"} and set(train_index["dataset"]) == {"synthA"}
+
+
+def test_synthesis_smoke_writes_a_versioned_preview_logged_to_mlflow(project):
+    run_pipeline(project, "synthesis")
+    client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    versions = _versions(project / "data/08_reporting/synthesis/preview.png")
+    assert versions
+    png = project / "data/08_reporting/synthesis/preview.png" / versions[-1] / "preview.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "synthesis")] == ["synthesis/preview.png"]
+    assert run.data.tags["synthesis_texture_source"].startswith("fallback")
+
+
+def test_failed_ingest_lists_every_problem_and_writes_nothing(project, tmp_path):
+    from PIL import Image
+
+    bad = tmp_path / "bad"
+    for sub in ("widget/train/good", "widget/test/good", "widget/test/crack", "widget/ground_truth/crack"):
+        (bad / sub).mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(bad / "widget/train/good/000.png")
+    Image.new("RGB", (16, 16)).save(bad / "widget/test/good/000.png")
+    (bad / "widget/test/crack/000.png").write_bytes(b"not a png")
+    Image.new("RGB", (16, 16)).save(bad / "widget/test/crack/001.png")  # no mask
+    before = {p: p.stat().st_mtime for p in (project / "data/02_intermediate").glob("*")}
+    with pytest.raises(Exception) as err:
+        run_pipeline(project, "ingest", params={"data.train": [{"name": "bad", "root": str(bad), "layout": "mvtec"}]})
+    text = str(err.value)
+    assert "crack/000.png" in text and "crack/001.png" in text
+    after = {p: p.stat().st_mtime for p in (project / "data/02_intermediate").glob("*")}
+    assert before == after

@@ -1,0 +1,85 @@
+"""kedro viz builds the real graph of every pipeline; a real `mlflow server` receives runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kedro_harness import last_run, make_project_copy, run_pipeline
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1")
+    env.update(extra)
+    return env
+
+
+def test_kedro_viz_build_shows_every_pipeline_with_datasets_and_parameters(tmp_path):
+    project = make_project_copy(tmp_path / "p")
+    out = subprocess.run([str(BIN / "kedro"), "viz", "build"], cwd=project, env=_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    api = project / "build" / "api" / "pipelines"
+    for name in ("__default__", "ingest", "synthesis", "features", "patchcore", "dinomaly", "inpformer", "evaluate"):
+        assert (api / name).is_file(), f"kedro viz has no pipeline {name}"
+    graph = json.loads((api / "inpformer").read_text())
+    names = {n["name"] for n in graph["nodes"]}
+    assert {"train_reconstruction", "train_residual", "predict", "evaluate", "report"} <= names
+    assert {"train_index", "inpformer.checkpoint_reconstruction", "inpformer.predictions",
+            "params:inpformer.method", "params:synthesis"} <= names
+    dino = {n["name"] for n in json.loads((api / "dinomaly").read_text())["nodes"]}
+    assert {"train", "dinomaly.checkpoint_train", "params:dinomaly.method"} <= dino
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_runs_land_in_a_real_mlflow_server(tmp_path, monkeypatch):
+    port = _free_port()
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{server_dir / 'server.db'}",
+         "--artifacts-destination", str(server_dir / "artifacts")],
+        cwd=server_dir, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert proc.poll() is None, "mlflow server exited early"
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start within 120 s")
+        time.sleep(1.0)
+        project = make_project_copy(tmp_path / "p")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        run_pipeline(project, "ingest")
+        client, run = last_run(uri)
+        assert run.info.status == "FINISHED"
+        assert run.data.tags.get("pipeline") == "ingest"
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "data")} >= {"data/train_index.csv"}
+        assert any((server_dir / "artifacts").rglob("train_index.csv"))
+        assert not (project / "mlflow.db").exists(), "the run went to the local store, not the server"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+        shutil.rmtree(server_dir, ignore_errors=True)
