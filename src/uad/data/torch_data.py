@@ -48,6 +48,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..engine.trainer import EpochAwareDataset  # one epoch-indexing wrapper for engine and loaders
+
 from .images import load_image, load_mask
 
 __all__ = [
@@ -259,24 +261,6 @@ class _EpochIndexSampler(Sampler[int]):
         return iter((order[: self.num_samples] + self.epoch * self.n).tolist())
 
 
-class _EpochIndexedDataset(Dataset):
-    """Decodes ``v = epoch * n + i``: sets ``base``'s epoch in the current process, returns
-    ``base[i]``."""
-
-    def __init__(self, base: Dataset):
-        self.base = base
-        self.n = len(base)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, v: int):
-        epoch, i = divmod(int(v), self.n)
-        if hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
-        return self.base[i]
-
-
 class InfiniteLoader:
     """Iterator over batches that cycles epochs forever; sample ``i`` of pass ``e`` is decoded
     with the dataset's epoch set to ``e`` (in the worker that decodes it). ``epoch`` is the pass
@@ -345,7 +329,7 @@ def make_loader(
         return DataLoader(dataset, shuffle=bool(shuffle), **kwargs)
     num_samples = max(n, int(batch_size)) if drop_last else n
     sampler = _EpochIndexSampler(n, num_samples, bool(shuffle), gen)
-    loader = DataLoader(_EpochIndexedDataset(dataset), sampler=sampler, **kwargs)
+    loader = DataLoader(EpochAwareDataset(dataset), sampler=sampler, **kwargs)
     return InfiniteLoader(loader, sampler, dataset)
 
 

@@ -184,6 +184,10 @@ class ViTReconstructionMethod(AnomalyMethod):
     def embed_dim(self) -> int:
         return int(self.encoder.embed_dim)
 
+    def decoder_heads(self) -> int:
+        """Attention heads of the decoder: the config's, else the encoder's, else dim // 64."""
+        return getattr(self.cfg, "num_heads", None) or getattr(self.encoder, "num_heads", None) or max(1, self.embed_dim // 64)
+
     @property
     def config(self) -> ReconConfig:
         """The method's settings (the pipeline reads ``config.batch_size``)."""

@@ -42,7 +42,7 @@ class Dinomaly(ViTReconstructionMethod):
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         dim = self.embed_dim
-        heads = cfg.num_heads or getattr(self.encoder, "num_heads", None) or max(1, dim // 64)
+        heads = self.decoder_heads()
         return DinomalyModel(
             dim,
             heads,

@@ -60,7 +60,7 @@ class INPFormer(ViTReconstructionMethod):
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         dim = self.embed_dim
-        heads = cfg.num_heads or getattr(self.encoder, "num_heads", None) or max(1, dim // 64)
+        heads = self.decoder_heads()
         return INPFormerModel(
             dim,
             heads,
