@@ -7,8 +7,13 @@ the ``uad`` package is not installed (a bare checkout).
 * :func:`common_parser` - the shared command line (device, backbones, crops, batch sizes,
   warm-up / timed iterations, CPU threads) with CPU-friendly defaults;
 * :func:`setup_run` - applies it: device, thread count, defaults per device, cudnn benchmark;
-* :func:`device_name`, :func:`sync`, :func:`header`;
-* :func:`rate` - calls per second of a function after warm-up calls (device-synchronised);
+* :func:`device_name`, :func:`sync`, :func:`header`, :func:`footer` (total wall time),
+  :func:`load_avg`;
+* :func:`build` - a method with random weights at a crop, on the device (bf16 on CUDA);
+  :func:`release` - frees the CUDA cache after a configuration;
+* :func:`rate` - calls per second of a function after warm-up calls, from the *median* time of
+  the timed calls (each bracketed by a device synchronisation; robust to bursts of other work on
+  a shared machine);
 * :func:`train_step` - one optimisation step exactly as :class:`uad.engine.Trainer` runs it.
 """
 
@@ -19,6 +24,7 @@ import datetime as _dt
 import logging
 import os
 import platform
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -35,10 +41,14 @@ import torch
 __all__ = [
     "BACKBONES",
     "RunSettings",
+    "build",
     "common_parser",
     "device_name",
+    "footer",
     "header",
+    "load_avg",
     "rate",
+    "release",
     "setup_run",
     "sync",
     "train_step",
@@ -59,16 +69,25 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def load_avg() -> float:
+    """The 1-minute load average (NaN where the platform has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
 def rate(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device) -> float:
-    """Calls of ``fn(i)`` per second over ``iters`` timed calls after ``warmup`` untimed ones."""
+    """Calls of ``fn(i)`` per second: 1 / the median time of ``iters`` timed calls, after ``warmup``
+    untimed ones. Each timed call is bracketed by a device synchronisation, so queued GPU work is
+    counted in the call that queued it."""
     for i in range(warmup):
         fn(i)
-    sync(device)
-    t0 = time.perf_counter()
+    times = []
     for i in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
         fn(warmup + i)
-    sync(device)
-    return iters / (time.perf_counter() - t0)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1.0 / statistics.median(times)
 
 
 def train_step(method, stage: str, setup, batch: Mapping[str, torch.Tensor], step: int) -> float:
@@ -85,6 +104,19 @@ def train_step(method, stage: str, setup, batch: Mapping[str, torch.Tensor], ste
     if setup.scheduler is not None:
         setup.scheduler.step()
     return float(loss.detach())
+
+
+def build(method_cls: type, backbone: str, crop: int, run: "RunSettings"):
+    """``method_cls`` (a :class:`uad.methods` method) with random weights, resize = crop, on the
+    run's device; parameters in bf16 on CUDA (the engine's autocast dtype)."""
+    m = method_cls({"backbone": backbone, "weights": "random", "allow_random": True, "resize": crop, "crop": crop})
+    return m.to(run.device, run.autocast_dtype)
+
+
+def release(run: "RunSettings") -> None:
+    """Call after dropping a configuration's model: returns cached CUDA memory."""
+    if run.cuda:
+        torch.cuda.empty_cache()
 
 
 def common_parser(doc: str | None) -> argparse.ArgumentParser:
@@ -110,6 +142,7 @@ class RunSettings:
     iters: int
     backbones: list[str]
     crops: list[int]
+    started: float = 0.0  # time.perf_counter() when the run was set up
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -136,6 +169,7 @@ def setup_run(args: argparse.Namespace) -> RunSettings:
         iters=args.iters or (20 if cuda else 3),
         backbones=[BACKBONES.get(b.strip(), b.strip()) for b in args.backbones.split(",") if b.strip()],
         crops=[int(c) for c in args.crops.split(",") if c.strip()],
+        started=time.perf_counter(),
     )
 
 
@@ -144,6 +178,11 @@ def header(run: RunSettings, script: str, argv: list[str] | None) -> str:
     args = " ".join(argv if argv is not None else sys.argv[1:])
     return (
         f"device: {device_name(run.device)}; torch {torch.__version__}; "
-        f"{'bf16 autocast' if run.cuda else 'fp32'}; {run.warmup} warm-up + {run.iters} timed iterations; "
+        f"{'bf16 autocast' if run.cuda else 'fp32'}; {run.warmup} warm-up + {run.iters} timed iterations (median); "
         f"{_dt.date.today().isoformat()}\ncommand: python benchmarks/{script} {args}".rstrip()
     )
+
+
+def footer(run: RunSettings) -> str:
+    """Total wall time since :func:`setup_run` and the 1-minute load average now."""
+    return f"total wall time: {time.perf_counter() - run.started:.0f} s; load avg at end: {load_avg():.2f}"

@@ -12,12 +12,17 @@ For each backbone size and crop size:
   head, upsampling to the crop, Gaussian blur, top-1% score, copy to CPU).
 
 Weights are random (speed does not depend on them). CUDA runs under bf16 autocast like the
-engine. Only the core library is imported (no Kedro, no MLflow).
+engine. Only the core library is imported (no Kedro, no MLflow). Timing helpers (command line,
+median-based rates, training step) are shared in ``_bench_common.py``.
 
 Usage::
 
     python benchmarks/bench_inpformer.py --device cpu                  # batch 2, 1 + 3 iterations
+    python benchmarks/bench_inpformer.py --device cpu --threads 2 --batch 8 --infer-batch 8 --warmup 2 --iters 5
     python benchmarks/bench_inpformer.py --device cuda --batch 16 --infer-batch 16
+
+Rates come from the *median* time of the timed iterations (robust to bursts of other work on a
+shared machine). ``load avg`` is the 1-minute load average when a row started.
 """
 
 from __future__ import annotations
@@ -30,21 +35,17 @@ import torch
 from uad.methods.inpformer import INPFormer
 
 
-def build(backbone: str, crop: int, run: bc.RunSettings) -> INPFormer:
-    m = INPFormer({"backbone": backbone, "weights": "random", "allow_random": True, "resize": crop, "crop": crop})
-    return m.to(run.device, run.autocast_dtype)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = bc.common_parser(__doc__).parse_args(argv)
     run = bc.setup_run(args)
     print(bc.header(run, "bench_inpformer.py", argv))
     print()
-    print("| backbone | crop | tokens | train batch | rec it/s | rec img/s | res it/s | res img/s | infer batch | infer img/s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| backbone | crop | tokens | train batch | rec it/s | rec img/s | res it/s | res img/s | infer batch | infer img/s | load avg |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in run.backbones:
         for crop in run.crops:
-            m = build(name, crop, run)
+            m = bc.build(INPFormer, name, crop, run)
+            load = bc.load_avg()
             images = torch.randn(run.batch, 3, crop, crop, device=run.device)
             mask = torch.zeros(run.batch, 1, crop, crop, device=run.device)
             mask[:, :, crop // 4: crop // 2, crop // 4: crop // 2] = 1
@@ -58,10 +59,11 @@ def main(argv: list[str] | None = None) -> int:
             n = (crop // m.encoder.patch_size) ** 2
             rec, res = rates["reconstruction"], rates["residual"]
             print(f"| {name} | {crop} | {n} | {run.batch} | {rec:.3f} | {rec * run.batch:.2f} | {res:.3f} | "
-                  f"{res * run.batch:.2f} | {run.infer_batch} | {inf:.2f} |", flush=True)
-            del m
-            if run.cuda:
-                torch.cuda.empty_cache()
+                  f"{res * run.batch:.2f} | {run.infer_batch} | {inf:.2f} | {load:.2f} |", flush=True)
+            del m, setup
+            bc.release(run)
+    print()
+    print(bc.footer(run))
     return 0
 
 

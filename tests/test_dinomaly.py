@@ -174,3 +174,18 @@ def test_short_training_run_decreases_loss(build):
     assert all(v == v for v in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
     assert not m.encoder.training and all(not p.requires_grad for p in m.encoder.parameters())
+
+
+def test_class_separated_setting_uses_the_papers_schedule():
+    from uad.methods.registry import build_method
+
+    base = dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=64, crop=56)
+    m = build_method("dinomaly", base)
+    m.adapt_to_setting("one_class")
+    assert (m.cfg.iterations, m.cfg.hm_warmup_iters) == (5000, 500)
+    m = build_method("dinomaly", base)
+    m.adapt_to_setting("multi_class")
+    assert (m.cfg.iterations, m.cfg.hm_warmup_iters) == (10000, 1000)
+    m = build_method("dinomaly", {**base, "iterations": 77})
+    m.adapt_to_setting("one_class")
+    assert (m.cfg.iterations, m.cfg.hm_warmup_iters) == (77, 500)

@@ -145,3 +145,48 @@ def test_failed_ingest_lists_every_problem_and_writes_nothing(project, tmp_path)
     assert "crack/000.png" in text and "crack/001.png" in text
     after = {p: p.stat().st_mtime for p in (project / "data/02_intermediate").glob("*")}
     assert before == after
+
+
+def test_one_class_setting_trains_one_model_per_class(project):
+    run_pipeline(project, "patchcore", params={"data.setting": "one_class"})
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert run.data.tags["setting"] == "one_class"
+    for name in SEVEN:
+        assert name in run.data.metrics
+    from uad.engine import load_state
+
+    ckpt_dir = project / "data/06_models/patchcore/fit.safetensors"
+    latest = _versions(ckpt_dir)[-1]
+    tensors, _ = load_state(ckpt_dir / latest / "fit.safetensors")
+    assert {k.split("::")[0] for k in tensors} == set(CLASSES)
+
+
+def test_few_shot_setting_records_its_seeded_choice(project):
+    run_pipeline(project, "patchcore", params={"data.setting": "few_shot", "data.shots": 2})
+    import json
+
+    info = json.loads((project / "data/02_intermediate/split_info.json").read_text())
+    train = pd.read_csv(project / "data/02_intermediate/train_index.csv")
+    assert train.groupby("class_name").size().to_dict() == {c: 2 for c in CLASSES}
+    assert sorted(sum(info["few_shot_choice"].values(), [])) == sorted(train["image_path"])
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert run.data.tags["setting"] == "few_shot" and "image_auroc" in run.data.metrics
+
+
+def test_super_multi_class_and_semi_supervised_ingest(project):
+    params = {
+        "data.train": [
+            {"name": "synthA", "root": "data/01_raw/synthetic_a", "layout": "mvtec", "synthetic": True, "seed": 1,
+             "generator": {"classes": ["fabric", "washer"]}},
+            {"name": "synthB", "root": "data/01_raw/synthetic_b", "layout": "mvtec", "synthetic": True, "seed": 2,
+             "generator": {"classes": ["wood", "pcb"]}},
+        ],
+        "data.anomaly_shots": 2,
+    }
+    run_pipeline(project, "ingest", params=params)
+    train = pd.read_csv(project / "data/02_intermediate/train_index.csv", keep_default_na=False)
+    test = pd.read_csv(project / "data/02_intermediate/test_index.csv", keep_default_na=False)
+    assert set(train["dataset"]) == {"synthA", "synthB"}  # one model over both datasets
+    labelled = train[train["label"] == 1]
+    assert labelled.groupby("class_name").size().to_dict() == {c: 2 for c in CLASSES}
+    assert not set(labelled["image_path"]) & set(test["image_path"]), "held-out anomalies must leave the test set"

@@ -16,6 +16,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
+from kedro_datasets._typing import ImagePreview
 from kedro.io.core import AbstractDataset, AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
 
 from uad.engine.checkpoint import atomic_write_bytes, load_state, save_state
@@ -126,10 +127,18 @@ class NpzDataset(_LocalVersionedDataset):
 
 
 class PngDataset(_LocalVersionedDataset):
-    """PNG bytes (as produced by :func:`uad.metrics.plots.figure_to_png_bytes`)."""
+    """PNG bytes (as produced by :func:`uad.metrics.plots.figure_to_png_bytes`).
+
+    ``kedro viz`` shows the latest version as an image preview in the dataset's side panel
+    (``kedro viz run --include-previews``)."""
 
     def load(self) -> bytes:
         return self._read()
+
+    def preview(self) -> ImagePreview:
+        import base64
+
+        return ImagePreview(base64.b64encode(self._read()).decode("ascii"))
 
     def save(self, data: bytes) -> None:
         if not isinstance(data, (bytes, bytearray)) or not bytes(data[:8]) == b"\x89PNG\r\n\x1a\n":

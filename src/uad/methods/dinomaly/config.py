@@ -48,6 +48,10 @@ class DinomalyConfig(ReconConfig):
     loose_loss: bool = True
     hm_final: float = 0.9
     hm_warmup_iters: int = 1000
+    # class-separated setting (one model per class, Appendix B): 5,000 iterations, 500-iteration
+    # ramp; applied by ``Dinomaly.adapt_to_setting`` unless iterations / ramp are set explicitly
+    class_separated_iterations: int = 5000
+    class_separated_hm_warmup_iters: int = 500
     hm_shrink: float = 0.1
 
     method_label: ClassVar[str] = "dinomaly"

@@ -39,6 +39,16 @@ class Dinomaly(ViTReconstructionMethod):
                 f"{len(self.layers)} encoder layers {self.layers} but decoder_depth={self.cfg.decoder_depth}"
             )
 
+    def adapt_to_setting(self, setting: str) -> None:
+        """The paper trains class-separated models for 5,000 iterations with a 500-iteration
+        hard-mining ramp (Appendix B); explicitly given ``iterations``/``hm_warmup_iters`` win."""
+        if setting != "one_class":
+            return
+        if "iterations" not in self.params:
+            self.cfg.iterations = self.cfg.class_separated_iterations
+        if "hm_warmup_iters" not in self.params:
+            self.cfg.hm_warmup_iters = self.cfg.class_separated_hm_warmup_iters
+
     def build_model(self) -> nn.Module:
         cfg = self.cfg
         dim = self.embed_dim

@@ -87,6 +87,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tags: dict[str, str] = {}
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
+        if hasattr(method, "adapt_to_setting"):  # a paper's per-setting schedule (e.g. Dinomaly)
+            method.adapt_to_setting(str(data.get("setting", "multi_class")))
         if previous is not None:
             method.load_state_dict(_split_state(previous["tensors"], group))
         if stage not in method.stages:  # a stage switched off by the parameters (an ablation)

@@ -15,6 +15,7 @@ from PIL import Image
 from uad.data.images import load_image, load_mask
 from uad.synthesis import (
     MixedSynthesizer,
+    PasteConfig,
     PseudoAnomalySynthesizer,
     RealAnomalyPaster,
     SynthesisAugment,
@@ -70,7 +71,8 @@ def build_augment(train_df: pd.DataFrame, labelled: pd.DataFrame, synth: dict[st
         real_imgs = [_square(load_image(p), resize, crop) for p in labelled["image_path"]]
         real_masks = [_square(load_mask(p).astype(np.uint8) * 255, resize, crop, nearest=True) > 0
                       for p in labelled["mask_path"]]
-        paster = RealAnomalyPaster(real_imgs, real_masks, cfg)
+        paste = {"anomaly_probability": cfg.anomaly_probability, **dict(synth.get("paste") or {})}
+        paster = RealAnomalyPaster(real_imgs, real_masks, PasteConfig(**paste))
         w = float(synth.get("semi_supervised_weight", 0.5))
         generator = MixedSynthesizer([(generator, 1.0 - w), (paster, w)])
         tags["semi_supervised_anomalies"] = str(len(labelled))
