@@ -69,6 +69,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_spreads: list[float] = []  # max / min time of the timed calls, one entry per rate() figure
+
+
 def load_avg() -> float:
     """The 1-minute load average (NaN where the platform has none)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -87,6 +90,7 @@ def rate(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device
         fn(warmup + i)
         sync(device)
         times.append(time.perf_counter() - t0)
+    _spreads.append(max(times) / min(times))
     return 1.0 / statistics.median(times)
 
 
@@ -184,5 +188,8 @@ def header(run: RunSettings, script: str, argv: list[str] | None) -> str:
 
 
 def footer(run: RunSettings) -> str:
-    """Total wall time since :func:`setup_run` and the 1-minute load average now."""
-    return f"total wall time: {time.perf_counter() - run.started:.0f} s; load avg at end: {load_avg():.2f}"
+    """Total wall time since :func:`setup_run`, the 1-minute load average now, and the largest
+    slowest / fastest ratio of the timed iterations behind any one figure (stability check)."""
+    spread = f"{(max(_spreads) - 1) * 100:.0f} %" if _spreads else "n/a"
+    return (f"total wall time: {time.perf_counter() - run.started:.0f} s; load avg at end: {load_avg():.2f}; "
+            f"largest spread of the timed iterations of one figure (slowest / fastest - 1): {spread}")

@@ -32,10 +32,27 @@ def hard_mining_ratio(step: int, final: float = 0.9, warmup_iters: int = 1000) -
     return float(min(final * step / warmup_iters, final))
 
 
-def shrink_gradient(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Identity in the forward pass; multiplies the gradient by ``scale`` (broadcast) backwards:
-    ``x * s + sg(x) * (1 - s)``."""
-    return x * scale + x.detach() * (1.0 - scale)
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the incoming gradient by a fixed weight tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        return grad * weight.to(grad.dtype), None
+
+
+def shrink_gradient(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Return ``x`` unchanged; its gradient is multiplied by ``scale`` (broadcast, no gradient).
+
+    The device both papers use to re-weight points without changing the loss value: Dinomaly's
+    ``sg(.)_0.1`` hard mining (eq. 4-5) and INP-Former++'s soft mining weights (eq. 5)."""
+    scale = torch.as_tensor(scale, device=x.device)
+    return _ScaleGrad.apply(x, scale.detach())
 
 
 @torch.no_grad()

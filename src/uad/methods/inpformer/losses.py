@@ -11,8 +11,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..common.losses import shrink_gradient
+
 __all__ = [
-    "scale_grad",
     "inp_coherence_loss_hard",
     "inp_coherence_loss_soft",
     "soft_mining_loss",
@@ -21,29 +22,6 @@ __all__ = [
 ]
 
 _EPS = 1e-12
-
-
-class _ScaleGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the incoming gradient by a fixed weight tensor."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.save_for_backward(weight)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (weight,) = ctx.saved_tensors
-        return grad * weight.to(grad.dtype), None
-
-
-def scale_grad(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Return ``x`` unchanged; its gradient is multiplied by ``weight`` (broadcast, no gradient).
-
-    This is the "modify the feature gradients instead of re-weighting the loss" device of eq. 5
-    (and of Dinomaly / ReContrast): the loss value is untouched, only the backward pass changes.
-    """
-    return _ScaleGrad.apply(x, weight.detach())
 
 
 def _cosine_to_inps(features: torch.Tensor, inps: torch.Tensor) -> torch.Tensor:
@@ -129,8 +107,8 @@ def soft_mining_loss(enc: Sequence[torch.Tensor], dec: Sequence[torch.Tensor], g
     for q, d in zip(enc, dec):
         q = q.detach()
         w_cos, w_mse = soft_mining_weights(q, d, gamma, dim, mse_reduction)
-        d_cos = scale_grad(d, w_cos)
-        d_mse = scale_grad(d, w_mse)
+        d_cos = shrink_gradient(d, w_cos)
+        d_mse = shrink_gradient(d, w_mse)
         b = q.shape[0]
         loss_cos = loss_cos + (1.0 - F.cosine_similarity(q.float().reshape(b, -1), d_cos.float().reshape(b, -1), dim=1)).mean()
         loss_mse = loss_mse + _point_mse(q.float(), d_mse.float(), dim, mse_reduction).mean()
