@@ -58,7 +58,7 @@ def _split_state(state: dict[str, torch.Tensor], group: str | None) -> dict[str,
 
 
 def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.DataFrame,
-                       synth: dict[str, Any], seed: int, classes: list[str]):
+                       synth: dict[str, Any], seed: int):
     """The pseudo-anomaly hook for stages that learn from synthetic anomalies (None otherwise)."""
     wants = getattr(method, "wants_synthesis", None)
     if not (callable(wants) and wants(stage)):
@@ -98,7 +98,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
             continue
         df = normal if group is None else normal[normal["class_name"] == group]
         aug, aug_tags = _synthesis_augment(method, stage, df, labelled if group is None else
-                                           labelled[labelled["class_name"] == group], synthesis or {}, cfg.seed, classes)
+                                           labelled[labelled["class_name"] == group], synthesis or {}, cfg.seed)
         tags.update(aug_tags)
         ds = _dataset(method, df, classes, augment=aug)
         key = run_key(method_name, stage, group, method_params, fingerprint, cfg.seed, cfg.iterations, cfg.batch_size,
