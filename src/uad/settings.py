@@ -5,11 +5,17 @@ file (``consent: false``) and its project hooks are disabled here, so Kedro neve
 never reaches for the network.
 """
 
+import warnings
+
 from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
 from uad.hooks import RunTagsHook
+
+# OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
+# theirs to fix and only buries the run's own log lines.
+warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 
 HOOKS = (RunTagsHook(),)
 
