@@ -24,7 +24,9 @@ DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
-    "default_run_env": "local",
+    # `kedro run` with no --env runs the quick profile (conf/quick); --env=mvtec etc. run the
+    # papers' settings, since conf/base keeps every method at its code (= paper) defaults.
+    "default_run_env": "quick",
     # ``${oc.env:VAR,default}`` everywhere: MLFLOW_TRACKING_URI switches the tracking server
     # without code changes, and dataset roots can come from the environment.
     "custom_resolvers": {"oc.env": oc.env},

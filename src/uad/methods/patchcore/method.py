@@ -29,6 +29,8 @@ log = logging.getLogger("uad.methods.patchcore")
 class PatchCore(AnomalyMethod):
     """Memory-bank anomaly detection on frozen CNN patch features (no gradient training)."""
 
+    config_class = PatchCoreConfig
+
     stages = ("fit",)
     # the encoder is frozen and training sees no augmentation: features may be cached
     cacheable_features = True
