@@ -29,6 +29,9 @@ def _scan(sources: list[dict[str, Any]], classes) -> pd.DataFrame:
     frames = []
     for s in sources:
         root = Path(s["root"])
+        if not s.get("synthetic") and not root.exists():
+            raise FileNotFoundError(f"dataset root {root} does not exist: point data.train[].root at the dataset "
+                                    "(the paper environments read it from the UAD_DATA_ROOT environment variable)")
         if s.get("synthetic"):
             ensure_synthetic_dataset(root, seed=int(s.get("seed", 0)), **dict(s.get("generator") or {}))
         frames.append(scan_dataset(root, layout=s.get("layout", "auto"), classes=s.get("classes", classes),
