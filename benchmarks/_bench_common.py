@@ -193,3 +193,43 @@ def footer(run: RunSettings) -> str:
     spread = f"{(max(_spreads) - 1) * 100:.0f} %" if _spreads else "n/a"
     return (f"total wall time: {time.perf_counter() - run.started:.0f} s; load avg at end: {load_avg():.2f}; "
             f"largest spread of the timed iterations of one figure (slowest / fastest - 1): {spread}")
+
+
+def bench_method(method_cls: type, script: str, doc: str | None, argv: list[str] | None,
+                 stage_labels: Mapping[str, str] | None = None) -> int:
+    """The benchmark table of one method: training it/s and img/s of every stage it declares,
+    then inference img/s. The batch carries an image and a pseudo-anomaly mask, so stages that
+    learn from synthetic anomalies (INP-Former++'s residual stage) time their real step."""
+    args = common_parser(doc).parse_args(argv)
+    run = setup_run(args)
+    print(header(run, script, argv))
+    print()
+    labels = None
+    for name in run.backbones:
+        for crop in run.crops:
+            m = build(method_cls, name, crop, run)
+            if labels is None:
+                labels = [(stage_labels or {}).get(s, s) for s in m.stages]
+                cols = "".join(f" {lab} it/s | {lab} img/s |" for lab in labels)
+                print(f"| backbone | crop | tokens | train batch |{cols} infer batch | infer img/s | load avg |")
+                print("|" + " --- |" * (7 + 2 * len(labels)))
+            load = load_avg()
+            mask = torch.zeros(run.batch, 1, crop, crop, device=run.device)
+            mask[:, :, crop // 4: crop // 2, crop // 4: crop // 2] = 1
+            batch = {"image": torch.randn(run.batch, 3, crop, crop, device=run.device), "mask": mask}
+            cells = ""
+            for stage in m.stages:
+                setup = m.configure_optimization(stage, 1000)
+                r = rate(lambda i: train_step(m, stage, setup, batch, 1000 + i), run.warmup, run.iters, run.device)
+                cells += f" {r:.3f} | {r * run.batch:.2f} |"
+                del setup
+            test = torch.randn(run.infer_batch, 3, crop, crop, device=run.device)
+            inf = rate(lambda i: m.predict(test), run.warmup, run.iters, run.device) * run.infer_batch
+            n = (crop // m.encoder.patch_size) ** 2
+            print(f"| {name} | {crop} | {n} | {run.batch} |{cells} {run.infer_batch} | {inf:.2f} | {load:.2f} |",
+                  flush=True)
+            del m
+            release(run)
+    print()
+    print(footer(run))
+    return 0

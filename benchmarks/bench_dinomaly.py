@@ -29,35 +29,12 @@ from __future__ import annotations
 import sys
 
 import _bench_common as bc  # also puts src/ on sys.path for a bare checkout
-import torch
 
 from uad.methods.dinomaly import Dinomaly
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bc.common_parser(__doc__).parse_args(argv)
-    run = bc.setup_run(args)
-    print(bc.header(run, "bench_dinomaly.py", argv))
-    print()
-    print("| backbone | crop | tokens | train batch | train it/s | train img/s | infer batch | infer img/s | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in run.backbones:
-        for crop in run.crops:
-            m = bc.build(Dinomaly, name, crop, run)
-            load = bc.load_avg()
-            batch = {"image": torch.randn(run.batch, 3, crop, crop, device=run.device)}
-            setup = m.configure_optimization("train", 1000)
-            tr = bc.rate(lambda i: bc.train_step(m, "train", setup, batch, 1000 + i), run.warmup, run.iters, run.device)
-            test = torch.randn(run.infer_batch, 3, crop, crop, device=run.device)
-            inf = bc.rate(lambda i: m.predict(test), run.warmup, run.iters, run.device) * run.infer_batch
-            n = (crop // m.encoder.patch_size) ** 2
-            print(f"| {name} | {crop} | {n} | {run.batch} | {tr:.3f} | {tr * run.batch:.2f} | {run.infer_batch} | "
-                  f"{inf:.2f} | {load:.2f} |", flush=True)
-            del m, setup
-            bc.release(run)
-    print()
-    print(bc.footer(run))
-    return 0
+    return bc.bench_method(Dinomaly, "bench_dinomaly.py", __doc__, argv, stage_labels=None)
 
 
 if __name__ == "__main__":

@@ -30,41 +30,12 @@ from __future__ import annotations
 import sys
 
 import _bench_common as bc  # also puts src/ on sys.path for a bare checkout
-import torch
 
 from uad.methods.inpformer import INPFormer
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = bc.common_parser(__doc__).parse_args(argv)
-    run = bc.setup_run(args)
-    print(bc.header(run, "bench_inpformer.py", argv))
-    print()
-    print("| backbone | crop | tokens | train batch | rec it/s | rec img/s | res it/s | res img/s | infer batch | infer img/s | load avg |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name in run.backbones:
-        for crop in run.crops:
-            m = bc.build(INPFormer, name, crop, run)
-            load = bc.load_avg()
-            images = torch.randn(run.batch, 3, crop, crop, device=run.device)
-            mask = torch.zeros(run.batch, 1, crop, crop, device=run.device)
-            mask[:, :, crop // 4: crop // 2, crop // 4: crop // 2] = 1
-            batch = {"image": images, "mask": mask}
-            rates = {}
-            for stage in m.stages:
-                setup = m.configure_optimization(stage, 1000)
-                rates[stage] = bc.rate(lambda i: bc.train_step(m, stage, setup, batch, 200 + i), run.warmup, run.iters, run.device)
-            test = torch.randn(run.infer_batch, 3, crop, crop, device=run.device)
-            inf = bc.rate(lambda i: m.predict(test), run.warmup, run.iters, run.device) * run.infer_batch
-            n = (crop // m.encoder.patch_size) ** 2
-            rec, res = rates["reconstruction"], rates["residual"]
-            print(f"| {name} | {crop} | {n} | {run.batch} | {rec:.3f} | {rec * run.batch:.2f} | {res:.3f} | "
-                  f"{res * run.batch:.2f} | {run.infer_batch} | {inf:.2f} | {load:.2f} |", flush=True)
-            del m, setup
-            bc.release(run)
-    print()
-    print(bc.footer(run))
-    return 0
+    return bc.bench_method(INPFormer, "bench_inpformer.py", __doc__, argv, stage_labels={"reconstruction": "rec", "residual": "res"})
 
 
 if __name__ == "__main__":
