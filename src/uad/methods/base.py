@@ -112,6 +112,14 @@ class AnomalyMethod(abc.ABC):
         """One optimisation step's loss for ``batch`` (already on ``self.device``)."""
         raise NotImplementedError(f"{self.name} has no gradient-trained stage {stage!r}")
 
+    def adapt_to_setting(self, setting: str) -> None:
+        """Apply a paper's per-setting schedule (e.g. Dinomaly's class-separated budget) before
+        training; ``setting`` is the data setting (``multi_class``, ``one_class``, ...)."""
+
+    def wants_synthesis(self, stage: str) -> bool:
+        """True when ``stage`` trains on pseudo anomalies from the synthesis stage."""
+        return False
+
     def fit_stage(self, stage: str, loader: Iterable, trainer: Any) -> dict[str, float]:
         """Fit one stage. Default: hand the loop to the shared engine."""
         return trainer.fit(self, stage, loader)

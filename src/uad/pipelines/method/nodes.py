@@ -60,8 +60,7 @@ def _split_state(state: dict[str, torch.Tensor], group: str | None) -> dict[str,
 def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.DataFrame,
                        synth: dict[str, Any], seed: int):
     """The pseudo-anomaly hook for stages that learn from synthetic anomalies (None otherwise)."""
-    wants = getattr(method, "wants_synthesis", None)
-    if not (callable(wants) and wants(stage)):
+    if not method.wants_synthesis(stage):
         return None, {}
     from uad.pipelines.synthesis.nodes import build_augment
 
@@ -87,8 +86,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tags: dict[str, str] = {}
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
-        if hasattr(method, "adapt_to_setting"):  # a paper's per-setting schedule (e.g. Dinomaly)
-            method.adapt_to_setting(str(data.get("setting", "multi_class")))
+        method.adapt_to_setting(str(data.get("setting", "multi_class")))
         if previous is not None:
             method.load_state_dict(_split_state(previous["tensors"], group))
         if stage not in method.stages:  # a stage switched off by the parameters (an ablation)
