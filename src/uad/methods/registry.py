@@ -18,6 +18,7 @@ _KNOWN = {
     "patchcore": "uad.methods.patchcore.method",
     "dinomaly": "uad.methods.dinomaly.method",
     "inpformer": "uad.methods.inpformer.method",
+    "rlr": "uad.methods.rlr.method",
 }
 
 

@@ -57,14 +57,34 @@ def gaussian_kernel1d(sigma: float, kernel_size: int | None = None, device=None)
     return k / k.sum()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, kernel_size: int | None = 5) -> torch.Tensor:
-    """Separable Gaussian blur of (B, 1, H, W) maps with zero padding (same size out)."""
+def _symmetric_index(n: int, pad: int, device=None) -> torch.Tensor:
+    """Indices of a length-``n`` axis padded by ``pad`` on both sides with half-sample symmetric
+    reflection (``d c b a | a b c d | d c b a``, scipy.ndimage's ``mode="reflect"``), any ``pad``."""
+    i = torch.arange(-pad, n + pad, device=device) % (2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, kernel_size: int | None = 5,
+                  padding: str = "zeros") -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W) maps (same size out).
+
+    ``padding="zeros"``: zero padding (Dinomaly's evaluation convolution). ``"reflect"``: the
+    border handling of ``scipy.ndimage.gaussian_filter`` (half-sample symmetric); with
+    ``kernel_size=None`` the result equals ``gaussian_filter(map, sigma)`` (RLR's image score)."""
     if sigma <= 0:
         return maps
     k = gaussian_kernel1d(sigma, kernel_size, device=maps.device).to(maps.dtype)
     pad = k.numel() // 2
-    x = F.conv2d(maps, k.view(1, 1, 1, -1), padding=(0, pad))  # along W
-    return F.conv2d(x, k.view(1, 1, -1, 1), padding=(pad, 0))  # along H
+    if padding == "zeros":
+        x = F.conv2d(maps, k.view(1, 1, 1, -1), padding=(0, pad))  # along W
+        return F.conv2d(x, k.view(1, 1, -1, 1), padding=(pad, 0))  # along H
+    if padding != "reflect":
+        raise ValueError(f"padding must be 'zeros' or 'reflect', got {padding!r}")
+    h, w = maps.shape[-2:]
+    x = maps.index_select(-1, _symmetric_index(w, pad, maps.device))  # B, 1, H, W + 2 pad
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = x.index_select(-2, _symmetric_index(h, pad, maps.device))  # B, 1, H + 2 pad, W
+    return F.conv2d(x, k.view(1, 1, -1, 1))
 
 
 def upsample_and_smooth(
