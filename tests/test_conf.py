@@ -41,7 +41,9 @@ def test_paper_environments_change_no_method_default(project_root):
             assert not params[name]["method"], f"{env}: {name} overrides its paper defaults"
     realiad = _params(project_root, "realiad")
     assert realiad["dinomaly"]["method"] == {"bottleneck_dropout": 0.4, "iterations": 50000}
-    assert not realiad["inpformer"]["method"] and not realiad["patchcore"]["method"]
+    for name in METHODS:
+        if name != "dinomaly":
+            assert not realiad[name]["method"], f"realiad: {name} overrides its paper defaults"
 
 
 def test_default_run_env_is_the_quick_profile():

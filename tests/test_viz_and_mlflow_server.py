@@ -31,7 +31,7 @@ def test_kedro_viz_build_shows_every_pipeline_with_datasets_and_parameters(tmp_p
                          text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     api = project / "build" / "api" / "pipelines"
-    for name in ("__default__", "ingest", "synthesis", "features", "patchcore", "dinomaly", "inpformer", "evaluate"):
+    for name in ("__default__", "ingest", "synthesis", "features", "patchcore", "dinomaly", "inpformer", "rlr", "evaluate"):
         assert (api / name).is_file(), f"kedro viz has no pipeline {name}"
     graph = json.loads((api / "inpformer").read_text())
     names = {n["name"] for n in graph["nodes"]}
@@ -40,6 +40,8 @@ def test_kedro_viz_build_shows_every_pipeline_with_datasets_and_parameters(tmp_p
             "params:inpformer.method", "params:synthesis"} <= names
     dino = {n["name"] for n in json.loads((api / "dinomaly").read_text())["nodes"]}
     assert {"train", "dinomaly.checkpoint_train", "params:dinomaly.method"} <= dino
+    rlr = {n["name"] for n in json.loads((api / "rlr").read_text())["nodes"]}
+    assert {"train", "predict", "rlr.checkpoint_train", "params:rlr.method"} <= rlr
 
 
 def _free_port() -> int:

@@ -111,8 +111,9 @@ class ReferenceAttention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)  # B, N, C -> B, H, N, C / H
 
-    def forward(self, y: torch.Tensor, r: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """``y`` (B, N, d) tokens, ``r`` (1, N, d) projected reference, ``window`` (N, N) bool."""
+    def forward(self, y: torch.Tensor, r: torch.Tensor | None, window: torch.Tensor) -> torch.Tensor:
+        """``y`` (B, N, d) tokens, ``r`` (1, N, d) projected reference (None for the self-attention
+        kinds), ``window`` (N, N) bool."""
         b = y.shape[0]
         key_in = r if self.key_src == "r" else y
         value_in = r if self.value_src == "r" else y
@@ -185,10 +186,14 @@ class ReferenceReconstructor(nn.Module):
             self.embed = Mlp(channels, int(dim * mlp_ratio), dim)
             self.norm = nn.Identity()
             self.head = Mlp(dim, int(dim * mlp_ratio), channels)
-        self.ref_embed = nn.Linear(channels, dim)
-        if io_projection == "code":
-            nn.init.kaiming_normal_(self.ref_embed.weight, mode="fan_in", nonlinearity="leaky_relu")
-        self.reference = nn.Parameter(torch.randn(h * w, channels) * float(reference_std))  # N, C
+        # a reference only where a mixer reads it (the self-attention baselines of Table 3 have none)
+        self.ref_embed: nn.Module | None = None
+        self.reference: nn.Parameter | None = None
+        if any(ReferenceAttention.SOURCES[k][0] == "r" for k in kinds):
+            self.ref_embed = nn.Linear(channels, dim)
+            if io_projection == "code":
+                nn.init.kaiming_normal_(self.ref_embed.weight, mode="fan_in", nonlinearity="leaky_relu")
+            self.reference = nn.Parameter(torch.randn(h * w, channels) * float(reference_std))  # N, C
         self.blocks = nn.ModuleList(
             RLRBlock(dim, num_heads, kinds, weights, mlp_ratio, residual) for _ in range(depth)
         )
@@ -202,7 +207,9 @@ class ReferenceReconstructor(nn.Module):
         if tokens.ndim != 3 or tokens.shape[1] != n or tokens.shape[2] != self.channels:
             raise ValueError(f"expected tokens (B, {n}, {self.channels}) for a {self.grid} map, got {tuple(tokens.shape)}")
         y = self.embed(tokens) + self.pos  # B, N, d
-        r = (self.ref_embed(self.reference) + self.pos).unsqueeze(0)  # 1, N, d: batch-independent
+        r = None
+        if self.reference is not None:
+            r = (self.ref_embed(self.reference) + self.pos).unsqueeze(0)  # 1, N, d: batch-independent
         for blk in self.blocks:
             y = blk(y, r, self.window)
         return self.head(self.norm(y))
