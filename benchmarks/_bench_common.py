@@ -196,11 +196,15 @@ def footer(run: RunSettings) -> str:
 
 
 def bench_method(method_cls: type, script: str, doc: str | None, argv: list[str] | None,
-                 stage_labels: Mapping[str, str] | None = None) -> int:
+                 stage_labels: Mapping[str, str] | None = None, defaults: Mapping[str, Any] | None = None) -> int:
     """The benchmark table of one method: training it/s and img/s of every stage it declares,
     then inference img/s. The batch carries an image and a pseudo-anomaly mask, so stages that
-    learn from synthetic anomalies (INP-Former++'s residual stage) time their real step."""
-    args = common_parser(doc).parse_args(argv)
+    learn from synthetic anomalies (INP-Former++'s residual stage) time their real step.
+    ``defaults``: the method's own command-line defaults (e.g. its backbones and sizes)."""
+    parser = common_parser(doc)
+    if defaults:
+        parser.set_defaults(**defaults)
+    args = parser.parse_args(argv)
     run = setup_run(args)
     print(header(run, script, argv))
     print()

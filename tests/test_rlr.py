@@ -203,6 +203,9 @@ def test_config_defaults_are_the_papers():
     assert [cfg.hidden_dim(i, s) for i, s in enumerate(cfg.layers)] == [128, 256, 512]
     assert [cfg.window(i, s) for i, s in enumerate((4, 8, 16))] == [11, 7, 5]
     assert [RLRConfig(window_order="paper").window(i, s) for i, s in enumerate((4, 8, 16))] == [5, 7, 11]
+    # Kedro splits --params on commas: lists may be written "2+3" / "lca+mlka"
+    cli = RLRConfig.from_params({"layers": "2+3", "attention": "lca", "windows": "7 5"})
+    assert (cli.layers, cli.attention, cli.windows) == ([2, 3], ["lca"], [7, 5])
     with pytest.raises(ValueError, match="unknown rlr parameter"):
         RLRConfig.from_params({"windos": [1]})
     with pytest.raises(ValueError, match="attention"):

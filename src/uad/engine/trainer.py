@@ -8,7 +8,9 @@ progress bar with ETA, periodic atomic checkpoints and resume. The method suppli
 
 Resume is exact: the batch stream is a pure function of ``(seed, step)`` (one seeded permutation
 per epoch), so a run killed at step ``s`` and restarted from its last checkpoint at step ``c``
-replays exactly the batches ``c .. iterations`` it would have seen.
+replays exactly the batches ``c .. iterations`` it would have seen; the global CPU and CUDA random
+states (dropout masks, feature noise) are saved with the checkpoint and restored, and the data
+loader draws from a generator of its own, so nothing shifts the restored stream.
 """
 
 from __future__ import annotations
@@ -185,6 +187,10 @@ class Trainer:
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
+            # The loader's own generator: creating an iterator draws a base seed, and drawing it
+            # from the global generator would shift every later dropout mask / noise draw of a
+            # resumed run (whose global state was restored before the iterator was created).
+            generator=torch.Generator().manual_seed(cfg.seed),
         )
         if cfg.num_workers > 0:
             common["prefetch_factor"] = 4
@@ -270,6 +276,7 @@ class Trainer:
             "optimizer": opt_meta,
             "scheduler": setup.scheduler.state_dict() if setup.scheduler is not None else None,
             "torch_rng": torch.get_rng_state().tolist(),
+            "cuda_rng": [t.tolist() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else None,
         }
         save_state(path, tensors, _jsonable(meta))
 
@@ -284,6 +291,8 @@ class Trainer:
             setup.scheduler.load_state_dict(meta["scheduler"])
         if meta.get("torch_rng") is not None:
             torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        if meta.get("cuda_rng") and torch.cuda.is_available():  # dropout / noise drawn on the GPU
+            torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in meta["cuda_rng"]])
         return int(meta["step"])
 
 

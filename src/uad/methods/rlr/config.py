@@ -30,6 +30,7 @@ Paper readings that differ from the code, selectable:
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -127,10 +128,14 @@ class RLRConfig:
         if params.get("betas") is not None:
             params["betas"] = tuple(float(b) for b in params["betas"])
         for key in ("layers", "attention", "hidden_dims", "windows"):
-            if params.get(key) is not None and not isinstance(params[key], (list, tuple)):
-                params[key] = [params[key]]  # a single value from the command line
-            if params.get(key) is not None:
-                params[key] = list(params[key])
+            val = params.get(key)
+            if isinstance(val, str):
+                # from the command line, where Kedro splits --params on commas: "2+3", "lca+mlka"
+                val = [v for v in re.split(r"[+\s;]+", val.strip()) if v]
+            elif val is not None and not isinstance(val, (list, tuple)):
+                val = [val]  # a single value
+            if val is not None:
+                params[key] = list(val)
         return cls(**params)
 
     def as_dict(self) -> dict[str, Any]:
