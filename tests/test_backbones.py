@@ -60,6 +60,18 @@ def offline_env(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ ViT
+def _timm_intermediates(b, x, **kw):
+    """timm's ``forward_intermediates`` of the wrapped model with the backbone's DINOv2 position
+    embedding (checked against its formula in its own test)."""
+    m = b.model
+    grid = (x.shape[-2] // b.patch_size, x.shape[-1] // b.patch_size)
+    m._pos_embed = lambda h: b._dinov2_embed(h, grid)
+    try:
+        return m.forward_intermediates(x, output_fmt="NLC", intermediates_only=True, **kw)
+    finally:
+        del m._pos_embed
+
+
 def test_aliases_resolve():
     assert canonical_name("dinov2_vitb14_reg") == "vit_base_patch14_reg4_dinov2.lvd142m"
     assert canonical_name("dino_vitb8") == "vit_base_patch8_224.dino"
@@ -94,11 +106,39 @@ def test_vit_tokens_match_timm_and_stop_early(vit_s_reg):
         for h in hooks:
             h.remove()
     assert called == [0, 1, 2, 3]  # nothing deeper than the last requested block ran
-    # oracle: timm's own full-depth intermediates
-    ref = m.forward_intermediates(x, indices=[1, 3], return_prefix_tokens=True, output_fmt="NLC", intermediates_only=True)
+    # oracle: timm's own full-depth intermediates, with DINOv2's position embedding (tested below)
+    ref = _timm_intermediates(b, x, indices=[1, 3], return_prefix_tokens=True)
     for (spatial, prefix), tok, pre in zip(ref, out.tokens, out.prefix):
         torch.testing.assert_close(tok, spatial, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(pre, prefix, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("crop", [56, 392])
+def test_dinov2_position_embedding_is_interpolated_as_dinov2_does(crop):
+    """DINOv2's interpolate_pos_encoding: the native 37 x 37 embedding, bicubic with scale factor
+    (g + 0.1) / 37 and no antialias, at every forward; the block input is patch tokens + that
+    embedding after the class and register tokens."""
+    import torch.nn.functional as F
+
+    from uad.backbones import dinov2_patch_pos_embed
+
+    torch.manual_seed(0)
+    b = build_backbone("dinov2_vits14_reg", weights="random", layers=[0], img_size=crop)
+    m = b.model
+    assert m.pos_embed.shape[1] == 37 * 37  # the native grid is kept, not resampled at load
+    g = crop // 14
+    native = m.pos_embed.reshape(1, 37, 37, -1).permute(0, 3, 1, 2)
+    direct = F.interpolate(native, scale_factor=((g + 0.1) / 37, (g + 0.1) / 37), mode="bicubic", antialias=False)
+    direct = direct.permute(0, 2, 3, 1).reshape(1, g * g, -1)
+    torch.testing.assert_close(dinov2_patch_pos_embed(m.pos_embed, (g, g)), direct, atol=0, rtol=0)
+    # timm's one-time antialiased resampling is measurably different (what this replaces)
+    timm_pe = F.interpolate(native, size=(g, g), mode="bicubic", antialias=True).permute(0, 2, 3, 1).reshape(1, g * g, -1)
+    assert (timm_pe - direct).abs().max() > 1e-4
+    # the first block sees cls, 4 registers, then patch tokens + the DINOv2 embedding
+    x = torch.randn(1, 3, crop, crop)
+    seq = m.patch_embed(x).reshape(1, g * g, -1) + direct
+    seq = torch.cat([m.cls_token, m.reg_token, seq], dim=1)
+    torch.testing.assert_close(b(x).tokens[0], m.blocks[0](seq)[:, 5:], atol=1e-5, rtol=1e-5)
 
 
 def test_vit_attention_maps(vit_s_reg):
@@ -110,7 +150,7 @@ def test_vit_attention_maps(vit_s_reg):
         assert (a >= 0).all()
         torch.testing.assert_close(a.sum(-1), torch.ones(2, 6, n_all), atol=1e-5, rtol=0)
     # the explicit-attention block output equals timm's fused block output
-    fused = vit_s_reg.model.forward_intermediates(x, indices=[5], output_fmt="NLC", intermediates_only=True)[0]
+    fused = _timm_intermediates(vit_s_reg, x, indices=[5])[0]
     torch.testing.assert_close(out.tokens[1], fused, atol=1e-4, rtol=1e-4)
 
 

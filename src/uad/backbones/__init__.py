@@ -20,7 +20,7 @@ from typing import Sequence
 from .base import Backbone, FeatureOutput, normalize_layers
 from .cnn import CNNBackbone
 from .registry import ALIASES, architecture, canonical_name, is_bundled, is_vit
-from .vit import ViTBackbone, block_forward_with_attention
+from .vit import ViTBackbone, block_forward_with_attention, dinov2_patch_pos_embed, uses_dino_interpolation
 from .weights import (
     WeightsInfo,
     WeightsLoadError,
@@ -44,6 +44,7 @@ __all__ = [
     "architecture",
     "block_forward_with_attention",
     "build_backbone",
+    "dinov2_patch_pos_embed",
     "bundled_weights_path",
     "canonical_name",
     "is_bundled",
@@ -75,14 +76,17 @@ def build_backbone(
         layers: ViT: 0-based block indices (output of that block; default: last block).
             CNN: timm feature-stage indices (``out_indices``; default: all stages).
         allow_random: permit random initialisation when no weights are found (smoke tests only).
-        img_size: ViT only: the model's native image size (the position embedding is resampled
-            once to it); any other multiple of the patch size still works (dynamic size).
+        img_size: ViT only: the expected input size; non-DINOv2 ViTs resample their position
+            embedding once to it (timm), DINOv2 interpolates at every forward as DINOv2 does; any
+            other multiple of the patch size still works (dynamic size).
         need_attention: ViT only: also return the attention maps of the requested blocks.
     """
     cname = canonical_name(name)
     if is_vit(cname):
         kwargs = {"dynamic_img_size": True}
-        if img_size is not None:
+        # DINOv2 keeps its native position embedding and interpolates it at every forward as
+        # DINOv2 does (ViTBackbone); other ViTs get timm's one-time resampling to ``img_size``.
+        if img_size is not None and not uses_dino_interpolation(cname):
             kwargs["img_size"] = int(img_size)
         model, info = load_timm_model(cname, weights=weights, allow_random=allow_random, **kwargs)
         return ViTBackbone(model, cname, info, layers=layers, need_attention=need_attention)

@@ -9,8 +9,11 @@ tokens or the attention maps. This module runs timm's blocks by hand so that
 * attention maps of the requested blocks are computed explicitly from the block's ``qkv``
   projection (softmax(q k^T / sqrt(d)), Vaswani et al. 2017) while the other blocks keep timm's
   fused ``scaled_dot_product_attention``,
-* any input size divisible by the patch size works (``dynamic_img_size=True``: the position
-  embedding is interpolated by timm, as DINOv2 does for 392 / 448 crops).
+* any input size divisible by the patch size works. DINOv2 models keep their native position
+  embedding (37 x 37 for 518 px) and interpolate it at every forward exactly as DINOv2's own
+  ``interpolate_pos_encoding`` does (bicubic, ``scale_factor = (g + 0.1) / 37``, no antialias: what
+  Dinomaly and INP-Former's official code run); other ViTs use timm's resampling
+  (``dynamic_img_size=True``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Backbone, FeatureOutput, normalize_layers
@@ -63,6 +67,39 @@ def block_forward_with_attention(blk: nn.Module, x: torch.Tensor) -> tuple[torch
     return x, a
 
 
+#: DINOv2's ``interpolate_offset``: the scale factor is (g + 0.1) / M, not g / M
+DINOV2_INTERPOLATE_OFFSET = 0.1
+
+
+def dinov2_patch_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], offset: float = DINOV2_INTERPOLATE_OFFSET) -> torch.Tensor:
+    """DINOv2's ``interpolate_pos_encoding`` for the patch part of a position embedding.
+
+    ``pos_embed``: (1, M * M, C) patch position embedding of the native M x M grid; ``grid``:
+    (h, w) of the input. Returns (1, h * w, C): bicubic interpolation with
+    ``scale_factor = ((h + offset) / M, (w + offset) / M)``, no antialias, in float32, the input's
+    grid unchanged when it is the native one (as DINOv2 returns its embedding as is). DINOv2 writes
+    the factors as ``(w + offset) / M, (h + offset) / M``; the same for square inputs (the papers'),
+    this orientation is the one that keeps rows and columns apart on non-square inputs."""
+    n, c = pos_embed.shape[1], pos_embed.shape[2]
+    m = int(round(n ** 0.5))
+    if m * m != n:
+        raise ValueError(f"position embedding of {n} tokens is not a square grid")
+    h, w = grid
+    if (h, w) == (m, m):
+        return pos_embed
+    pe = pos_embed.float().reshape(1, m, m, c).permute(0, 3, 1, 2)  # 1, C, M, M
+    pe = F.interpolate(pe, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic", antialias=False)
+    if tuple(pe.shape[-2:]) != (h, w):
+        raise RuntimeError(f"interpolated position embedding has grid {tuple(pe.shape[-2:])}, expected {(h, w)}")
+    return pe.permute(0, 2, 3, 1).reshape(1, h * w, c).to(pos_embed.dtype)
+
+
+def uses_dino_interpolation(name: str) -> bool:
+    """DINO and DINOv2 / DINOv2-R checkpoints (timm names ``*_dinov2*``, ``*.dino``): both official
+    codes interpolate with the 0.1 offset and no antialias."""
+    return "dino" in name.lower()
+
+
 class ViTBackbone(Backbone):
     """Frozen timm ViT returning per-block patch tokens (see :class:`FeatureOutput`).
 
@@ -95,10 +132,35 @@ class ViTBackbone(Backbone):
         self.patch_size = int(ps[0] if isinstance(ps, (tuple, list)) else ps)
         self.layers = normalize_layers(layers, self.num_layers, self._what(), default=(self.num_layers - 1,))
         self.need_attention = bool(need_attention)
+        self.dinov2_pos = uses_dino_interpolation(name) and model.pos_embed is not None
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
         if self.need_attention:
             for i in self.layers:
                 _check_block(model.blocks[i], i)
         self._freeze()
+
+    def _dinov2_embed(self, h: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Patch tokens + DINOv2-interpolated position embedding, then the prefix tokens:
+        (B, h, w, C) or (B, N, C) -> (B, P + N, C). The interpolated embedding is cached per grid,
+        dtype and device (the encoder is frozen)."""
+        m = self.model
+        B, C = h.shape[0], h.shape[-1]
+        h = h.reshape(B, -1, C)  # B, N, C
+        n_pre = 0 if m.no_embed_class else self.num_prefix_tokens
+        key = (grid, m.pos_embed.dtype, m.pos_embed.device, m.pos_embed.data_ptr())
+        pe = self._pos_cache.get(key)
+        if pe is None:
+            pe = dinov2_patch_pos_embed(m.pos_embed[:, n_pre:], grid)
+            self._pos_cache = {key: pe}
+        prefix = []
+        if m.cls_token is not None:
+            cls = m.cls_token.expand(B, -1, -1)
+            if n_pre:  # the class token's own position embedding (models without registers)
+                cls = cls + m.pos_embed[:, :1]
+            prefix.append(cls)
+        if m.reg_token is not None:
+            prefix.append(m.reg_token.expand(B, -1, -1))
+        return m.pos_drop(torch.cat(prefix + [h + pe], dim=1))
 
     def _what(self) -> str:
         return f"{self.name} (a ViT with {self.num_layers} blocks)"
@@ -125,7 +187,7 @@ class ViTBackbone(Backbone):
         P = self.num_prefix_tokens
         wanted = set(layers)
         h = m.patch_embed(x)  # B, h, w, C (dynamic size) or B, N, C
-        h = m._pos_embed(h)  # B, P + N, C
+        h = self._dinov2_embed(h, grid) if self.dinov2_pos else m._pos_embed(h)  # B, P + N, C
         h = m.patch_drop(h)
         h = m.norm_pre(h)
         outs: dict[int, torch.Tensor] = {}
