@@ -30,6 +30,8 @@ resolution is explicit and recorded (:class:`WeightsInfo`, logged as run tags):
 
 from __future__ import annotations
 
+from uad.errors import UadError
+
 import logging
 import os
 import socket
@@ -76,11 +78,11 @@ class WeightsInfo:
         return {f"{prefix}_source": self.source, f"{prefix}_path": self.path or ""}
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(UadError, RuntimeError):
     """No pretrained weights could be found for a backbone and random init was not allowed."""
 
 
-class WeightsLoadError(RuntimeError):
+class WeightsLoadError(UadError, RuntimeError):
     """A weights file exists but cannot be read or does not match the model."""
 
 

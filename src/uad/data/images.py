@@ -33,6 +33,8 @@ Every failure (missing file, not an image, truncated or corrupt data, unsupporte
 
 from __future__ import annotations
 
+from uad.errors import UadError
+
 import os
 from pathlib import Path
 
@@ -53,7 +55,7 @@ __all__ = [
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UadError, ValueError):
     """An image or mask file could not be read. ``path`` and ``reason`` are kept as attributes."""
 
     def __init__(self, path: str | os.PathLike, reason: str):

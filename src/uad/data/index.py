@@ -19,6 +19,8 @@ file (so a broken dataset is fixed in one pass, not one error at a time).
 
 from __future__ import annotations
 
+from uad.errors import UadError
+
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +44,7 @@ INDEX_COLUMNS: list[str] = ["dataset", "class_name", "split", "label", "defect_t
 _SPLITS = ("train", "test")
 
 
-class DatasetValidationError(ValueError):
+class DatasetValidationError(UadError, ValueError):
     """The sample index has problems; ``problems`` is the full list (one string per problem)."""
 
     def __init__(self, problems: Sequence[str]):

@@ -63,6 +63,8 @@ from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
+from uad.errors import DatasetLayoutError, DatasetRootError
+
 from .images import IMAGE_EXTENSIONS
 from .index import INDEX_COLUMNS, empty_index
 
@@ -179,20 +181,20 @@ def _scan_visa(root: Path, dataset: str, split_csv: str | os.PathLike | None = N
     if not csv_path.is_absolute() and not csv_path.exists():
         csv_path = root / csv_path
     if not csv_path.is_file():
-        raise FileNotFoundError(f"VisA split file not found: {csv_path}")
+        raise DatasetRootError(f"VisA split file not found: {csv_path}")
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         need = {"object", "split", "label", "image", "mask"}
         cols = {(c or "").strip() for c in (reader.fieldnames or [])}
         if not need <= cols:
-            raise ValueError(f"{csv_path}: expected columns {sorted(need)}, found {sorted(cols)}")
+            raise DatasetLayoutError(f"{csv_path}: expected columns {sorted(need)}, found {sorted(cols)}")
         records = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     rows = []
     for r in records:
         split = r["split"].lower()
         lab = r["label"].lower()
         if lab not in ("normal", "anomaly"):
-            raise ValueError(f"{csv_path}: unknown label {r['label']!r} for {r['image']} (expected normal/anomaly)")
+            raise DatasetLayoutError(f"{csv_path}: unknown label {r['label']!r} for {r['image']} (expected normal/anomaly)")
         anomalous = lab == "anomaly"
         mask = str(root / r["mask"]) if (r["mask"] and anomalous) else ""
         rows.append(_row(dataset, r["object"], split, int(anomalous), "anomaly" if anomalous else "good",
@@ -206,13 +208,13 @@ def _realiad_json_dir(root: Path, json_dir: str | os.PathLike | None) -> Path:
         if not jd.is_absolute() and not jd.exists():
             jd = root / jd
         if not jd.is_dir():
-            raise FileNotFoundError(f"Real-IAD json_dir not found: {jd}")
+            raise DatasetRootError(f"Real-IAD json_dir not found: {jd}")
         return jd
     jd = root / "realiad_jsons"
     if not any(jd.glob("*.json")) and (jd / "realiad_jsons").is_dir():
         jd = jd / "realiad_jsons"
     if not jd.is_dir():
-        raise FileNotFoundError(f"Real-IAD json folder not found: {jd}")
+        raise DatasetRootError(f"Real-IAD json folder not found: {jd}")
     return jd
 
 
@@ -235,7 +237,7 @@ def _scan_realiad(
     if classes is not None:
         unknown = [c for c in classes if c not in available]
         if unknown:
-            raise ValueError(f"classes {unknown} have no split file in {jd}; available: {available}")
+            raise DatasetLayoutError(f"classes {unknown} have no split file in {jd}; available: {available}")
     rows = []
     for jpath in sorted(jd.glob("*.json")):
         cls = jpath.stem
@@ -244,7 +246,7 @@ def _scan_realiad(
         try:
             spec = json.loads(jpath.read_text())
         except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot parse Real-IAD split file {jpath}: {exc}") from exc
+            raise DatasetLayoutError(f"cannot parse Real-IAD split file {jpath}: {exc}") from exc
         base = idir / cls
         for split in ("train", "test"):
             for item in spec.get(split, []) or []:
@@ -271,7 +273,7 @@ def detect_layout(root: str | os.PathLike) -> str:
     """Guess the layout of ``root`` from marker files/folders (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset root does not exist or is not a folder: {root}")
+        raise DatasetRootError(f"dataset root does not exist or is not a folder: {root}")
     if (root / "split_csv").is_dir():
         return "visa"
     if (root / "realiad_jsons").is_dir():
@@ -283,7 +285,7 @@ def detect_layout(root: str | os.PathLike) -> str:
         return "btad"
     if any((d / "train" / "good").is_dir() for d in subs):
         return "mvtec"
-    raise ValueError(
+    raise DatasetLayoutError(
         f"unknown layout at {root}: expected one of split_csv/ (visa), realiad_jsons/ (realiad), "
         f"<class>/train/good/rgb/ (mvtec3d), <class>/train/ok/ (btad), <class>/train/good/ (mvtec, mpdd)"
     )
@@ -310,7 +312,7 @@ def scan_dataset(
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"dataset root does not exist: {root}")
+        raise DatasetRootError(f"dataset root does not exist: {root}")
     if not root.is_dir():
         raise NotADirectoryError(f"dataset root is not a folder: {root}")
     root = root.absolute()
@@ -318,7 +320,7 @@ def scan_dataset(
     if lay == "auto":
         lay = detect_layout(root)
     if lay not in _ADAPTERS:
-        raise ValueError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS) + ['auto']}")
+        raise DatasetLayoutError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS) + ['auto']}")
     wanted = None if classes is None else ([classes] if isinstance(classes, str) else [str(c) for c in classes])
     name = dataset_name if dataset_name is not None else root.name
     rows = _ADAPTERS[lay](root, name, classes=wanted, **options)
@@ -327,10 +329,10 @@ def scan_dataset(
         found = set(df["class_name"])
         unknown = [c for c in wanted if c not in found]
         if unknown:
-            raise ValueError(f"classes {unknown} not found in {root} ({lay} layout); available: {sorted(found)}")
+            raise DatasetLayoutError(f"classes {unknown} not found in {root} ({lay} layout); available: {sorted(found)}")
         df = df[df["class_name"].isin(wanted)]
     if len(df) == 0:
-        raise ValueError(f"no images found in {root} with the {lay} layout")
+        raise DatasetLayoutError(f"no images found in {root} with the {lay} layout")
     df = df.sort_values(["class_name", "split", "label", "defect_type", "image_path"], kind="mergesort")
     df = df.reset_index(drop=True)
     df["label"] = df["label"].astype("int64")

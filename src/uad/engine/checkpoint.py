@@ -11,6 +11,8 @@ target, so a run killed mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+from uad.errors import UadError
+
 import json
 import os
 import tempfile
@@ -24,7 +26,7 @@ from safetensors.torch import save_file
 _META_KEY = "uad"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UadError, RuntimeError):
     """A checkpoint file that is missing, truncated or not one of ours."""
 
 

@@ -15,6 +15,8 @@ loader draws from a generator of its own, so nothing shifts the restored stream.
 
 from __future__ import annotations
 
+from uad.errors import ConfigError, UadError
+
 import hashlib
 import json
 import logging
@@ -34,7 +36,7 @@ from .device import autocast_dtype_for, pick_device, seed_everything
 log = logging.getLogger("uad.engine")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UadError, FloatingPointError):
     """Raised when a training loss becomes NaN or Inf."""
 
 
@@ -66,7 +68,7 @@ class EngineConfig:
         valid = set(cls.__dataclass_fields__)
         unknown = sorted(set(params) - valid)
         if unknown:
-            raise ValueError(f"unknown engine parameter(s) {unknown}; valid: {sorted(valid)}")
+            raise ConfigError(f"unknown engine parameter(s) {unknown}; valid: {sorted(valid)}")
         return cls(**params)
 
 

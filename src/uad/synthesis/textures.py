@@ -24,6 +24,8 @@ tag. It never falls back silently: ``kind="dtd"`` with a bad path raises
 
 from __future__ import annotations
 
+from uad.errors import UadError
+
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -55,7 +57,7 @@ _DTD_HINT = (
 )
 
 
-class TextureSourceError(RuntimeError):
+class TextureSourceError(UadError, RuntimeError):
     """A texture source cannot be used; the message names the offending path."""
 
     def __init__(self, message: str, path: str | Path | None = None):

@@ -22,6 +22,8 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
+from uad.errors import ConfigError
+
 from ..base import AnomalyMethod, OptimSetup, Prediction
 from .groups import resolve_groups
 from .optim import StableAdamW, WarmCosineSchedule
@@ -120,7 +122,7 @@ class ReconConfig:
         valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(params) - set(valid))
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown {cls.method_label} parameter(s) {unknown}; valid parameters: {', '.join(valid)}"
             )
         if "betas" in params and params["betas"] is not None:

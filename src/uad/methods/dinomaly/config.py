@@ -16,6 +16,8 @@ ViT-S / ViT-L via ``backbone`` (``layers`` follow the depth: [2..9] or [4, 6, ..
 
 from __future__ import annotations
 
+from uad.errors import ConfigError
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,15 +60,15 @@ class DinomalyConfig(ReconConfig):
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+            raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if not 0.0 <= self.bottleneck_dropout < 1.0:
-            raise ValueError(f"bottleneck_dropout must be in [0, 1), got {self.bottleneck_dropout}")
+            raise ConfigError(f"bottleneck_dropout must be in [0, 1), got {self.bottleneck_dropout}")
         if not 0.0 <= self.hm_final < 1.0:
-            raise ValueError(f"hm_final must be in [0, 1), got {self.hm_final}")
+            raise ConfigError(f"hm_final must be in [0, 1), got {self.hm_final}")
         if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
+            raise ConfigError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
         if self.layers is not None and len(self.layers) != self.decoder_depth:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.layers)} encoder layers but decoder_depth={self.decoder_depth}: "
                 "Dinomaly pairs every encoder layer with one decoder layer"
             )

@@ -29,6 +29,8 @@ the authors' answer in luow23/INP-Former issue #53) unless ``residual_iterations
 
 from __future__ import annotations
 
+from uad.errors import ConfigError
+
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -95,30 +97,30 @@ class INPFormerConfig(ReconConfig):
 
     def __post_init__(self) -> None:
         if self.coherence not in COHERENCE:
-            raise ValueError(f"coherence must be one of {COHERENCE}, got {self.coherence!r}")
+            raise ConfigError(f"coherence must be one of {COHERENCE}, got {self.coherence!r}")
         if self.rec_map not in REC_MAPS:
-            raise ValueError(f"rec_map must be one of {REC_MAPS}, got {self.rec_map!r}")
+            raise ConfigError(f"rec_map must be one of {REC_MAPS}, got {self.rec_map!r}")
         if self.mse_reduction not in MSE_REDUCTIONS:
-            raise ValueError(f"mse_reduction must be one of {MSE_REDUCTIONS}, got {self.mse_reduction!r}")
+            raise ConfigError(f"mse_reduction must be one of {MSE_REDUCTIONS}, got {self.mse_reduction!r}")
         if self.num_inp_tokens < 1:
-            raise ValueError(f"num_inp_tokens must be >= 1, got {self.num_inp_tokens}")
+            raise ConfigError(f"num_inp_tokens must be >= 1, got {self.num_inp_tokens}")
         if self.gamma < 0:
-            raise ValueError(f"gamma must be >= 0, got {self.gamma}")
+            raise ConfigError(f"gamma must be >= 0, got {self.gamma}")
         if not 0.0 <= self.bottleneck_dropout < 1.0:
-            raise ValueError(f"bottleneck_dropout must be in [0, 1), got {self.bottleneck_dropout}")
+            raise ConfigError(f"bottleneck_dropout must be in [0, 1), got {self.bottleneck_dropout}")
         if self.crop > self.resize:
-            raise ValueError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
+            raise ConfigError(f"crop ({self.crop}) cannot exceed resize ({self.resize})")
         if self.layers is not None and len(self.layers) != self.decoder_depth:
-            raise ValueError(
+            raise ConfigError(
                 f"{len(self.layers)} encoder layers but decoder_depth={self.decoder_depth}: "
                 "every encoder layer is paired with one decoder layer"
             )
         self.seg_channels = tuple(int(c) for c in self.seg_channels)  # type: ignore[assignment]
         if len(self.seg_channels) != 2 or min(self.seg_channels) < 1:
-            raise ValueError(f"seg_channels must be two positive ints, got {self.seg_channels}")
+            raise ConfigError(f"seg_channels must be two positive ints, got {self.seg_channels}")
         for name in ("epochs", "residual_epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def stages(self) -> tuple[str, ...]:

@@ -5,6 +5,8 @@ scoring, images resized to 256 and centre-cropped to 224, maps smoothed with a G
 
 from __future__ import annotations
 
+from uad.errors import ConfigError
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -51,7 +53,7 @@ class PatchCoreConfig:
         valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(params) - set(valid))
         if unknown:
-            raise ValueError(f"unknown patchcore parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
+            raise ConfigError(f"unknown patchcore parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
         if params.get("layers") is not None:
             layers = params["layers"]
             params["layers"] = (int(layers),) if isinstance(layers, int) else tuple(int(i) for i in layers)
@@ -76,7 +78,7 @@ class PatchCoreConfig:
         if self.reweight_neighbors < 1:
             problems.append(f"reweight_neighbors must be >= 1, got {self.reweight_neighbors}")
         if problems:
-            raise ValueError("invalid patchcore parameters: " + "; ".join(problems))
+            raise ConfigError("invalid patchcore parameters: " + "; ".join(problems))
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -29,6 +29,8 @@ Paper readings that differ from the code, selectable:
 
 from __future__ import annotations
 
+from uad.errors import ConfigError
+
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -88,35 +90,35 @@ class RLRConfig:
         self.layers = [int(i) for i in self.layers]
         self.attention = [str(a) for a in self.attention]
         if not self.layers:
-            raise ValueError("rlr: 'layers' must name at least one feature stage")
+            raise ConfigError("rlr: 'layers' must name at least one feature stage")
         bad = [a for a in self.attention if a not in ATTENTION_KINDS]
         if bad or not self.attention:
-            raise ValueError(f"rlr: attention must be a non-empty list of {ATTENTION_KINDS}, got {self.attention}")
+            raise ConfigError(f"rlr: attention must be a non-empty list of {ATTENTION_KINDS}, got {self.attention}")
         if len(set(self.attention)) != len(self.attention):
-            raise ValueError(f"rlr: attention lists a mixer twice: {self.attention}")
+            raise ConfigError(f"rlr: attention lists a mixer twice: {self.attention}")
         if self.window_order not in ("code", "paper"):
-            raise ValueError(f"rlr: window_order must be 'code' or 'paper', got {self.window_order!r}")
+            raise ConfigError(f"rlr: window_order must be 'code' or 'paper', got {self.window_order!r}")
         if self.io_projection not in ("code", "ffn"):
-            raise ValueError(f"rlr: io_projection must be 'code' or 'ffn', got {self.io_projection!r}")
+            raise ConfigError(f"rlr: io_projection must be 'code' or 'ffn', got {self.io_projection!r}")
         if self.distance not in ("mse", "l2"):
-            raise ValueError(f"rlr: distance must be 'mse' or 'l2', got {self.distance!r}")
+            raise ConfigError(f"rlr: distance must be 'mse' or 'l2', got {self.distance!r}")
         for name in ("hidden_dims", "windows"):
             val = getattr(self, name)
             if val is not None:
                 val = [int(v) for v in val]
                 setattr(self, name, val)
                 if len(val) != len(self.layers):
-                    raise ValueError(f"rlr: {name} has {len(val)} entries for {len(self.layers)} layers")
+                    raise ConfigError(f"rlr: {name} has {len(val)} entries for {len(self.layers)} layers")
         if self.windows is not None and any(w < 1 or w % 2 == 0 for w in self.windows):
-            raise ValueError(f"rlr: windows must be odd and positive, got {self.windows}")
+            raise ConfigError(f"rlr: windows must be odd and positive, got {self.windows}")
         if self.neighbourhood > 1 and self.neighbourhood % 2 == 0:
-            raise ValueError(f"rlr: neighbourhood must be odd (stride-1 pooling keeps the map size), got {self.neighbourhood}")
+            raise ConfigError(f"rlr: neighbourhood must be odd (stride-1 pooling keeps the map size), got {self.neighbourhood}")
         if not 0.0 <= self.noise_prob <= 1.0:
-            raise ValueError(f"rlr: noise_prob must be in [0, 1], got {self.noise_prob}")
+            raise ConfigError(f"rlr: noise_prob must be in [0, 1], got {self.noise_prob}")
         if self.crop > self.resize:
-            raise ValueError(f"rlr: crop ({self.crop}) cannot exceed resize ({self.resize})")
+            raise ConfigError(f"rlr: crop ({self.crop}) cannot exceed resize ({self.resize})")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("rlr: epochs and batch_size must be positive")
+            raise ConfigError("rlr: epochs and batch_size must be positive")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "RLRConfig":
@@ -124,7 +126,7 @@ class RLRConfig:
         valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = sorted(set(params) - set(valid))
         if unknown:
-            raise ValueError(f"unknown rlr parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
+            raise ConfigError(f"unknown rlr parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
         if params.get("betas") is not None:
             params["betas"] = tuple(float(b) for b in params["betas"])
         for key in ("layers", "attention", "hidden_dims", "windows"):
@@ -158,7 +160,7 @@ class RLRConfig:
             return self.windows[position]
         table = {4: 11, 8: 7, 16: 5} if self.window_order == "code" else {4: 5, 8: 7, 16: 11}
         if stride not in table:
-            raise ValueError(f"rlr: no default window for a feature stride of {stride}; set 'windows' explicitly")
+            raise ConfigError(f"rlr: no default window for a feature stride of {stride}; set 'windows' explicitly")
         return table[stride]
 
     def mixer_weight(self, kind: str) -> float:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from uad.errors import ConfigError, DatasetRootError
 from uad.data.index import validate_index
 from uad.data.layouts import scan_dataset
 from uad.data.semi import hold_out_labelled_anomalies
@@ -30,7 +31,7 @@ def _scan(sources: list[dict[str, Any]], classes) -> pd.DataFrame:
     for s in sources:
         root = Path(s["root"])
         if not s.get("synthetic") and not root.exists():
-            raise FileNotFoundError(f"dataset root {root} does not exist: point data.train[].root at the dataset "
+            raise DatasetRootError(f"dataset root {root} does not exist: point data.train[].root at the dataset "
                                     "(the paper environments read it from the UAD_DATA_ROOT environment variable)")
         if s.get("synthetic"):
             ensure_synthetic_dataset(root, seed=int(s.get("seed", 0)), **dict(s.get("generator") or {}))
@@ -39,16 +40,29 @@ def _scan(sources: list[dict[str, Any]], classes) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
+def train_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The training sources: ``data.root`` (the user's own dataset, from ``UAD_DATA_ROOT`` or
+    ``--params="data.root=/path"``) when set, read with ``data.layout``; else ``data.train``."""
+    root = data.get("root")
+    if root:
+        root = str(Path(str(root)).expanduser())
+        if not Path(root).is_dir():
+            raise DatasetRootError(f"data.root {root} is not a folder: set UAD_DATA_ROOT (or --params=\"data.root=...\") "
+                                   "to a dataset in the MVTec layout (<root>/<class>/train/good/*.png ...)")
+        return [{"name": data.get("name") or Path(root).name, "root": root, "layout": data.get("layout") or "auto"}]
+    return _sources(data, "train")
+
+
 def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
     """Scan every configured source (train and, for zero-shot, test) into one validated index.
 
     A failed validation raises before anything is saved, so a failed ingest writes nothing.
     """
-    train_sources = _sources(data, "train")
+    train_sources_ = train_sources(data)
     test_sources = _sources(data, "test")
-    if not train_sources:
-        raise ValueError("parameters: data.train must name at least one dataset root")
-    index = _scan(train_sources, data.get("classes"))
+    if not train_sources_:
+        raise ConfigError("parameters: data.train must name at least one dataset root")
+    index = _scan(train_sources_, data.get("classes"))
     if test_sources:
         extra = _scan(test_sources, data.get("test_classes"))
         index = pd.concat([index, extra], ignore_index=True).drop_duplicates(subset=["dataset", "image_path"])
@@ -62,7 +76,7 @@ def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
 def split_for_setting(index: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Train/test tables for the configured setting (multi-class, one-class, few-shot, zero-shot),
     plus the split information that the run records (few-shot choice, held-out anomalies)."""
-    train_names = {s.get("name") or Path(s["root"]).name for s in _sources(data, "train")}
+    train_names = {s.get("name") or Path(s["root"]).name for s in train_sources(data)}
     test_names = {s.get("name") or Path(s["root"]).name for s in _sources(data, "test")}
     setting = data.get("setting", "multi_class")
     train_src = index[index["dataset"].isin(train_names)]

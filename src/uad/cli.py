@@ -1,0 +1,69 @@
+"""Project command line (Kedro layer): Kedro's own ``kedro run``, with two differences.
+
+* ``--pipeline=<name>`` is accepted without Kedro's deprecation warning (it is this project's
+  documented spelling; it means exactly ``--pipelines=<name>``).
+* An error raised by the project's own checks (:class:`uad.errors.UadError`: bad data, settings,
+  weights, checkpoints) is printed as one line, ``Error: <what, where, what to do>``, with exit
+  status 1 and no traceback; anything else (a bug) keeps Kedro's full traceback.
+
+Kedro loads ``<package>.cli:cli`` and lets its commands override the built-in ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import click
+from kedro import KedroDeprecationWarning
+from kedro.framework.cli.project import run as _kedro_run
+
+from uad.errors import UadError
+
+
+@click.group(name="uad")
+def cli() -> None:
+    """Commands of the uad project."""
+
+
+def _user_error(exc: BaseException) -> UadError | None:
+    """The project's own error behind ``exc`` (possibly wrapped by Kedro or a library), if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, UadError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+class _NoTraceback(logging.Filter):
+    """Drops the traceback Kedro's runner logs for a project error (the message stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and _user_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@cli.command(name="run", params=list(_kedro_run.params), help=_kedro_run.help,
+             context_settings=_kedro_run.context_settings)
+def run(**kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Option '--pipeline' is deprecated", category=KedroDeprecationWarning)
+        flt = _NoTraceback()
+        loggers = [logging.getLogger(n) for n in ("kedro", "kedro.runner", "kedro.framework.session")]
+        for lg in loggers:
+            lg.addFilter(flt)
+        try:
+            return _kedro_run.callback(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - only the project's own errors are shortened
+            err = _user_error(exc)
+            if err is None:
+                raise
+            message = " ".join(str(err).split("\n", 1)[0].split()) if not hasattr(err, "problems") else str(err)
+            click.secho(f"Error: {message}", fg="red", err=True)
+            raise SystemExit(1) from None
+        finally:
+            for lg in loggers:
+                lg.removeFilter(flt)
