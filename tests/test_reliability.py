@@ -79,3 +79,63 @@ def test_cli_prints_one_line_for_a_project_error_and_no_deprecation_warning(tmp_
     last = [ln for ln in out.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("Error: data.root /no/such/folder is not a folder") and "UAD_DATA_ROOT" in last
     assert not (Path("/no/such/folder")).exists()
+
+
+def test_a_wrong_checkpoint_gives_one_short_error_naming_file_and_makers():
+    """A PatchCore checkpoint where RLR's is expected, or ViT-S weights under ViT-B settings: one
+    line naming the file, what made it and what was expected (not hundreds of missing keys)."""
+    from uad.errors import CheckpointMismatchError
+    from uad.methods.registry import build_method
+    from uad.pipelines.method.nodes import predict
+
+    rlr_params = dict(backbone="tf_efficientnet_lite0", weights="bundled", resize=64, crop=64, windows=[5, 3, 3])
+    patchcore_ckpt = {"tensors": {"extra.memory_bank": __import__("torch").zeros(4, 8)},
+                      "meta": {"method": "patchcore", "backbone": "wide_resnet50_2", "crop": "224",
+                               "params_sha": "0123456789ab", "stage": "fit"},
+                      "path": "data/06_models/patchcore/fit.safetensors/2026-01-01T00.00.00.000Z/fit.safetensors"}
+    test_index = pd.DataFrame({"dataset": ["d"], "class_name": ["wood"], "split": ["test"], "label": [0],
+                               "defect_type": ["good"], "image_path": ["x.png"], "mask_path": [""]})
+    with pytest.raises(CheckpointMismatchError) as err:
+        predict("rlr", test_index, {}, rlr_params, {"device": "cpu"}, {}, patchcore_ckpt)
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 400
+    assert patchcore_ckpt["path"] in msg and "patchcore (backbone wide_resnet50_2, crop 224" in msg
+    assert "expects rlr (backbone tf_efficientnet_lite0, crop 64" in msg
+
+    vits = build_method("dinomaly", dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True,
+                                         resize=64, crop=56))
+    made_by_vitb = {**vits.identity(), "backbone": "dinov2_vitb14_reg"}
+    with pytest.raises(CheckpointMismatchError, match="made by dinomaly \\(backbone dinov2_vitb14_reg"):
+        vits.check_checkpoint(made_by_vitb, "ckpt.safetensors")
+    vits.check_checkpoint(vits.identity(), "ckpt.safetensors")  # its own identity loads
+
+
+def test_tags_are_true_and_killed_runs_end_as_killed(project, monkeypatch):
+    """A default run (no --env) is tagged kedro_env=quick; a run left RUNNING by a process that was
+    killed (its pid is gone) is ended as KILLED when the next run starts; a run that fails with an
+    error ends as FAILED."""
+    from mlflow.tracking import MlflowClient
+
+    from kedro_harness import last_run
+
+    monkeypatch.delenv("UAD_DATA_ROOT", raising=False)
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("uad") or client.get_experiment(client.create_experiment("uad"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    orphan = client.create_run(exp.experiment_id, tags={"uad.host": socket.gethostname(), "uad.pid": str(dead.pid)})
+    assert client.get_run(orphan.info.run_id).info.status == "RUNNING"
+
+    run_pipeline(project, "ingest", env=None)
+    _, run = last_run(uri)
+    assert run.data.tags["kedro_env"] == "quick" and run.data.tags["pipeline"] == "ingest"
+    assert run.info.status == "FINISHED"
+    assert client.get_run(orphan.info.run_id).info.status == "KILLED"
+
+    with pytest.raises(Exception, match="is not a folder"):
+        run_pipeline(project, "ingest", env="smoke", params={"data.root": "/no/such/folder"})
+    _, failed = last_run(uri)
+    assert failed.info.status == "FAILED" and failed.data.tags["kedro_env"] == "smoke"

@@ -5,7 +5,7 @@ traceback."""
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DatasetLayoutError", "DatasetRootError", "UadError"]
+__all__ = ["CheckpointMismatchError", "ConfigError", "DatasetLayoutError", "DatasetRootError", "UadError"]
 
 
 class UadError(Exception):
@@ -23,3 +23,7 @@ class DatasetRootError(UadError, FileNotFoundError):
 
 class DatasetLayoutError(UadError, ValueError):
     """A dataset folder does not have the layout it is read with (no images, unknown classes ...)."""
+
+
+class CheckpointMismatchError(UadError, ValueError):
+    """A checkpoint was made by another method, backbone or input size than the run expects."""

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+
+log = logging.getLogger(__name__)
 
 
 def git_commit(path: Path) -> str:
@@ -22,8 +27,41 @@ def git_commit(path: Path) -> str:
         return "unknown"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def close_dead_runs(client, experiment_id: str, current_run_id: str | None = None) -> list[str]:
+    """Runs of ``experiment_id`` still RUNNING whose process (tags ``uad.host`` / ``uad.pid``) no
+    longer exists on this host were killed (``kill -9``, power loss): end them as KILLED. A run that
+    failed with an exception is ended as FAILED by kedro-mlflow already. Returns the ids closed."""
+    closed = []
+    host = socket.gethostname()
+    runs = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=200)
+    for run in runs:
+        tags = run.data.tags
+        if run.info.run_id == current_run_id or tags.get("uad.host") != host:
+            continue
+        try:
+            pid = int(tags.get("uad.pid", ""))
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _pid_alive(pid):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            closed.append(run.info.run_id)
+    return closed
+
+
 class RunTagsHook:
-    """Tags every MLflow run with the git commit, the Kedro env and the pipeline name."""
+    """Tags every MLflow run with the git commit, the Kedro env (the default run env when none was
+    given), the pipeline name, and the host and process id that ran it; on the way, runs left
+    RUNNING by a killed process on this host are ended as KILLED."""
 
     def __init__(self) -> None:
         self._project_path: Path | None = None
@@ -40,10 +78,23 @@ class RunTagsHook:
             import mlflow
         except ImportError:  # pragma: no cover - mlflow is a dependency
             return
-        if mlflow.active_run() is None:
+        active = mlflow.active_run()
+        if active is None:
             return
+        from uad.settings import CONFIG_LOADER_ARGS
+
+        env = run_params.get("env") or self._env or CONFIG_LOADER_ARGS.get("default_run_env") or "local"
         mlflow.set_tags({
             "git_commit": git_commit(self._project_path or Path.cwd()),
-            "kedro_env": str(run_params.get("env") or self._env or "local"),
+            "kedro_env": str(env),
             "pipeline": ",".join(run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]),
+            "uad.host": socket.gethostname(),
+            "uad.pid": str(os.getpid()),
         })
+        try:
+            closed = close_dead_runs(mlflow.tracking.MlflowClient(), active.info.experiment_id, active.info.run_id)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop a run
+            log.warning("could not check for killed MLflow runs: %s", exc)
+            return
+        if closed:
+            log.info("MLflow: %d run(s) left RUNNING by a killed process ended as KILLED: %s", len(closed), closed)

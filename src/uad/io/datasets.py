@@ -88,7 +88,7 @@ class SafetensorsDataset(_LocalVersionedDataset):
     def load(self) -> dict[str, Any]:
         path = self._path("load")
         tensors, meta = load_state(path)
-        return {"tensors": tensors, "meta": meta}
+        return {"tensors": tensors, "meta": meta, "path": str(path)}  # the path names it in errors
 
     def save(self, data: dict[str, Any]) -> None:
         if not isinstance(data, dict) or "tensors" not in data:

@@ -19,11 +19,15 @@ Lifecycle::
 from __future__ import annotations
 
 import abc
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 import torch
 from torch import nn
+
+from uad.errors import CheckpointMismatchError
 
 
 @dataclass
@@ -164,6 +168,32 @@ class AnomalyMethod(abc.ABC):
             raise KeyError(f"{self.name}: unexpected extra state {sorted(state)}")
 
     # --- bookkeeping ----------------------------------------------------------------------
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint of this method must match to be loaded: the method, its backbone and
+        crop; plus a hash of all its parameters (recorded, reported on a mismatch)."""
+        cfg = getattr(self, "cfg", None)
+        blob = json.dumps(self.params, sort_keys=True, default=str).encode()
+        return {"method": self.name, "backbone": str(getattr(cfg, "backbone", "")),
+                "crop": str(self.input_spec["crop"]), "params_sha": hashlib.sha256(blob).hexdigest()[:12]}
+
+    def check_checkpoint(self, meta: Mapping[str, Any], path: str | None = None) -> None:
+        """Raise one clear :class:`~uad.errors.CheckpointMismatchError` when a checkpoint's recorded
+        identity (``meta``) is not this method's, instead of hundreds of missing-key lines."""
+        mine = self.identity()
+        made = {k: str(meta[k]) for k in ("method", "backbone", "crop") if meta.get(k) not in (None, "")}
+        wrong = [k for k, v in made.items() if v != mine[k]]
+        if not wrong:
+            return
+
+        def describe(d: Mapping[str, Any]) -> str:
+            extra = ", ".join(f"{k} {d[k]}" for k in ("backbone", "crop", "params_sha") if d.get(k))
+            return f"{d.get('method', '?')} ({extra})" if extra else str(d.get("method", "?"))
+
+        raise CheckpointMismatchError(
+            f"checkpoint {path or '<memory>'} was made by {describe(meta)}, but this run expects "
+            f"{describe(mine)}: pick a checkpoint of this method and settings (--load-versions) or retrain"
+        )
+
     def tags(self) -> dict[str, str]:
         """Run tags (backbone name, weights source, ...) for MLflow."""
         return {"method": self.name}

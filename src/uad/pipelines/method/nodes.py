@@ -84,10 +84,13 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tensors: dict[str, torch.Tensor] = {}
     history: dict[str, list[dict[str, float]]] = {}
     tags: dict[str, str] = {}
+    identity: dict[str, str] = {}
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))
+        identity = method.identity()
         if previous is not None:
+            method.check_checkpoint(previous.get("meta") or {}, previous.get("path"))
             method.load_state_dict(_split_state(previous["tensors"], group))
         if stage not in method.stages:  # a stage switched off by the parameters (an ablation)
             log.info("%s: stage %r is disabled by the parameters; passing the previous state on", method_name, stage)
@@ -117,7 +120,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         tags.update(method.tags())
     tags.update({"setting": str(data.get("setting", "multi_class")),
                  "dataset": ",".join(sorted(train_index["dataset"].astype(str).unique()))})
-    meta = {"method": method_name, "stage": stage, "params": method_params, "classes": classes,
+    meta = {**identity, "method": method_name, "stage": stage, "params": method_params, "classes": classes,
             "setting": data.get("setting", "multi_class"), "train_index_sha256": fingerprint}
     return {"tensors": tensors, "meta": meta}, history, tags
 
@@ -157,6 +160,7 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
     for group in groups:
         df = test_index if group is None else test_index[test_index["class_name"] == group]
         method = build_method(method_name, method_params)
+        method.check_checkpoint(checkpoint.get("meta") or {}, checkpoint.get("path"))
         method.load_state_dict(_split_state(checkpoint["tensors"], group))
         trainer = Trainer(cfg)
         trainer.prepare(method)
