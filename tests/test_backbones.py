@@ -182,6 +182,32 @@ def test_bundled_lite0_backbone(offline_env):
     assert [tuple(m.shape) for m in out.maps] == [(1, 40, 12, 12), (1, 112, 6, 6)]
 
 
+def test_no_hub_probe_for_bundled_or_random_weights_and_one_probe_per_process(monkeypatch, tmp_path):
+    """An offline machine (no HF_HUB_OFFLINE set) is never probed for a model with bundled weights
+    or for random weights; for other models a failed probe is not repeated by later builds."""
+    import uad.backbones.weights as w
+
+    calls = []
+
+    def fake_probe(url, timeout):
+        calls.append(url)
+        return False, "no route to host (test)"
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("UAD_WEIGHTS_DIR", str(tmp_path / "none"))
+    monkeypatch.setattr(w, "_probe", fake_probe)
+    monkeypatch.setattr(w, "_PROBES", {})
+    monkeypatch.setattr(w, "_is_offline", lambda: False)  # a machine that does not know it is offline
+    assert build_backbone("tf_efficientnet_lite0", layers=(2,)).weights_info.source == "bundled"
+    assert build_backbone("tf_efficientnet_lite0", weights="random", layers=(2,)).weights_info.source == "random"
+    assert calls == []
+    for _ in range(3):  # e.g. train, predict, ... nodes of one run
+        _, info = load_timm_model(TINY_VIT, allow_random=True)
+        assert info.source == "random"
+    assert len(calls) == 1
+
+
 # -------------------------------------------------------------------------------------- weights
 def test_explicit_safetensors_file(tiny_state):
     path, sd = tiny_state

@@ -118,8 +118,24 @@ def _hub_timeout() -> float:
     return float(os.environ.get("UAD_HUB_TIMEOUT", "5"))
 
 
+_PROBES: dict[str, tuple[bool, str]] = {}  # host:port -> result of the first probe in this process
+
+
 def _reachable(url: str, timeout: float) -> tuple[bool, str]:
-    """TCP probe of ``url``'s host, bounded by ``timeout`` (DNS included, run in a thread)."""
+    """TCP probe of ``url``'s host, bounded by ``timeout`` (DNS included, run in a thread). A failed
+    probe is remembered for the rest of the process: one run probes an offline hub once, not once
+    per node that builds a backbone."""
+    parsed = urllib.parse.urlparse(url)
+    key = f"{parsed.hostname}:{parsed.port}"
+    if key in _PROBES:
+        return _PROBES[key]
+    result = _probe(url, timeout)
+    if not result[0]:
+        _PROBES[key] = result
+    return result
+
+
+def _probe(url: str, timeout: float) -> tuple[bool, str]:
     parsed = urllib.parse.urlparse(url)
     host = parsed.hostname or ""
     port = parsed.port or (80 if parsed.scheme == "http" else 443)
@@ -234,8 +250,9 @@ def _load_file(name: str, path: Path, kwargs: dict, detail: str = "") -> tuple[n
     return model, WeightsInfo("file", str(path), detail)
 
 
-def _load_hub(name: str, kwargs: dict) -> tuple[nn.Module, WeightsInfo]:
-    """(b) timm pretrained weights via the hub cache (no network) or a bounded download."""
+def _load_hub(name: str, kwargs: dict, network: bool = True) -> tuple[nn.Module, WeightsInfo]:
+    """(b) timm pretrained weights via the hub cache (no network) or, with ``network``, a bounded
+    download."""
     loc = _hub_location(name)
     if loc["cached"]:
         try:
@@ -243,6 +260,8 @@ def _load_hub(name: str, kwargs: dict) -> tuple[nn.Module, WeightsInfo]:
         except Exception as e:
             raise _Unavailable(f"cached hub file {loc['cached']} failed to load: {_wrap_load_error(name, loc['cached'], e)}")
         return model, WeightsInfo("hub_cache", loc["cached"], f"from the hub cache of {loc['where']}")
+    if not network:
+        raise _Unavailable(f"{loc['where']} is not in the local cache ({loc['cache_hint']})")
     if _is_offline():
         raise _Unavailable(
             f"{loc['where']} is not in the local cache ({loc['cache_hint']}) and HF_HUB_OFFLINE is set"
@@ -387,15 +406,18 @@ def load_timm_model(
         if local:
             return _load_file(name, local[0], model_kwargs, detail=f"found in weights dir {weights_dir()}")
         tried.append(f"local weights dir: no {name}.safetensors/.pth in {weights_dir()}")
+    # A model with bundled weights never reaches for the network in ``auto`` mode: the hub cache
+    # (local) first, then the bundled file; ``weights: hub`` still downloads.
     try:
-        return _load_hub(name, model_kwargs)
+        return _load_hub(name, model_kwargs, network=not (mode == "auto" and is_bundled(name)))
     except _Unavailable as e:
         tried.append(f"hub: {e}")
-        logger.warning("backbone %s: hub weights unavailable (%s)", name, e)
+        if not (mode == "auto" and is_bundled(name)):
+            logger.warning("backbone %s: hub weights unavailable (%s)", name, e)
     if is_bundled(name):
         try:
             model, info = _load_bundled(name, model_kwargs)
-            logger.warning("backbone %s: using the bundled offline weights %s", name, info.path)
+            logger.info("backbone %s: using the bundled offline ImageNet weights %s", name, info.path)
             return model, WeightsInfo(info.source, info.path, info.detail + "; before: " + " | ".join(tried))
         except _Unavailable as e:
             tried.append(f"bundled: {e}")
