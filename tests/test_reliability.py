@@ -139,3 +139,48 @@ def test_tags_are_true_and_killed_runs_end_as_killed(project, monkeypatch):
         run_pipeline(project, "ingest", env="smoke", params={"data.root": "/no/such/folder"})
     _, failed = last_run(uri)
     assert failed.info.status == "FAILED" and failed.data.tags["kedro_env"] == "smoke"
+
+
+def test_ingest_decodes_every_image_and_warns_about_empty_class_folders(my_data, tmp_path, caplog):
+    """A half-written PNG fails ingest (not training, hours later), listed with every other
+    problem; an empty class folder is reported, not dropped without a word."""
+    from uad.data.index import DatasetValidationError
+    from uad.pipelines.ingest.nodes import build_sample_index
+
+    root = tmp_path / "parts"
+    shutil.copytree(my_data, root)
+    (root / "empty_class" / "train" / "good").mkdir(parents=True)
+    with caplog.at_level("WARNING"):
+        index = build_sample_index({"root": str(root), "layout": "mvtec"})
+    assert set(index["class_name"]) == {"washer", "wood"}
+    assert any("empty_class" in r.getMessage() and "no images" in r.getMessage() for r in caplog.records)
+
+    victim = sorted((root / "wood" / "train" / "good").glob("*.png"))[0]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])  # truncated: the header still reads fine
+    other = sorted((root / "washer" / "test").rglob("*.png"))[0]
+    other.write_bytes(b"not an image")
+    with pytest.raises(DatasetValidationError) as err:
+        build_sample_index({"root": str(root), "layout": "mvtec"})
+    problems = "\n".join(err.value.problems)
+    assert str(victim) in problems and str(other) in problems
+
+
+def test_missing_dtd_fails_before_the_first_stage_trains(tmp_path):
+    """INP-Former++ with texture_source dtd and no DTD folder: the reconstruction stage (hours at
+    paper scale) must not start."""
+    from uad.errors import UadError
+    from uad.pipelines.method.nodes import train_stage
+
+    root = tmp_path / "d"
+    ensure_synthetic_dataset(root, seed=0, classes=["wood"], n_train=2, n_test_good=1, n_test_bad_per_defect=1)
+    from uad.pipelines.ingest.nodes import build_sample_index
+
+    index = build_sample_index({"root": str(root), "layout": "mvtec"})
+    train = index[index["split"] == "train"]
+    params = dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=64, crop=56,
+                  iterations=2, residual_iterations=1)
+    with pytest.raises(UadError, match="dtd"):
+        train_stage("inpformer", "reconstruction", train, {}, params, {"device": "cpu", "progress": False}, {},
+                    synthesis={"texture_source": "dtd", "dtd_root": str(tmp_path / "no_dtd")})
+    assert not (tmp_path / "no_dtd").exists()

@@ -107,9 +107,10 @@ def validate_index(
     df: pd.DataFrame,
     check_images: bool = True,
     max_workers: int | None = None,
-    full_decode: bool = False,
+    full_decode: bool = True,
     mask_policy: str = "binary",
     require_splits: Iterable[str] = _SPLITS,
+    progress: bool = False,
 ) -> None:
     """Check ``df`` and raise :class:`DatasetValidationError` listing every problem found.
 
@@ -117,9 +118,10 @@ def validate_index(
     ``label`` values; ``label`` inconsistent with ``defect_type`` (``good`` <=> 0); empty or
     duplicated image paths; classes with no rows in one of ``require_splits`` (default: no
     train or no test images); anomalous test images without a mask; and, file by file:
-    unreadable images (header only, unless ``full_decode=True`` which decodes every pixel and
-    so also catches truncated files), unreadable masks (always fully decoded), mask/image size
-    mismatch, non-binary masks and normal images with a non-empty mask.
+    unreadable images (every pixel decoded, so truncated or half-written files are caught here,
+    not in the middle of training; ``full_decode=False`` reads headers only), unreadable masks
+    (always fully decoded), mask/image size mismatch, non-binary masks and normal images with a
+    non-empty mask. ``progress`` shows a progress bar over the files.
 
     ``mask_policy="binary"`` (default) accepts masks holding 0 and at most one positive value
     (0/255, 0/1, ...); ``"nonzero"`` accepts any values (nonzero = anomalous; use it for raw
@@ -176,12 +178,17 @@ def validate_index(
     work = [r for r, b in zip(rows, blank) if not b]
     if check_images or (~no_mask).any():
         nw = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
+        from tqdm.auto import tqdm
+
+        bar = dict(total=len(work), desc="ingest: decoding images and masks", disable=not progress,
+                   mininterval=1.0, dynamic_ncols=True)
+        check = lambda r: _check_files(r, check_images, full_decode, mask_policy)  # noqa: E731
         if len(work) > 64 and nw > 1:
+            # PNG / JPEG decoding releases the GIL: threads decode in parallel
             with ThreadPoolExecutor(max_workers=nw) as pool:
-                results = list(pool.map(lambda r: _check_files(r, check_images, full_decode, mask_policy), work,
-                                        chunksize=16))
+                results = list(tqdm(pool.map(check, work, chunksize=16), **bar))
         else:
-            results = [_check_files(r, check_images, full_decode, mask_policy) for r in work]
+            results = [check(r) for r in tqdm(work, **bar)]
         for res in results:
             problems.extend(res)
     if problems:

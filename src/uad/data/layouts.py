@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -67,6 +68,8 @@ from uad.errors import DatasetLayoutError, DatasetRootError
 
 from .images import IMAGE_EXTENSIONS
 from .index import INDEX_COLUMNS, empty_index
+
+log = logging.getLogger(__name__)
 
 __all__ = ["LAYOUTS", "detect_layout", "scan_dataset"]
 
@@ -269,6 +272,11 @@ _ADAPTERS: dict[str, Callable[..., list[dict]]] = {
 }
 
 
+#: folder layouts (classes are sub-folders of the root) and where their training images live
+_FOLDER_LAYOUTS = {"mvtec": "<class>/train/good/*.png", "mpdd": "<class>/train/good/*.png",
+                   "btad": "<class>/train/ok/*", "mvtec3d": "<class>/train/good/rgb/*.png"}
+
+
 def detect_layout(root: str | os.PathLike) -> str:
     """Guess the layout of ``root`` from marker files/folders (see the module docstring)."""
     root = Path(root)
@@ -325,6 +333,12 @@ def scan_dataset(
     name = dataset_name if dataset_name is not None else root.name
     rows = _ADAPTERS[lay](root, name, classes=wanted, **options)
     df = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
+    if lay in _FOLDER_LAYOUTS:  # a class folder with no images is skipped, but never silently
+        seen = set(df["class_name"])
+        for d in _subdirs(root):
+            if d.name not in seen and not d.name.startswith(".") and (wanted is None or d.name in wanted):
+                log.warning("class folder %s holds no images in the %s layout (expected %s); it is skipped",
+                            d, lay, _FOLDER_LAYOUTS[lay])
     if wanted is not None:
         found = set(df["class_name"])
         unknown = [c for c in wanted if c not in found]

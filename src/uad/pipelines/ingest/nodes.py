@@ -67,7 +67,8 @@ def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
         extra = _scan(test_sources, data.get("test_classes"))
         index = pd.concat([index, extra], ignore_index=True).drop_duplicates(subset=["dataset", "image_path"])
     if data.get("validate", True):
-        validate_index(index, check_images=True, mask_policy=data.get("mask_policy", "binary"))
+        validate_index(index, check_images=True, full_decode=bool(data.get("full_decode", True)), progress=True,
+                       mask_policy=data.get("mask_policy", "binary"))
     log.info("sample index: %d images, %d classes, datasets %s", len(index), index["class_name"].nunique(),
              sorted(index["dataset"].unique()))
     return index

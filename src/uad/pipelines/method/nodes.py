@@ -68,6 +68,18 @@ def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.
                          resize=method.input_spec["resize"])
 
 
+def _check_synthesis_sources(method, synth: dict[str, Any]) -> None:
+    """Before a method's first stage trains: if any of its stages learns from pseudo anomalies,
+    the texture source must be usable now (a missing DTD folder fails here, not after hours of
+    the earlier stages)."""
+    if not any(method.wants_synthesis(s) for s in method.stages):
+        return
+    if synth.get("texture_source", "fallback") == "dtd":
+        from uad.synthesis.textures import make_texture_source
+
+        make_texture_source("dtd", dtd_root=synth.get("dtd_root"))
+
+
 # ------------------------------------------------------------------------------------ training
 def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: dict, method_params: dict,
                 engine: dict, engine_override: dict, synthesis: dict | None = None,
@@ -89,6 +101,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))
         identity = method.identity()
+        if previous is None and not tensors:  # the method's first stage, first model
+            _check_synthesis_sources(method, synthesis or {})
         if previous is not None:
             method.check_checkpoint(previous.get("meta") or {}, previous.get("path"))
             method.load_state_dict(_split_state(previous["tensors"], group))
