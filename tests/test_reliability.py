@@ -184,3 +184,47 @@ def test_missing_dtd_fails_before_the_first_stage_trains(tmp_path):
         train_stage("inpformer", "reconstruction", train, {}, params, {"device": "cpu", "progress": False}, {},
                     synthesis={"texture_source": "dtd", "dtd_root": str(tmp_path / "no_dtd")})
     assert not (tmp_path / "no_dtd").exists()
+
+
+def test_training_key_follows_contents_not_paths(tmp_path, monkeypatch, caplog):
+    """A moved project (and dataset) reuses its finished training; the same file names with new
+    contents retrain, the log says which happened and why; the earlier resume folder is pruned."""
+    import numpy as np
+    from PIL import Image
+
+    from uad.pipelines.ingest.nodes import build_sample_index
+    from uad.pipelines.method.nodes import train_stage
+
+    params = dict(backbone="tf_efficientnet_lite0", weights="bundled", resize=64, crop=64, windows=[5, 3, 3],
+                  iterations=2, batch_size=2)
+    engine = {"device": "cpu", "progress": False, "checkpoint_dir": "data/06_models/checkpoints",
+              "checkpoint_every": 1}
+
+    def train(project: Path):
+        monkeypatch.chdir(project)
+        index = build_sample_index({"root": str(project / "data/01_raw/parts"), "layout": "mvtec"})
+        caplog.clear()
+        with caplog.at_level("INFO", logger="uad.engine"):
+            ckpt, history, _ = train_stage("rlr", "train", index[index["split"] == "train"], {}, params, engine, {})
+        return ckpt, history, " ".join(r.getMessage() for r in caplog.records)
+
+    first = tmp_path / "first"
+    ensure_synthetic_dataset(first / "data/01_raw/parts", seed=1, classes=["wood"], n_train=4, n_test_good=1,
+                             n_test_bad_per_defect=1)
+    ckpt_a, hist_a, log_a = train(first)
+    assert "training from scratch: no earlier training" in log_a and hist_a
+
+    moved = tmp_path / "moved"
+    shutil.move(str(first), str(moved))
+    ckpt_b, hist_b, log_b = train(moved)
+    assert "reusing the finished training" in log_b and not hist_b  # no step ran
+    for k in ckpt_a["tensors"]:
+        assert (ckpt_a["tensors"][k] == ckpt_b["tensors"][k]).all()
+
+    victim = sorted((moved / "data/01_raw/parts/wood/train/good").glob("*.png"))[0]
+    Image.fromarray(np.full((128, 128, 3), 7, np.uint8)).save(victim)  # same name, new contents
+    _, hist_c, log_c = train(moved)
+    assert hist_c and "training from scratch: the training data changed" in log_c
+    folders = list((moved / "data/06_models/checkpoints").glob("rlr-train-*"))
+    assert len(folders) == 1 and (folders[0] / "last.safetensors").is_file()  # the earlier one is pruned
+    assert "removed the earlier resume checkpoint" in log_c

@@ -35,6 +35,7 @@ from .images import ImageReadError, image_size, load_image, read_mask_values
 __all__ = [
     "INDEX_COLUMNS",
     "DatasetValidationError",
+    "content_fingerprint",
     "empty_index",
     "index_fingerprint",
     "validate_index",
@@ -213,6 +214,57 @@ def index_fingerprint(df: pd.DataFrame, root: str | os.PathLike | None = None) -
     lines = sorted("\x1f".join(r) for r in sub.itertuples(index=False, name=None))
     h = hashlib.sha256()
     h.update(("\x1f".join(INDEX_COLUMNS) + "\n").encode())
+    for line in lines:
+        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
+    return h.hexdigest()
+
+
+#: bytes hashed at each end of a file by :func:`content_fingerprint`
+SAMPLE_BYTES = 64 * 1024
+
+
+def _file_digest(path: str) -> str:
+    """``size:hash`` of a file's first and last :data:`SAMPLE_BYTES` (the whole file when smaller).
+    A PNG ends with the checksums of all its pixel data, so any change of its pixels changes the
+    tail; any change of size shows too. Missing files give ``missing``."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            h = hashlib.blake2b(digest_size=16)
+            h.update(f.read(SAMPLE_BYTES))
+            if size > SAMPLE_BYTES:
+                f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+                h.update(f.read(SAMPLE_BYTES))
+        return f"{size}:{h.hexdigest()}"
+    except OSError:
+        return "missing"
+
+
+def content_fingerprint(df: pd.DataFrame, max_workers: int | None = None) -> str:
+    """What decides a training run's data, independent of where the dataset lies: for every row
+    its dataset, class, split, label, defect type, the *file names* of image and mask and a cheap
+    digest of their contents (:func:`_file_digest`). A moved project or dataset keeps the
+    fingerprint; replaced images (same names) change it. ``sha256`` hex digest, row order free."""
+    missing = [c for c in INDEX_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"index is missing columns {missing}")
+    paths = sorted({str(p) for col in ("image_path", "mask_path") for p in df[col] if not _is_blank(p)})
+    nw = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
+    if len(paths) > 64 and nw > 1:
+        with ThreadPoolExecutor(max_workers=nw) as pool:
+            digests = dict(zip(paths, pool.map(_file_digest, paths, chunksize=32)))
+    else:
+        digests = {p: _file_digest(p) for p in paths}
+
+    def describe(p) -> str:
+        return "" if _is_blank(p) else f"{Path(str(p)).name}@{digests[str(p)]}"
+
+    lines = sorted(
+        "\x1f".join([str(r.dataset), str(r.class_name), str(r.split), str(r.label), str(r.defect_type),
+                      describe(r.image_path), describe(r.mask_path)])
+        for r in df[INDEX_COLUMNS].itertuples(index=False)
+    )
+    h = hashlib.sha256(b"content-v1\n")
     for line in lines:
         h.update(line.encode("utf-8", "surrogateescape") + b"\n")
     return h.hexdigest()

@@ -161,11 +161,15 @@ class Trainer:
     """Runs gradient-trained stages of a method. See the module docstring."""
 
     def __init__(self, config: EngineConfig | Mapping[str, Any] | None = None, key: str = "",
-                 on_log: Callable[[str, int, float], None] | None = None):
+                 on_log: Callable[[str, int, float], None] | None = None,
+                 key_parts: Mapping[str, Any] | None = None):
+        """``key`` names the resume folder; ``key_parts`` (JSON-able) are what it was hashed from:
+        recorded beside the checkpoint, they let a later run say why it trains again."""
         self.config = config if isinstance(config, EngineConfig) else EngineConfig.from_params(config)
         self.device = pick_device(self.config.device)
         self.autocast_dtype = autocast_dtype_for(self.device, self.config.precision)
-        self.key = key
+        self.key = key if key or key_parts is None else run_key(dict(key_parts))
+        self.key_parts = _jsonable(dict(key_parts or {}))
         self.on_log = on_log
 
     # ------------------------------------------------------------------ helpers
@@ -222,7 +226,13 @@ class Trainer:
         ckpt = self.checkpoint_path(method, stage)
         if ckpt is not None and cfg.resume and ckpt.is_file():
             start = self._restore(ckpt, method, setup)
-            log.info("resuming %s/%s from step %d (%s)", method.name, stage, start, ckpt)
+            if start >= iterations:
+                log.info("%s/%s: reusing the finished training in %s (same training data contents, parameters "
+                         "and engine settings; engine.resume=false trains again)", method.name, stage, ckpt.parent)
+            else:
+                log.info("resuming %s/%s from step %d (%s)", method.name, stage, start, ckpt)
+        elif ckpt is not None:
+            log.info("%s/%s: training from scratch: %s", method.name, stage, self._why_new(ckpt, method, stage))
 
         history: list[tuple[int, float]] = []
         t0 = time.perf_counter()
@@ -264,10 +274,64 @@ class Trainer:
                     self._save(ckpt, method, setup, done, stage)
         finally:
             bar.close()
+        if ckpt is not None and step + 1 >= iterations:
+            self._prune(ckpt, method, stage)
         return FitResult(stage, iterations, start, last_loss, time.perf_counter() - t0, history).as_dict()
 
     # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ bookkeeping of resume folders
+    def _siblings(self, ckpt: Path, method, stage: str) -> list[Path]:
+        """Other resume folders of the same method, stage and model group (one-class: per class)."""
+        out = []
+        for d in ckpt.parent.parent.glob(f"{method.name}-{stage}-*"):
+            if d == ckpt.parent or not d.is_dir():
+                continue
+            parts = _read_json(d / "run.json")
+            if parts is not None and parts.get("group") != self.key_parts.get("group"):
+                continue
+            out.append(d)
+        return sorted(out, key=lambda d: d.stat().st_mtime)
+
+    def _why_new(self, ckpt: Path, method, stage: str) -> str:
+        """Why this run cannot reuse an earlier one: which key part differs from the latest."""
+        if ckpt.is_file():
+            return "engine.resume is false"
+        known = [(d, _read_json(d / "run.json")) for d in self._siblings(ckpt, method, stage)]
+        known = [(d, p) for d, p in known if p]
+        if not known:
+            return "no earlier training of this method and stage with these settings"
+        d, old = known[-1]
+        labels = {"data": "the training data changed (content fingerprint {a:.12} -> {b:.12})",
+                  "params": "the method parameters changed ({diff})"}
+        reasons = []
+        for k in sorted(set(old) | set(self.key_parts)):
+            a, b = old.get(k), self.key_parts.get(k)
+            if a == b:
+                continue
+            if k == "params" and isinstance(a, dict) and isinstance(b, dict):
+                diff = ", ".join(f"{p}: {a.get(p)!r} -> {b.get(p)!r}" for p in sorted(set(a) | set(b)) if a.get(p) != b.get(p))
+                reasons.append(labels["params"].format(diff=diff))
+            elif k == "data":
+                reasons.append(labels["data"].format(a=str(a), b=str(b)))
+            else:
+                reasons.append(f"{k} changed ({a!r} -> {b!r})")
+        return "; ".join(reasons) + f" since {d.name}" if reasons else "no finished checkpoint for these settings"
+
+    def _prune(self, ckpt: Path, method, stage: str) -> None:
+        """A finished training keeps its final checkpoint; resume folders of earlier settings of the
+        same method, stage and group are deleted (each holds weights and optimiser state)."""
+        import shutil
+
+        for d in self._siblings(ckpt, method, stage):
+            shutil.rmtree(d, ignore_errors=True)
+            log.info("%s/%s: removed the earlier resume checkpoint %s", method.name, stage, d)
+
     def _save(self, path: Path, method, setup, step: int, stage: str) -> None:
+        if self.key_parts and not (path.parent / "run.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.parent / "run.json.tmp"
+            tmp.write_text(json.dumps(self.key_parts, sort_keys=True, indent=1))
+            tmp.replace(path.parent / "run.json")
         tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
         opt_t, opt_meta = flatten_optimizer_state(setup.optimizer.state_dict())
         tensors.update(opt_t)
@@ -296,6 +360,13 @@ class Trainer:
         if meta.get("cuda_rng") and torch.cuda.is_available():  # dropout / noise drawn on the GPU
             torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in meta["cuda_rng"]])
         return int(meta["step"])
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -17,11 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from uad.data.index import index_fingerprint
+from uad.data.index import content_fingerprint, index_fingerprint
 from uad.data.images import load_image
 from uad.data.torch_data import AnomalyImageDataset
 from uad.engine import EngineConfig, Trainer
-from uad.engine.trainer import run_key
 from uad.methods.registry import build_method
 from uad.metrics import METRIC_NAMES, compute_metrics
 from uad.metrics.plots import anomaly_overlay_grid, figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
@@ -92,7 +91,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     normal = train_index[train_index["label"] == 0]
     labelled = train_index[train_index["label"] == 1]
     classes = sorted(train_index["class_name"].unique())
-    fingerprint = index_fingerprint(train_index)
+    fingerprint = content_fingerprint(train_index)  # contents and names, not where the files lie
     tensors: dict[str, torch.Tensor] = {}
     history: dict[str, list[dict[str, float]]] = {}
     tags: dict[str, str] = {}
@@ -116,10 +115,11 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
                                            labelled[labelled["class_name"] == group], synthesis or {}, cfg.seed)
         tags.update(aug_tags)
         ds = _dataset(method, df, classes, augment=aug)
-        key = run_key(method_name, stage, group, method_params, fingerprint, cfg.seed, cfg.iterations, cfg.batch_size,
-                      synthesis if aug is not None else None)
+        parts = {"method": method_name, "stage": stage, "group": group, "params": method_params, "data": fingerprint,
+                 "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
+                 "synthesis": synthesis if aug is not None else None}
         metric = f"train_loss/{stage}" + (f"/{group}" if group else "")
-        trainer = Trainer(cfg, key=key)
+        trainer = Trainer(cfg, key_parts=parts)
         trainer.prepare(method)
         loader = trainer.loader(ds, batch_size=cfg.batch_size or int(getattr(getattr(method, "config", None), "batch_size", 8)))
         if features is not None and hasattr(method, "fit_from_features"):
@@ -135,7 +135,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tags.update({"setting": str(data.get("setting", "multi_class")),
                  "dataset": ",".join(sorted(train_index["dataset"].astype(str).unique()))})
     meta = {**identity, "method": method_name, "stage": stage, "params": method_params, "classes": classes,
-            "setting": data.get("setting", "multi_class"), "train_index_sha256": fingerprint}
+            "setting": data.get("setting", "multi_class"), "train_data_sha256": fingerprint}
     return {"tensors": tensors, "meta": meta}, history, tags
 
 
