@@ -8,7 +8,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup run test viz mlflow-ui bench clean
+.PHONY: setup setup-cpu run test viz mlflow-ui bench clean
 
 $(BIN)/kedro: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(BIN)/kedro: pyproject.toml
 	touch $(BIN)/kedro
 
 setup: $(BIN)/kedro
+
+# CPU-only machines: the registry's torch is a CUDA build that cannot import without its NVIDIA
+# libraries, so the smallest working set is the normal install minus triton (the GPU compiler).
+setup-cpu: setup
+	$(BIN)/python -m pip uninstall --quiet --yes triton
+	$(BIN)/python -c "import torch, torchvision, timm; print('torch', torch.__version__, 'works on CPU without triton')"
 
 run: setup
 	$(BIN)/kedro run $(if $(PIPELINE),--pipeline=$(PIPELINE)) $(if $(ENV),--env=$(ENV))

@@ -275,3 +275,21 @@ def test_state_round_trip_gives_identical_predictions(method):
     fresh.load_state_dict(state)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(fresh.predict(x).maps, method.predict(x).maps)
+
+
+def test_one_class_setting_trains_one_model_per_class(tmp_path):
+    """The shared settings reach RLR: one_class trains a model per class into one checkpoint."""
+    from uad.data.synthetic import ensure_synthetic_dataset
+    from uad.pipelines.ingest.nodes import build_sample_index
+    from uad.pipelines.method.nodes import train_stage
+
+    root = tmp_path / "d"
+    ensure_synthetic_dataset(root, seed=0, classes=["wood", "fabric"], n_train=2, n_test_good=1, n_test_bad_per_defect=1)
+    index = build_sample_index({"root": str(root), "layout": "mvtec"})
+    params = {**LITE, "iterations": 1, "batch_size": 2}
+    ckpt, _, tags = train_stage("rlr", "train", index[index["split"] == "train"], {"setting": "one_class"}, params,
+                                {"device": "cpu", "progress": False}, {})
+    refs = sorted(k for k in ckpt["tensors"] if k.endswith("levels.0.reference"))
+    assert refs == ["fabric::model.levels.0.reference", "wood::model.levels.0.reference"]
+    assert not torch.equal(ckpt["tensors"][refs[0]], ckpt["tensors"][refs[1]])  # trained apart
+    assert tags["setting"] == "one_class" and ckpt["meta"]["method"] == "rlr"
