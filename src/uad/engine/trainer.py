@@ -21,6 +21,8 @@ import hashlib
 import json
 import logging
 import math
+import os
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -170,6 +172,7 @@ class Trainer:
         self.autocast_dtype = autocast_dtype_for(self.device, self.config.precision)
         self.key = key if key or key_parts is None else run_key(dict(key_parts))
         self.key_parts = _jsonable(dict(key_parts or {}))
+        self._owned = False  # run.json of the resume folder written by this process
         self.on_log = on_log
 
     # ------------------------------------------------------------------ helpers
@@ -286,7 +289,8 @@ class Trainer:
         for d in ckpt.parent.parent.glob(f"{method.name}-{stage}-*"):
             if d == ckpt.parent or not d.is_dir():
                 continue
-            parts = _read_json(d / "run.json")
+            rec = _read_json(d / "run.json") or {}
+            parts = rec.get("parts")
             if parts is not None and parts.get("group") != self.key_parts.get("group"):
                 continue
             out.append(d)
@@ -296,7 +300,7 @@ class Trainer:
         """Why this run cannot reuse an earlier one: which key part differs from the latest."""
         if ckpt.is_file():
             return "engine.resume is false"
-        known = [(d, _read_json(d / "run.json")) for d in self._siblings(ckpt, method, stage)]
+        known = [(d, (_read_json(d / "run.json") or {}).get("parts")) for d in self._siblings(ckpt, method, stage)]
         known = [(d, p) for d, p in known if p]
         if not known:
             return "no earlier training of this method and stage with these settings"
@@ -323,15 +327,21 @@ class Trainer:
         import shutil
 
         for d in self._siblings(ckpt, method, stage):
+            owner = (_read_json(d / "run.json") or {}).get("owner") or {}
+            if (owner.get("host") == socket.gethostname() and owner.get("pid") != os.getpid()
+                    and _pid_alive(owner.get("pid"))):
+                continue  # another run (other settings) is training there right now
             shutil.rmtree(d, ignore_errors=True)
             log.info("%s/%s: removed the earlier resume checkpoint %s", method.name, stage, d)
 
     def _save(self, path: Path, method, setup, step: int, stage: str) -> None:
-        if self.key_parts and not (path.parent / "run.json").is_file():
+        if self.key_parts and not self._owned:
             path.parent.mkdir(parents=True, exist_ok=True)
+            record = {"parts": self.key_parts, "owner": {"host": socket.gethostname(), "pid": os.getpid()}}
             tmp = path.parent / "run.json.tmp"
-            tmp.write_text(json.dumps(self.key_parts, sort_keys=True, indent=1))
+            tmp.write_text(json.dumps(record, sort_keys=True, indent=1))
             tmp.replace(path.parent / "run.json")
+            self._owned = True
         tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
         opt_t, opt_meta = flatten_optimizer_state(setup.optimizer.state_dict())
         tensors.update(opt_t)
@@ -360,6 +370,16 @@ class Trainer:
         if meta.get("cuda_rng") and torch.cuda.is_available():  # dropout / noise drawn on the GPU
             torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in meta["cuda_rng"]])
         return int(meta["step"])
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _read_json(path: Path) -> dict | None:
