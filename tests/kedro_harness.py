@@ -23,6 +23,21 @@ def make_project_copy(dest: Path) -> Path:
     return dest
 
 
+def tracked_project(tmp_path_factory):
+    """A throw-away project whose MLflow runs go to its own ``mlflow.db`` (generator for a
+    module-scoped fixture: ``yield from tracked_project(tmp_path_factory)``)."""
+    root = make_project_copy(tmp_path_factory.mktemp("project"))
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
 def run_pipeline(project: Path, pipeline: str, env: str = "smoke", params: dict[str, Any] | None = None,
                  load_versions: dict[str, str] | None = None, namespaces: list[str] | None = None) -> dict:
     """``kedro run --pipeline=<pipeline> --env=<env> --params=...`` inside ``project``."""

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kedro_harness import last_run, make_project_copy, run_pipeline
+from kedro_harness import last_run, make_project_copy, run_pipeline, tracked_project
 
 SEVEN = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 CLASSES = ("fabric", "pcb", "washer", "wood")
@@ -24,14 +24,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = make_project_copy(tmp_path_factory.mktemp("project"))
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    yield from tracked_project(tmp_path_factory)
 
 
 def _versions(folder: Path) -> list[str]:

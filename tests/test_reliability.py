@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kedro_harness import make_project_copy, run_pipeline
+from kedro_harness import make_project_copy, run_pipeline, tracked_project
 from uad.data.synthetic import MARKER_NAME, ensure_synthetic_dataset
 
 BIN = Path(sys.executable).parent
@@ -38,14 +38,7 @@ def my_data(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    root = make_project_copy(tmp_path_factory.mktemp("project"))
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    yield root
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+    yield from tracked_project(tmp_path_factory)
 
 
 @pytest.mark.parametrize("how", ["env", "params"])

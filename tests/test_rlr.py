@@ -261,7 +261,7 @@ def test_encoder_gets_no_gradient_and_training_reduces_the_loss(method):
         setup.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         setup.optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses[-1] < losses[0]
     assert all(p.grad is None and not p.requires_grad for p in m.encoder.parameters())
     assert m.encoder.training is False

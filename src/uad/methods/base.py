@@ -19,6 +19,7 @@ Lifecycle::
 from __future__ import annotations
 
 import abc
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -27,7 +28,16 @@ from typing import Any, Iterable, Mapping
 import torch
 from torch import nn
 
-from uad.errors import CheckpointMismatchError
+from uad.errors import CheckpointMismatchError, ConfigError
+
+
+def check_param_names(config_class: type, params: Mapping[str, Any], label: str) -> None:
+    """Unknown keys of a method's parameter dict raise one :class:`~uad.errors.ConfigError` that
+    lists the valid ones (a misspelt parameter must never be ignored)."""
+    valid = sorted(f.name for f in dataclasses.fields(config_class))
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise ConfigError(f"unknown {label} parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
 
 
 @dataclass
@@ -74,9 +84,25 @@ class AnomalyMethod(abc.ABC):
 
     # --- data -----------------------------------------------------------------------------
     @property
-    @abc.abstractmethod
     def input_spec(self) -> dict[str, Any]:
-        """How images must be prepared: ``{"resize": int, "crop": int, "mean": (3,), "std": (3,)}``."""
+        """How images must be prepared: ``{"resize": int, "crop": int, "mean": (3,), "std": (3,)}``.
+
+        Default: ``resize`` / ``crop`` of the method's config (``self.cfg``), mean / std of its
+        encoder's weights (``self.encoder.data_config``)."""
+        dc = self.encoder.data_config
+        return {"resize": int(self.cfg.resize), "crop": int(self.cfg.crop), "mean": tuple(dc["mean"]), "std": tuple(dc["std"])}
+
+    def build_encoder(self, kind: str | None = None, **kwargs: Any) -> nn.Module:
+        """The frozen encoder named by the config (``backbone``, ``weights``, ``layers``,
+        ``allow_random``); ``kind`` (``"cnn"`` / ``"vit"``) refuses the other kind clearly."""
+        from uad.backbones import build_backbone  # local import keeps `import uad.methods` light
+
+        cfg = self.cfg
+        kwargs.setdefault("layers", getattr(cfg, "layers", None))
+        encoder = build_backbone(cfg.backbone, weights=cfg.weights, allow_random=cfg.allow_random, **kwargs)
+        if kind is not None and encoder.kind != kind:
+            raise ConfigError(f"{self.name} needs a {kind.upper()} backbone; {cfg.backbone!r} is a {encoder.kind}")
+        return encoder
 
     # --- placement ------------------------------------------------------------------------
     @abc.abstractmethod

@@ -22,9 +22,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
-from uad.errors import ConfigError
-
-from ..base import AnomalyMethod, OptimSetup, Prediction
+from ..base import AnomalyMethod, OptimSetup, Prediction, check_param_names
 from .groups import resolve_groups
 from .optim import StableAdamW, WarmCosineSchedule
 from .scoring import anomaly_map_from_pairs, topk_mean_score
@@ -119,12 +117,7 @@ class ReconConfig:
     def from_params(cls, params: Mapping[str, Any] | None = None):
         """Build from a parameter dict; unknown keys raise a ValueError listing the valid ones."""
         params = dict(params or {})
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigError(
-                f"unknown {cls.method_label} parameter(s) {unknown}; valid parameters: {', '.join(valid)}"
-            )
+        check_param_names(cls, params, cls.method_label)
         if "betas" in params and params["betas"] is not None:
             params["betas"] = tuple(float(b) for b in params["betas"])
         if params.get("layers") is not None:
@@ -152,11 +145,7 @@ class ViTReconstructionMethod(AnomalyMethod):
                 raise ValueError(f"cannot derive layers for backbone {cfg.backbone!r}; set 'layers' explicitly")
             layers = default_layers(depth)
         self.layers: list[int] = list(layers)
-        from uad.backbones import build_backbone  # local import: keeps `import uad.methods` light
-
-        self.encoder = build_backbone(
-            cfg.backbone, weights=cfg.weights, layers=self.layers, allow_random=cfg.allow_random, img_size=cfg.crop
-        )
+        self.encoder = self.build_encoder(layers=self.layers, img_size=cfg.crop)
         n = len(self.layers)
         self.groups: list[list[int]] = resolve_groups(cfg.groups, n)
         self._ramp_scale = 1.0  # set by rescale_schedule when the engine shortens the run
@@ -194,11 +183,6 @@ class ViTReconstructionMethod(AnomalyMethod):
     def config(self) -> ReconConfig:
         """The method's settings (the pipeline reads ``config.batch_size``)."""
         return self.cfg
-
-    @property
-    def input_spec(self) -> dict[str, Any]:
-        dc = self.encoder.data_config
-        return {"resize": int(self.cfg.resize), "crop": int(self.cfg.crop), "mean": tuple(dc["mean"]), "std": tuple(dc["std"])}
 
     def modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "model": self.model}

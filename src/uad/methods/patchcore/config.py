@@ -49,11 +49,10 @@ class PatchCoreConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "PatchCoreConfig":
         """Paper defaults overridden by ``params``; unknown keys raise a ValueError listing the valid ones."""
+        from ..base import check_param_names
+
         params = dict(params or {})
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown patchcore parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
+        check_param_names(cls, params, "patchcore")
         if params.get("layers") is not None:
             layers = params["layers"]
             params["layers"] = (int(layers),) if isinstance(layers, int) else tuple(int(i) for i in layers)

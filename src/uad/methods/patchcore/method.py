@@ -38,20 +38,11 @@ class PatchCore(AnomalyMethod):
     def __init__(self, params: Mapping[str, Any] | None = None):
         super().__init__(params)
         self.config = self.cfg = PatchCoreConfig.from_params(self.params)
-        from uad.backbones import build_backbone  # local import keeps `import uad.methods` light
-
         cfg = self.cfg
-        self.encoder = build_backbone(cfg.backbone, weights=cfg.weights, layers=cfg.layers, allow_random=cfg.allow_random)
-        if self.encoder.kind != "cnn":
-            raise ValueError(f"PatchCore needs a CNN backbone; {cfg.backbone!r} is a {self.encoder.kind}")
+        self.encoder = self.build_encoder(kind="cnn")
         self.memory_bank: torch.Tensor = torch.empty(0, cfg.target_dim)
 
     # --- contract ---------------------------------------------------------------------------
-    @property
-    def input_spec(self) -> dict[str, Any]:
-        dc = self.encoder.data_config
-        return {"resize": int(self.cfg.resize), "crop": int(self.cfg.crop), "mean": tuple(dc["mean"]), "std": tuple(dc["std"])}
-
     def modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder}
 

@@ -122,11 +122,10 @@ class RLRConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "RLRConfig":
+        from ..base import check_param_names
+
         params = dict(params or {})
-        valid = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(params) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown rlr parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
+        check_param_names(cls, params, "rlr")
         if params.get("betas") is not None:
             params["betas"] = tuple(float(b) for b in params["betas"])
         for key in ("layers", "attention", "hidden_dims", "windows"):

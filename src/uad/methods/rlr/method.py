@@ -38,11 +38,7 @@ class RLR(AnomalyMethod):
         super().__init__(params)
         self.cfg = self.config = RLRConfig.from_params(self.params)
         cfg = self.cfg
-        from uad.backbones import build_backbone  # local import keeps `import uad.methods` light
-
-        self.encoder = build_backbone(cfg.backbone, weights=cfg.weights, layers=cfg.layers, allow_random=cfg.allow_random)
-        if self.encoder.kind != "cnn":
-            raise ValueError(f"rlr reconstructs CNN feature maps; {cfg.backbone!r} is a {self.encoder.kind}")
+        self.encoder = self.build_encoder(kind="cnn")  # RLR reconstructs CNN feature maps
         # Map sizes come from the backbone itself (one probe at the crop size), channels and strides
         # from its feature info: any timm CNN works, nothing is hard-coded.
         with torch.no_grad():
@@ -70,11 +66,6 @@ class RLR(AnomalyMethod):
         self.model = RLRModel(levels)
 
     # --- contract ---------------------------------------------------------------------------
-    @property
-    def input_spec(self) -> dict[str, Any]:
-        dc = self.encoder.data_config
-        return {"resize": int(self.cfg.resize), "crop": int(self.cfg.crop), "mean": tuple(dc["mean"]), "std": tuple(dc["std"])}
-
     def modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "model": self.model}
 
