@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kedro_harness import last_run, make_project_copy, run_pipeline, tracked_project
+from kedro_harness import last_run, run_pipeline, tracked_project
 
 SEVEN = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
 CLASSES = ("fabric", "pcb", "washer", "wood")

@@ -224,6 +224,12 @@ class AnomalyMethod(abc.ABC):
         """Run tags (backbone name, weights source, ...) for MLflow."""
         return {"method": self.name}
 
+    def encoder_tags(self) -> dict[str, str]:
+        """The method and its frozen encoder: name, where its weights came from, its layers."""
+        info = self.encoder.weights_info
+        return {"method": self.name, "backbone": self.encoder.name, "weights_source": info.source,
+                "weights_path": info.path or "", "layers": ",".join(str(i) for i in self.encoder.layers)}
+
     def autocast(self):
         """Context manager: bf16 autocast on CUDA when enabled, a no-op otherwise."""
         if self.autocast_dtype is not None and self.device.type == "cuda":

@@ -132,12 +132,7 @@ class PatchCore(AnomalyMethod):
         self.memory_bank = bank.float().contiguous().to(self.device)
 
     def tags(self) -> dict[str, str]:
-        info = self.encoder.weights_info
         return {
-            "method": self.name,
-            "backbone": self.encoder.name,
-            "weights_source": info.source,
-            "weights_path": info.path or "",
-            "layers": ",".join(str(i) for i in self.cfg.layers),
+            **self.encoder_tags(),
             "coreset_ratio": str(self.cfg.coreset_ratio),
         }

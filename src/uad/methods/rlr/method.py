@@ -129,13 +129,8 @@ class RLR(AnomalyMethod):
 
     # --- bookkeeping ----------------------------------------------------------------------
     def tags(self) -> dict[str, str]:
-        info = self.encoder.weights_info
         return {
-            "method": self.name,
-            "backbone": self.encoder.name,
-            "weights_source": info.source,
-            "weights_path": info.path or "",
-            "layers": ",".join(str(i) for i in self.encoder.layers),
+            **self.encoder_tags(),
             "attention": "+".join(self.cfg.attention),
             "windows": ",".join(str(w) for w in self.windows),
             "hidden_dims": ",".join(str(d) for d in self.hidden_dims),
