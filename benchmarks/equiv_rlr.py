@@ -77,14 +77,19 @@ def _official_args(**kw):
     return argparse.Namespace(**base)
 
 
-def _copy_weights(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
-    """This project's level reconstructor -> the public ``RLR`` module (strict: every key set)."""
-    sd = {}
-    sd["embedding.project_embedding.project.weight"] = ours.embed.weight[:, :, None]
-    sd["embedding.project_embedding.project.bias"] = ours.embed.bias
-    sd["ref_mca"] = ours.reference[None]
-    sd["ref_mca_embedding.project_embedding.project.weight"] = ours.ref_embed.weight[:, :, None]
-    sd["ref_mca_embedding.project_embedding.project.bias"] = ours.ref_embed.bias
+def _as_theirs(ours: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """This project's level reconstructor as the public ``RLR`` module's state dict: every key of
+    theirs, from our tensors in their layout (1x1 conv weights, packed q/k/v, a leading batch axis
+    on the reference). Used to copy the weights in and to compare every parameter afterwards."""
+    sd = {
+        "embedding.project_embedding.project.weight": ours.embed.weight[:, :, None],
+        "embedding.project_embedding.project.bias": ours.embed.bias,
+        "ref_mca": ours.reference[None],
+        "ref_mca_embedding.project_embedding.project.weight": ours.ref_embed.weight[:, :, None],
+        "ref_mca_embedding.project_embedding.project.bias": ours.ref_embed.bias,
+        "encoder.norm.weight": ours.norm.weight, "encoder.norm.bias": ours.norm.bias,
+        "projection.weight": ours.head.weight, "projection.bias": ours.head.bias,
+    }
     names = {"lca": "mca", "mlka": "nsa"}  # the public code's names for LCA and MLKA
     for i, blk in enumerate(ours.blocks):
         p = f"encoder.encode_layers.{i}."
@@ -97,28 +102,7 @@ def _copy_weights(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
         for a, b in (("norm1", "norm1"), ("norm2", "norm2"), ("ffn.fc1", "mlp.fc1"), ("ffn.fc2", "mlp.fc2")):
             sd[f"{p}{a}.weight"] = blk.get_submodule(b).weight
             sd[f"{p}{a}.bias"] = blk.get_submodule(b).bias
-    sd["encoder.norm.weight"], sd["encoder.norm.bias"] = ours.norm.weight, ours.norm.bias
-    sd["projection.weight"], sd["projection.bias"] = ours.head.weight, ours.head.bias
-    theirs.load_state_dict({k: v.detach().clone() for k, v in sd.items()}, strict=True)
-
-
-def _their_params(ours: torch.nn.Module, theirs: torch.nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-    """Pairs (name, ours, theirs) of every parameter, after the same mapping as _copy_weights."""
-    out = []
-    t = dict(theirs.named_parameters())
-    out.append(("reference", ours.reference, t["ref_mca"][0]))
-    out.append(("embed.weight", ours.embed.weight, t["embedding.project_embedding.project.weight"][:, :, 0]))
-    out.append(("ref_embed.weight", ours.ref_embed.weight, t["ref_mca_embedding.project_embedding.project.weight"][:, :, 0]))
-    names = {"lca": "mca", "mlka": "nsa"}
-    for i, blk in enumerate(ours.blocks):
-        for mixer in blk.mixers:
-            n = f"encoder.encode_layers.{i}.{names[mixer.kind]}"
-            w = torch.cat([mixer.q.weight, mixer.k.weight, mixer.v.weight])
-            out.append((f"blocks.{i}.{mixer.kind}.qkv", w, t[n + ".in_proj_weight"]))
-            out.append((f"blocks.{i}.{mixer.kind}.proj", mixer.proj.weight, t[n + ".out_proj.weight"]))
-        out.append((f"blocks.{i}.mlp.fc1", blk.mlp.fc1.weight, t[f"encoder.encode_layers.{i}.ffn.fc1.weight"]))
-    out.append(("head.weight", ours.head.weight, t["projection.weight"]))
-    return out
+    return {k: v.detach() for k, v in sd.items()}
 
 
 def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -158,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     for lvl, n in zip(ours.model.levels, seq_lens):
         m = mdl.RLR(seq_len=n, in_channels=lvl.channels, out_channels=lvl.channels, d_model=lvl.dim, n_heads=8,
                     args=_official_args()).to(device)
-        _copy_weights(lvl, m)
+        m.load_state_dict({k: v.clone() for k, v in _as_theirs(lvl).items()}, strict=True)
         theirs.append(m)
 
     g = torch.Generator().manual_seed(0)
@@ -219,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     worst["loss (mean over levels, printed to 7 decimals)"] = abs(loss / len(layers) - their_loss)
     step_diff = 0.0
     for lvl, m in zip(ours.model.levels, theirs):
-        for _, a, b in _their_params(lvl, m):
-            step_diff = max(step_diff, _maxdiff(a, b))
-    worst["parameters after one Adam step"] = step_diff
+        mine, their_sd = _as_theirs(lvl), m.state_dict()
+        assert mine.keys() == their_sd.keys()
+        step_diff = max(step_diff, max(_maxdiff(mine[k], their_sd[k]) for k in mine))
+    worst["every parameter after one Adam step"] = step_diff
 
     # 4. inference after the step: their captured pixel map (unsmoothed) and image scores
     pred = ours.predict(images)

@@ -227,9 +227,15 @@ def test_a_window_covering_the_map_is_refused():
         build_method("rlr", {**LITE, "windows": None})  # 5 x 5 window on the 4 x 4 map
 
 
-def test_iterations_follow_the_epochs():
-    m = RLRConfig()
-    assert math.ceil(m.epochs * 3629 / m.batch_size) == 181450
+def test_iterations_follow_the_epochs(method):
+    """200 epochs of MVTec's 3,629 images at batch 4, last partial batch kept; ``iterations`` wins."""
+    assert method.iterations_for(3629) == 181450 == method.configure_optimization("train", 3629).iterations
+    assert method.iterations_for(3) == 150  # ceil(200 * 3 / 4)
+    method.cfg.iterations = 7
+    try:
+        assert method.iterations_for(3629) == 7
+    finally:
+        method.cfg.iterations = None
 
 
 @pytest.mark.parametrize("attention,residual", [(["self"], True), (["cross"], True), (["cross"], False),
@@ -269,7 +275,8 @@ def test_encoder_gets_no_gradient_and_training_reduces_the_loss(method):
 
 def test_state_round_trip_gives_identical_predictions(method):
     state = method.state_dict()
-    assert not any(k.endswith(".window") or k.endswith(".pos") for k in state)  # derived, not saved
+    assert not any(k.endswith((".window", ".outside", ".pos")) for k in state)  # derived, not saved
+    assert all(torch.equal(lvl.outside, ~lvl.window) for lvl in method.model.levels)  # MLKA's mask, built once
     assert state["model.levels.0.reference"].shape == (256, 24)
     fresh = build_method("rlr", {**LITE, "seed": 99})
     fresh.load_state_dict(state)

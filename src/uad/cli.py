@@ -3,8 +3,9 @@
 * ``--pipeline=<name>`` is accepted without Kedro's deprecation warning (it is this project's
   documented spelling; it means exactly ``--pipelines=<name>``).
 * An error raised by the project's own checks (:class:`uad.errors.UadError`: bad data, settings,
-  weights, checkpoints) is printed as one line, ``Error: <what, where, what to do>``, with exit
-  status 1 and no traceback; anything else (a bug) keeps Kedro's full traceback.
+  weights, checkpoints) is printed as ``Error: <what, where, what to do>`` (one line, or the list
+  of problems / fixes the message holds), with exit status 1 and no traceback; anything else (a
+  bug) keeps Kedro's full traceback.
 
 Kedro loads ``<package>.cli:cli`` and lets its commands override the built-in ones.
 """
@@ -61,8 +62,8 @@ def run(**kwargs):
             err = _user_error(exc)
             if err is None:
                 raise
-            message = " ".join(str(err).split("\n", 1)[0].split()) if not hasattr(err, "problems") else str(err)
-            click.secho(f"Error: {message}", fg="red", err=True)
+            # the whole message: a list of problems, or the ways to fix missing weights, stays intact
+            click.secho(f"Error: {err}", fg="red", err=True)
             raise SystemExit(1) from None
         finally:
             for lg in loggers:

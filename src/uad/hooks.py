@@ -11,6 +11,8 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from uad.engine.trainer import pid_alive
+
 log = logging.getLogger(__name__)
 
 
@@ -25,16 +27,6 @@ def git_commit(path: Path) -> str:
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
 
 
 def close_dead_runs(client, experiment_id: str, current_run_id: str | None = None) -> list[str]:
@@ -52,7 +44,7 @@ def close_dead_runs(client, experiment_id: str, current_run_id: str | None = Non
             pid = int(tags.get("uad.pid", ""))
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             client.set_terminated(run.info.run_id, status="KILLED")
             closed.append(run.info.run_id)
     return closed

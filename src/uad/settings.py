@@ -16,8 +16,6 @@ from uad.hooks import RunTagsHook
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
-# MLflow warns, on import, about a pyfunc class this project does not define: noise in every run.
-warnings.filterwarnings("ignore", message=r".*Add type hints to the `predict` method", category=UserWarning)
 
 HOOKS = (RunTagsHook(),)
 

@@ -30,8 +30,6 @@ resolution is explicit and recorded (:class:`WeightsInfo`, logged as run tags):
 
 from __future__ import annotations
 
-from uad.errors import UadError
-
 import logging
 import os
 import socket
@@ -44,6 +42,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
+
+from uad.errors import UadError
 
 from .registry import architecture, canonical_name, is_bundled
 

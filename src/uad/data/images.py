@@ -33,13 +33,13 @@ Every failure (missing file, not an image, truncated or corrupt data, unsupporte
 
 from __future__ import annotations
 
-from uad.errors import UadError
-
 import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from uad.errors import UadError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

@@ -19,8 +19,6 @@ file (so a broken dataset is fixed in one pass, not one error at a time).
 
 from __future__ import annotations
 
-from uad.errors import UadError
-
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +27,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+
+from uad.errors import UadError
 
 from .images import ImageReadError, image_size, load_image, read_mask_values
 
@@ -178,18 +178,8 @@ def validate_index(
     rows = list(zip(splits, labels.fillna(-1).astype(int), img_paths, mask_paths))
     work = [r for r, b in zip(rows, blank) if not b]
     if check_images or (~no_mask).any():
-        nw = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
-        from tqdm.auto import tqdm
-
-        bar = dict(total=len(work), desc="ingest: decoding images and masks", disable=not progress,
-                   mininterval=1.0, dynamic_ncols=True)
-        check = lambda r: _check_files(r, check_images, full_decode, mask_policy)  # noqa: E731
-        if len(work) > 64 and nw > 1:
-            # PNG / JPEG decoding releases the GIL: threads decode in parallel
-            with ThreadPoolExecutor(max_workers=nw) as pool:
-                results = list(tqdm(pool.map(check, work, chunksize=16), **bar))
-        else:
-            results = [check(r) for r in tqdm(work, **bar)]
+        results = _map_files(lambda r: _check_files(r, check_images, full_decode, mask_policy), work, max_workers,
+                             desc="ingest: decoding images and masks" if progress else None)
         for res in results:
             problems.extend(res)
     if problems:
@@ -211,12 +201,30 @@ def index_fingerprint(df: pd.DataFrame, root: str | os.PathLike | None = None) -
         rel = lambda p: os.path.relpath(p, base) if p and Path(p).is_absolute() and (p + os.sep).startswith(base + os.sep) else p  # noqa: E731
         sub["image_path"] = sub["image_path"].map(rel)
         sub["mask_path"] = sub["mask_path"].map(rel)
-    lines = sorted("\x1f".join(r) for r in sub.itertuples(index=False, name=None))
-    h = hashlib.sha256()
-    h.update(("\x1f".join(INDEX_COLUMNS) + "\n").encode())
-    for line in lines:
+    return _hash_lines(("\x1f".join(r) for r in sub.itertuples(index=False, name=None)),
+                       ("\x1f".join(INDEX_COLUMNS) + "\n").encode())
+
+
+def _hash_lines(lines: Iterable[str], header: bytes) -> str:
+    """``sha256`` of ``header`` and the *sorted* lines (so row order does not matter)."""
+    h = hashlib.sha256(header)
+    for line in sorted(lines):
         h.update(line.encode("utf-8", "surrogateescape") + b"\n")
     return h.hexdigest()
+
+
+def _map_files(fn, items: list, max_workers: int | None = None, desc: str | None = None) -> list:
+    """``[fn(x) for x in items]`` on a thread pool of ``max_workers`` (default ``min(8, cpus)``) when
+    there are more than 64 items: image decoding and file reads release the GIL. ``desc`` shows a
+    progress bar with that label."""
+    from tqdm.auto import tqdm
+
+    nw = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
+    bar = dict(total=len(items), desc=desc, disable=desc is None, mininterval=1.0, dynamic_ncols=True)
+    if len(items) > 64 and nw > 1:
+        with ThreadPoolExecutor(max_workers=nw) as pool:
+            return list(tqdm(pool.map(fn, items, chunksize=16), **bar))
+    return [fn(x) for x in tqdm(items, **bar)]
 
 
 #: bytes hashed at each end of a file by :func:`content_fingerprint`
@@ -249,22 +257,11 @@ def content_fingerprint(df: pd.DataFrame, max_workers: int | None = None) -> str
     if missing:
         raise ValueError(f"index is missing columns {missing}")
     paths = sorted({str(p) for col in ("image_path", "mask_path") for p in df[col] if not _is_blank(p)})
-    nw = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
-    if len(paths) > 64 and nw > 1:
-        with ThreadPoolExecutor(max_workers=nw) as pool:
-            digests = dict(zip(paths, pool.map(_file_digest, paths, chunksize=32)))
-    else:
-        digests = {p: _file_digest(p) for p in paths}
+    digests = dict(zip(paths, _map_files(_file_digest, paths, max_workers)))
 
     def describe(p) -> str:
         return "" if _is_blank(p) else f"{Path(str(p)).name}@{digests[str(p)]}"
 
-    lines = sorted(
-        "\x1f".join([str(r.dataset), str(r.class_name), str(r.split), str(r.label), str(r.defect_type),
-                      describe(r.image_path), describe(r.mask_path)])
-        for r in df[INDEX_COLUMNS].itertuples(index=False)
-    )
-    h = hashlib.sha256(b"content-v1\n")
-    for line in lines:
-        h.update(line.encode("utf-8", "surrogateescape") + b"\n")
-    return h.hexdigest()
+    return _hash_lines(("\x1f".join([str(r.dataset), str(r.class_name), str(r.split), str(r.label),
+                                      str(r.defect_type), describe(r.image_path), describe(r.mask_path)])
+                        for r in df[INDEX_COLUMNS].itertuples(index=False)), b"content-v1\n")

@@ -11,8 +11,6 @@ target, so a run killed mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
-from uad.errors import UadError
-
 import json
 import os
 import tempfile
@@ -22,6 +20,8 @@ from typing import Any, Mapping
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from uad.errors import UadError
 
 _META_KEY = "uad"
 

@@ -15,13 +15,12 @@ loader draws from a generator of its own, so nothing shifts the restored stream.
 
 from __future__ import annotations
 
-from uad.errors import ConfigError, UadError
-
 import hashlib
 import json
 import logging
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,8 @@ from typing import Any, Callable, Iterator, Mapping
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from uad.errors import ConfigError, UadError
 
 from .checkpoint import flatten_optimizer_state, load_state, save_state, unflatten_optimizer_state
 from .device import autocast_dtype_for, pick_device, seed_everything
@@ -281,8 +282,7 @@ class Trainer:
             self._prune(ckpt, method, stage)
         return FitResult(stage, iterations, start, last_loss, time.perf_counter() - t0, history).as_dict()
 
-    # ------------------------------------------------------------------ checkpoints
-    # ------------------------------------------------------------------ bookkeeping of resume folders
+    # ------------------------------------------------------------------ resume folders and checkpoints
     def _siblings(self, ckpt: Path, method, stage: str) -> list[Path]:
         """Other resume folders of the same method, stage and model group (one-class: per class)."""
         out = []
@@ -297,39 +297,35 @@ class Trainer:
         return sorted(out, key=lambda d: d.stat().st_mtime)
 
     def _why_new(self, ckpt: Path, method, stage: str) -> str:
-        """Why this run cannot reuse an earlier one: which key part differs from the latest."""
+        """Why this run cannot reuse an earlier one: what differs from the latest earlier settings."""
         if ckpt.is_file():
             return "engine.resume is false"
         known = [(d, (_read_json(d / "run.json") or {}).get("parts")) for d in self._siblings(ckpt, method, stage)]
         known = [(d, p) for d, p in known if p]
         if not known:
             return "no earlier training of this method and stage with these settings"
-        d, old = known[-1]
-        labels = {"data": "the training data changed (content fingerprint {a:.12} -> {b:.12})",
-                  "params": "the method parameters changed ({diff})"}
+        folder, old = known[-1]
         reasons = []
         for k in sorted(set(old) | set(self.key_parts)):
             a, b = old.get(k), self.key_parts.get(k)
             if a == b:
                 continue
-            if k == "params" and isinstance(a, dict) and isinstance(b, dict):
+            if k == "data":
+                reasons.append(f"the training data changed (content fingerprint {str(a)[:12]} -> {str(b)[:12]})")
+            elif k == "params" and isinstance(a, dict) and isinstance(b, dict):
                 diff = ", ".join(f"{p}: {a.get(p)!r} -> {b.get(p)!r}" for p in sorted(set(a) | set(b)) if a.get(p) != b.get(p))
-                reasons.append(labels["params"].format(diff=diff))
-            elif k == "data":
-                reasons.append(labels["data"].format(a=str(a), b=str(b)))
+                reasons.append(f"the method parameters changed ({diff})")
             else:
                 reasons.append(f"{k} changed ({a!r} -> {b!r})")
-        return "; ".join(reasons) + f" since {d.name}" if reasons else "no finished checkpoint for these settings"
+        return "; ".join(reasons) + f" since {folder.name}"
 
     def _prune(self, ckpt: Path, method, stage: str) -> None:
         """A finished training keeps its final checkpoint; resume folders of earlier settings of the
         same method, stage and group are deleted (each holds weights and optimiser state)."""
-        import shutil
-
         for d in self._siblings(ckpt, method, stage):
             owner = (_read_json(d / "run.json") or {}).get("owner") or {}
             if (owner.get("host") == socket.gethostname() and owner.get("pid") != os.getpid()
-                    and _pid_alive(owner.get("pid"))):
+                    and pid_alive(owner.get("pid"))):
                 continue  # another run (other settings) is training there right now
             shutil.rmtree(d, ignore_errors=True)
             log.info("%s/%s: removed the earlier resume checkpoint %s", method.name, stage, d)
@@ -372,7 +368,8 @@ class Trainer:
         return int(meta["step"])
 
 
-def _pid_alive(pid: Any) -> bool:
+def pid_alive(pid: Any) -> bool:
+    """True when process ``pid`` exists on this machine (someone else's process counts)."""
     try:
         os.kill(int(pid), 0)
     except (TypeError, ValueError, ProcessLookupError):

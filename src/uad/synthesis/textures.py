@@ -24,8 +24,6 @@ tag. It never falls back silently: ``kind="dtd"`` with a bad path raises
 
 from __future__ import annotations
 
-from uad.errors import UadError
-
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -34,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
+from uad.errors import UadError
 from uad.synthesis.perlin import perlin_noise
 
 __all__ = [

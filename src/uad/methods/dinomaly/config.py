@@ -16,10 +16,10 @@ ViT-S / ViT-L via ``backbone`` (``layers`` follow the depth: [2..9] or [4, 6, ..
 
 from __future__ import annotations
 
-from uad.errors import ConfigError
-
 from dataclasses import dataclass
 from typing import ClassVar
+
+from uad.errors import ConfigError
 
 from ..common.recon import ReconConfig
 

@@ -29,10 +29,10 @@ the authors' answer in luow23/INP-Former issue #53) unless ``residual_iterations
 
 from __future__ import annotations
 
-from uad.errors import ConfigError
-
 from dataclasses import dataclass
 from typing import ClassVar
+
+from uad.errors import ConfigError
 
 from ..common.recon import ReconConfig
 

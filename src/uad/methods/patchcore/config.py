@@ -5,11 +5,13 @@ scoring, images resized to 256 and centre-cropped to 224, maps smoothed with a G
 
 from __future__ import annotations
 
-from uad.errors import ConfigError
-
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
+
+from uad.errors import ConfigError
+
+from ..base import check_param_names
 
 
 @dataclass
@@ -49,8 +51,6 @@ class PatchCoreConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "PatchCoreConfig":
         """Paper defaults overridden by ``params``; unknown keys raise a ValueError listing the valid ones."""
-        from ..base import check_param_names
-
         params = dict(params or {})
         check_param_names(cls, params, "patchcore")
         if params.get("layers") is not None:

@@ -29,12 +29,14 @@ Paper readings that differ from the code, selectable:
 
 from __future__ import annotations
 
-from uad.errors import ConfigError
-
 import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
+
+from uad.errors import ConfigError
+
+from ..base import check_param_names
 
 __all__ = ["ATTENTION_KINDS", "RLRConfig"]
 
@@ -122,8 +124,6 @@ class RLRConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "RLRConfig":
-        from ..base import check_param_names
-
         params = dict(params or {})
         check_param_names(cls, params, "rlr")
         if params.get("betas") is not None:

@@ -43,27 +43,35 @@ class RLR(AnomalyMethod):
         # from its feature info: any timm CNN works, nothing is hard-coded.
         with torch.no_grad():
             probe = self.encoder(torch.zeros(1, 3, cfg.crop, cfg.crop)).maps
-        self.grids: list[tuple[int, int]] = [(int(m.shape[-2]), int(m.shape[-1])) for m in probe]
-        self.windows: list[int] = []
-        self.hidden_dims: list[int] = []
+        grids = [(int(m.shape[-2]), int(m.shape[-1])) for m in probe]
         kinds = list(cfg.attention)
         weights = [cfg.mixer_weight(k) for k in kinds]
         levels = []
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             for pos, (stage, channels, stride, grid) in enumerate(
-                zip(self.encoder.layers, self.encoder.channels, self.encoder.reductions, self.grids)
+                zip(self.encoder.layers, self.encoder.channels, self.encoder.reductions, grids)
             ):
-                window = cfg.window(pos, int(stride))
-                dim = cfg.hidden_dim(pos, int(stage))
-                self.windows.append(window)
-                self.hidden_dims.append(dim)
                 levels.append(ReferenceReconstructor(
-                    int(channels), grid, dim, window, depth=cfg.depth, num_heads=cfg.num_heads,
+                    int(channels), grid, cfg.hidden_dim(pos, int(stage)), cfg.window(pos, int(stride)),
+                    depth=cfg.depth, num_heads=cfg.num_heads,
                     mlp_ratio=cfg.mlp_ratio, kinds=kinds, weights=weights, residual=cfg.residual,
                     io_projection=cfg.io_projection, pos_embed=cfg.pos_embed, reference_std=cfg.reference_std,
                 ))
         self.model = RLRModel(levels)
+
+    # per-level settings, as the reconstructors hold them
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        return [lvl.grid for lvl in self.model.levels]
+
+    @property
+    def windows(self) -> list[int]:
+        return [lvl.window_size for lvl in self.model.levels]
+
+    @property
+    def hidden_dims(self) -> list[int]:
+        return [lvl.dim for lvl in self.model.levels]
 
     # --- contract ---------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:

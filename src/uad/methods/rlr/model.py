@@ -111,9 +111,11 @@ class ReferenceAttention(nn.Module):
         b, n, c = x.shape
         return x.reshape(b, n, self.heads, c // self.heads).transpose(1, 2)  # B, N, C -> B, H, N, C / H
 
-    def forward(self, y: torch.Tensor, r: torch.Tensor | None, window: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, r: torch.Tensor | None, window: torch.Tensor,
+                outside: torch.Tensor | None = None) -> torch.Tensor:
         """``y`` (B, N, d) tokens, ``r`` (1, N, d) projected reference (None for the self-attention
-        kinds), ``window`` (N, N) bool."""
+        kinds), ``window`` (N, N) bool and its complement ``outside`` (built once by the caller;
+        derived here when not given)."""
         b = y.shape[0]
         key_in = r if self.key_src == "r" else y
         value_in = r if self.value_src == "r" else y
@@ -128,7 +130,7 @@ class ReferenceAttention(nn.Module):
         if self.mask_kind == "window":
             mask = window
         elif self.mask_kind == "outside":
-            mask = ~window
+            mask = ~window if outside is None else outside
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # B, H, N, dh
         return self.proj(out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]))
 
@@ -148,10 +150,11 @@ class RLRBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.norm2 = nn.LayerNorm(dim)
 
-    def forward(self, y: torch.Tensor, r: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, r: torch.Tensor | None, window: torch.Tensor,
+                outside: torch.Tensor | None = None) -> torch.Tensor:
         mixed = None
         for w, mixer in zip(self.weights, self.mixers):
-            out = w * mixer(y, r, window)
+            out = w * mixer(y, r, window, outside)
             mixed = out if mixed is None else mixed + out
         if self.residual:
             mixed = y + mixed
@@ -199,7 +202,9 @@ class ReferenceReconstructor(nn.Module):
         )
         pe = sincos_pos_embed_2d(h, w, dim) if pos_embed else torch.zeros(h * w, dim)
         self.register_buffer("pos", pe, persistent=False)  # N, d
-        self.register_buffer("window", neighbour_window(h, w, window), persistent=False)  # N, N
+        win = neighbour_window(h, w, window)
+        self.register_buffer("window", win, persistent=False)  # N, N: LCA's mask
+        self.register_buffer("outside", ~win, persistent=False)  # N, N: MLKA's, built once
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens`` (B, N, C) -> reconstruction (B, N, C)."""
@@ -211,7 +216,7 @@ class ReferenceReconstructor(nn.Module):
         if self.reference is not None:
             r = (self.ref_embed(self.reference) + self.pos).unsqueeze(0)  # 1, N, d: batch-independent
         for blk in self.blocks:
-            y = blk(y, r, self.window)
+            y = blk(y, r, self.window, self.outside)
         return self.head(self.norm(y))
 
 

@@ -99,9 +99,10 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))
-        identity = method.identity()
-        if previous is None and not tensors:  # the method's first stage, first model
-            _check_synthesis_sources(method, synthesis or {})
+        if not identity:  # first model of the node (one-class: first class)
+            identity = method.identity()
+            if previous is None:  # the method's first stage
+                _check_synthesis_sources(method, synthesis or {})
         if previous is not None:
             method.check_checkpoint(previous.get("meta") or {}, previous.get("path"))
             method.load_state_dict(_split_state(previous["tensors"], group))
