@@ -8,7 +8,7 @@ from uad.methods.registry import method_class
 from uad.pipelines import ingest, method, synthesis
 
 #: methods with a Kedro pipeline (name == registry name == namespace == parameters key)
-METHODS = ("patchcore", "dinomaly", "inpformer", "rlr")
+METHODS = ("patchcore", "dinomaly", "inpformer", "rlr", "agpnet")
 
 
 def register_pipelines() -> dict[str, Pipeline]:

@@ -18,7 +18,8 @@ class FeatureOutput:
     ViT backbones fill ``tokens`` (one ``(B, N, C)`` tensor per requested block, patch tokens only,
     ``N = h * w`` in row-major order), ``prefix`` (the removed class / register tokens, ``(B, P, C)``),
     ``grid = (h, w)`` and, when built with ``need_attention=True``, ``attn``: one
-    ``(B, heads, P + N, P + N)`` softmax attention map per requested block (prefix tokens first).
+    ``(B, heads, P + N, P + N)`` softmax attention map per requested block (prefix tokens first);
+    with ``attention="prefix"`` only the prefix rows, ``(B, heads, P, P + N)``.
     CNN backbones fill ``maps``: one ``(B, C, h, w)`` tensor per requested stage.
     ``layers`` are the requested indices, in the order of the lists.
     """

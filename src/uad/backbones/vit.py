@@ -40,10 +40,14 @@ def _check_block(blk: nn.Module, i: int) -> None:
         )
 
 
-def block_forward_with_attention(blk: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def block_forward_with_attention(blk: nn.Module, x: torch.Tensor, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm ViT block (timm ``Block``) with the attention matrix made explicit.
 
-    ``x``: (B, N, C) -> (block output (B, N, C), attention (B, heads, N, N) after softmax).
+    ``x``: (B, N, C) -> (block output (B, N, C), attention after softmax). ``rows=None``: the whole
+    matrix (B, heads, N, N), and the output is computed from it. ``rows=r``: only the first ``r``
+    query rows (B, heads, r, N), e.g. the class token's attention to every token; the block output
+    then goes through the fused ``scaled_dot_product_attention`` from the same q, k, v (one qkv
+    projection, no N x N matrix in memory).
     Same arithmetic as timm's ``Attention`` (qk-norm, scale, optional scale-norm and gate) so the
     block output equals timm's fused path up to floating point.
     """
@@ -56,8 +60,13 @@ def block_forward_with_attention(blk: nn.Module, x: torch.Tensor) -> tuple[torch
     qkv = att.qkv(h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4)  # 3, B, H, N, d
     q, k, v = qkv.unbind(0)
     q, k = att.q_norm(q), att.k_norm(k)
-    a = ((q * att.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # B, H, N, N
-    o = (a.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, heads * head_dim)  # B, N, H*d
+    if rows is None:
+        a = ((q * att.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # B, H, N, N
+        o = a.to(v.dtype) @ v
+    else:
+        a = ((q[:, :, :rows] * att.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # B, H, r, N
+        o = F.scaled_dot_product_attention(q, k, v, scale=att.scale)
+    o = o.transpose(1, 2).reshape(B, N, heads * head_dim)  # B, N, H*d
     o = getattr(att, "norm", nn.Identity())(o)
     if gate is not None:
         o = o * gate
@@ -171,12 +180,20 @@ class ViTBackbone(Backbone):
             for i in range(self.num_layers)
         ]
 
-    def forward(self, x: torch.Tensor, layers: Sequence[int] | None = None) -> FeatureOutput:
+    def forward(self, x: torch.Tensor, layers: Sequence[int] | None = None, attention: str | None = None) -> FeatureOutput:
         """``x``: (B, 3, H, W) normalised with ``data_config`` mean/std; H, W multiples of the patch.
 
-        ``layers`` overrides the layers chosen at build time for this call.
+        ``layers`` overrides the layers chosen at build time for this call. ``attention`` overrides
+        ``need_attention`` for this call: ``"full"`` (the (B, heads, P + N, P + N) maps), ``"prefix"``
+        (only the rows of the P prefix tokens, (B, heads, P, P + N), with the fused kernel for the
+        block output) or ``"none"``.
         """
         layers = self.layers if layers is None else normalize_layers(layers, self.num_layers, self._what(), ())
+        mode = ("full" if self.need_attention else "none") if attention is None else attention
+        if mode not in ("full", "prefix", "none"):
+            raise ValueError(f"attention must be 'full', 'prefix' or 'none', got {attention!r}")
+        if mode == "prefix" and self.num_prefix_tokens < 1:
+            raise ValueError(f"{self.name} has no prefix (class) token: attention='prefix' is undefined")
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images (B, 3, H, W), got {tuple(x.shape)}")
         H, W = x.shape[-2:]
@@ -194,9 +211,9 @@ class ViTBackbone(Backbone):
         attns: dict[int, torch.Tensor] = {}
         for i in range(max(layers) + 1):  # stop after the deepest requested block
             blk = m.blocks[i]
-            if self.need_attention and i in wanted:
+            if mode != "none" and i in wanted:
                 _check_block(blk, i)
-                h, attns[i] = block_forward_with_attention(blk, h)
+                h, attns[i] = block_forward_with_attention(blk, h, rows=P if mode == "prefix" else None)
             else:
                 h = blk(h)
             if i in wanted:
@@ -205,6 +222,6 @@ class ViTBackbone(Backbone):
             tokens=[outs[i][:, P:] for i in layers],  # B, N, C
             prefix=[outs[i][:, :P] for i in layers],  # B, P, C
             grid=grid,
-            attn=[attns[i] for i in layers] if self.need_attention else None,
+            attn=[attns[i] for i in layers] if mode != "none" else None,
             layers=tuple(layers),
         )

@@ -265,6 +265,7 @@ class Trainer:
                 setup.optimizer.step()
                 if setup.scheduler is not None:
                     setup.scheduler.step()
+                method.after_optimizer_step(stage, step)
                 last_loss = float(loss.detach())
                 running = last_loss if running is None else 0.9 * running + 0.1 * last_loss
                 bar.update(1)
@@ -339,6 +340,7 @@ class Trainer:
             tmp.replace(path.parent / "run.json")
             self._owned = True
         tensors = {f"model.{k}": v for k, v in method.state_dict().items()}
+        tensors.update({f"train.{k}": v.detach().cpu().contiguous() for k, v in method.training_state().items()})
         opt_t, opt_meta = flatten_optimizer_state(setup.optimizer.state_dict())
         tensors.update(opt_t)
         meta = {
@@ -356,6 +358,7 @@ class Trainer:
         tensors, meta = load_state(path)
         model = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
         method.load_state_dict(model)
+        method.load_training_state({k[len("train."):]: v for k, v in tensors.items() if k.startswith("train.")})
         method.to(self.device, self.autocast_dtype)
         opt_state = unflatten_optimizer_state({k: v for k, v in tensors.items() if k.startswith("optim.")}, meta["optimizer"])
         setup.optimizer.load_state_dict(opt_state)

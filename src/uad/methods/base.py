@@ -146,6 +146,25 @@ class AnomalyMethod(abc.ABC):
         """Apply a paper's per-setting schedule (e.g. Dinomaly's class-separated budget) before
         training; ``setting`` is the data setting (``multi_class``, ``one_class``, ...)."""
 
+    def after_optimizer_step(self, stage: str, step: int) -> None:
+        """Called by the engine after optimiser step ``step`` (0-based): a mean teacher's EMA
+        update, say. Default: nothing."""
+
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """Tensors that training needs to resume exactly but inference never reads (a mean
+        teacher, say): saved in resume checkpoints only, not in the final model. Default: none."""
+        return {}
+
+    def load_training_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if state:
+            raise KeyError(f"{self.name}: unexpected training state {sorted(state)[:5]}")
+
+    def train_augment(self, setting: str) -> tuple[int, Any] | None:
+        """``(folds, augment)`` when the method's paper trains ``setting`` on an augmented copy of
+        the data (few-shot: each image ``folds`` times, ``augment(image_uint8, index)`` in the
+        dataset's hook contract); ``None`` (default) trains on the images as they are."""
+        return None
+
     def wants_synthesis(self, stage: str) -> bool:
         """True when ``stage`` trains on pseudo anomalies from the synthesis stage."""
         return False

@@ -19,6 +19,7 @@ _KNOWN = {
     "dinomaly": "uad.methods.dinomaly.method",
     "inpformer": "uad.methods.inpformer.method",
     "rlr": "uad.methods.rlr.method",
+    "agpnet": "uad.methods.agpnet.method",
 }
 
 

@@ -119,10 +119,16 @@ class SoftmaxAttention(_QKVAttention):
     is only ever used at rate 0).
     """
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``need_weights``: also return the softmax matrix (B, heads, N, N) in float32, computed
+        explicitly from the same projections (no dropout on that path: it serves readers of the
+        attention, such as AGPNet's mean-teacher masks, which run in eval mode)."""
         q, k, v = self._split(x)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
-        return self._merge(out)
+        if not need_weights:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+            return self._merge(out)
+        a = ((q * self.head_dim ** -0.5) @ k.transpose(-2, -1)).float().softmax(dim=-1)  # B, heads, N, N
+        return self._merge(a.to(v.dtype) @ v), a
 
 
 _ATTENTIONS: dict[str, type[nn.Module]] = {"linear": LinearAttention, "softmax": SoftmaxAttention}
@@ -173,6 +179,13 @@ class DecoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=ln_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop, act=act)
 
-    def forward(self, x: torch.Tensor, *attn_args, **attn_kwargs) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), *attn_args, **attn_kwargs)
-        return x + self.mlp(self.norm2(x))
+    def forward(self, x: torch.Tensor, *attn_args, need_weights: bool = False, **attn_kwargs):
+        """``need_weights``: return ``(output, attention weights)``; the mixer must support it
+        (:class:`SoftmaxAttention` does)."""
+        if need_weights:
+            y, weights = self.attn(self.norm1(x), *attn_args, need_weights=True, **attn_kwargs)
+        else:
+            y = self.attn(self.norm1(x), *attn_args, **attn_kwargs)
+        x = x + y
+        x = x + self.mlp(self.norm2(x))
+        return (x, weights) if need_weights else x

@@ -67,6 +67,22 @@ def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.
                          resize=method.input_spec["resize"])
 
 
+def _setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: dict[str, str]):
+    """The method's augmentation for ``setting`` (AGPNet's 32-fold few-shot augmentation):
+    ``(rows repeated folds times, hook)``, copy 0 as it is, the others transformed;
+    ``(df, None)`` when the method asks for none."""
+    spec = method.train_augment(setting)
+    if spec is None:
+        return df, None
+    from uad.data.augment import FoldAugment
+
+    folds, fn = spec
+    fold = FoldAugment(fn, n_images=len(df), seed=seed)
+    log.info("%s: %s training set of %d image(s) augmented %d-fold", method.name, setting, len(df), folds)
+    tags["train_augment_folds"] = str(int(folds))
+    return pd.concat([df] * int(folds), ignore_index=True), fold
+
+
 def _check_synthesis_sources(method, synth: dict[str, Any]) -> None:
     """Before a method's first stage trains: if any of its stages learns from pseudo anomalies,
     the texture source must be usable now (a missing DTD folder fails here, not after hours of
@@ -112,9 +128,15 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
             tags.update(method.tags())
             continue
         df = normal if group is None else normal[normal["class_name"] == group]
+        # the setting's augmentation first (it replicates rows), then pseudo anomalies on every row
+        df, fold = _setting_augment(method, str(data.get("setting", "multi_class")), df, cfg.seed, tags)
         aug, aug_tags = _synthesis_augment(method, stage, df, labelled if group is None else
                                            labelled[labelled["class_name"] == group], synthesis or {}, cfg.seed)
         tags.update(aug_tags)
+        if fold is not None:
+            from uad.data.augment import ChainAugment
+
+            aug = fold if aug is None else ChainAugment(fold, aug)
         ds = _dataset(method, df, classes, augment=aug)
         parts = {"method": method_name, "stage": stage, "group": group, "params": method_params, "data": fingerprint,
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
