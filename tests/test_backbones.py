@@ -154,6 +154,21 @@ def test_vit_attention_maps(vit_s_reg):
     torch.testing.assert_close(out.tokens[1], fused, atol=1e-4, rtol=1e-4)
 
 
+def test_vit_prefix_attention_rows_and_per_call_modes(vit_s_reg):
+    """``attention="prefix"``: only the class / register rows, from the same qkv, with the fused
+    kernel for the block output; ``"none"`` skips the maps of a model built with them."""
+    x = torch.randn(2, 3, 56, 56)
+    full, rows, none = vit_s_reg(x), vit_s_reg(x, attention="prefix"), vit_s_reg(x, attention="none")
+    assert [tuple(a.shape) for a in rows.attn] == [(2, 6, 5, 21)] * 2 and none.attn is None
+    for f, r in zip(full.attn, rows.attn):
+        torch.testing.assert_close(r, f[:, :, :5], atol=1e-6, rtol=1e-5)
+    for f, r, n in zip(full.tokens, rows.tokens, none.tokens):
+        torch.testing.assert_close(r, f, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(n, f, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attention must be"):
+        vit_s_reg(x, attention="cls")
+
+
 def test_layer_out_of_range_is_clear(vit_s_reg):
     with pytest.raises(ValueError, match="12 blocks"):
         vit_s_reg(torch.randn(1, 3, 28, 28), layers=[12])

@@ -57,6 +57,18 @@ def test_softmax_attention_matches_manual_formula():
     torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_softmax_attention_weights_come_from_the_same_projections():
+    """``need_weights``: the explicit matrix and an output equal to the fused kernel's, through the
+    one block implementation (AGPNet's mean teacher reads its attention this way)."""
+    torch.manual_seed(0)
+    blk = DecoderBlock(16, 2, attn="softmax").eval()
+    x = torch.randn(3, 5, 16)
+    y, a = blk(x, need_weights=True)
+    torch.testing.assert_close(y, blk(x), rtol=1e-5, atol=1e-6)
+    q, k, _ = _heads(blk.attn, blk.norm1(x))
+    torch.testing.assert_close(a, torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(8), dim=-1), rtol=1e-5, atol=1e-6)
+
+
 def test_decoder_block_is_prenorm_residual_and_eps():
     torch.manual_seed(0)
     blk = DecoderBlock(16, 4, attn="softmax").eval()

@@ -113,6 +113,21 @@ def test_rlr_smoke_run_localises_defects(project):
     assert len(meta["params_sha"]) == 12  # the checkpoint says what made it
 
 
+def test_agpnet_smoke_run_detects_defects(project):
+    """AGPNet (Table 5's EfficientNet variant on the bundled ImageNet Lite0, real weights) after
+    80 CPU steps: defects found well above chance at both levels (measured 0.635 image / 0.847
+    pixel AUROC / 0.671 AUPRO on 2 CPU cores)."""
+    client, run = last_run_after(project, "agpnet")
+    m = run.data.metrics
+    _check_metrics(run, "agpnet", 0.55)
+    assert m["pixel_auroc"] >= 0.75, f"agpnet: pixel AUROC {m['pixel_auroc']:.3f}"
+    assert m["pixel_aupro"] >= 0.45, f"agpnet: pixel AUPRO {m['pixel_aupro']:.3f}"
+    tags = run.data.tags
+    assert tags["weights_source"] == "bundled" and tags["prior"] == "energy" and tags["masks"] == "prior+learn"
+    assert tags["mean_teacher"] == "true" and int(tags["decoder_params"]) > 0
+    assert any(k.startswith("train_loss/train") for k in m)
+
+
 def last_run_after(project, pipeline):
     run_pipeline(project, pipeline)
     return last_run(os.environ["MLFLOW_TRACKING_URI"])
