@@ -96,7 +96,7 @@ def rate(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device
 
 def train_step(method, stage: str, setup, batch: Mapping[str, torch.Tensor], step: int) -> float:
     """One step as the engine does it: train mode, autocast, loss, backward, clip, optimiser and
-    schedule step. Returns the loss."""
+    schedule step, the method's post-step hook. Returns the loss."""
     method.train_mode(stage)
     with method.autocast():
         loss = method.training_step(stage, batch, step)
@@ -107,6 +107,7 @@ def train_step(method, stage: str, setup, batch: Mapping[str, torch.Tensor], ste
     setup.optimizer.step()
     if setup.scheduler is not None:
         setup.scheduler.step()
+    method.after_optimizer_step(stage, step)  # a mean teacher's EMA update, as the engine does
     return float(loss.detach())
 
 
@@ -229,7 +230,8 @@ def bench_method(method_cls: type, script: str, doc: str | None, argv: list[str]
                 del setup
             test = torch.randn(run.infer_batch, 3, crop, crop, device=run.device)
             inf = rate(lambda i: m.predict(test), run.warmup, run.iters, run.device) * run.infer_batch
-            n = (crop // m.encoder.patch_size) ** 2
+            grid = getattr(m, "grid", None)  # a method that knows its token grid says it
+            n = grid[0] * grid[1] if isinstance(grid, tuple) else (crop // m.encoder.patch_size) ** 2
             print(f"| {name} | {crop} | {n} | {run.batch} |{cells} {run.infer_batch} | {inf:.2f} | {load:.2f} |",
                   flush=True)
             del m

@@ -91,6 +91,32 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
+def test_a_checkpoint_that_no_longer_fits_is_retrained_not_a_crash(tmp_path, caplog):
+    """Same key, different network (a code default changed): warn, put the method back, train
+    from scratch; the result equals a fresh training."""
+    _fit(tmp_path / "b", iterations=10)
+    fresh, _ = _fit(tmp_path / "a", iterations=20)
+
+    class Wider(ToyAE):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(3)
+            self.net = nn.Sequential(nn.Linear(6, 3), nn.Tanh(), nn.Linear(3, 6))
+            self.head = nn.Linear(2, 2)
+
+        def modules(self):
+            return {"net": self.net, "head": self.head}
+
+    cfg = EngineConfig(device="cpu", iterations=20, batch_size=4, checkpoint_dir=str(tmp_path / "b"),
+                       checkpoint_every=5, progress=False, log_every=1)
+    m = Wider()
+    with caplog.at_level("WARNING"):
+        out = Trainer(cfg, key="k").fit(m, "train", Toy())
+    assert out["resumed_from"] == 0 and "cannot resume" in caplog.text
+    for a, b in zip(fresh.net.parameters(), m.net.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
 def test_nan_loss_stops_with_a_clear_error(tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 3"):
         _fit(tmp_path, blow=3)

@@ -229,7 +229,8 @@ class Trainer:
         start = 0
         ckpt = self.checkpoint_path(method, stage)
         if ckpt is not None and cfg.resume and ckpt.is_file():
-            start = self._restore(ckpt, method, setup)
+            start = self._try_restore(ckpt, method, setup)
+        if start and ckpt is not None:
             if start >= iterations:
                 log.info("%s/%s: reusing the finished training in %s (same training data contents, parameters "
                          "and engine settings; engine.resume=false trains again)", method.name, stage, ckpt.parent)
@@ -353,6 +354,25 @@ class Trainer:
             "cuda_rng": [t.tolist() for t in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else None,
         }
         save_state(path, tensors, _jsonable(meta))
+
+    def _try_restore(self, path: Path, method, setup) -> int:
+        """:meth:`_restore`, or 0 with a warning when the checkpoint does not fit the method (a
+        shape or key mismatch: the method changed under an unchanged key); the method and the
+        optimiser are put back as they were before the attempt."""
+        model_before = {k: v.clone() for k, v in method.state_dict().items()}
+        train_before = {k: v.clone() for k, v in method.training_state().items()}
+        opt_before = setup.optimizer.state_dict()
+        try:
+            return self._restore(path, method, setup)
+        except (RuntimeError, KeyError, ValueError) as e:
+            method.load_state_dict(model_before)
+            method.load_training_state(train_before)
+            method.to(self.device, self.autocast_dtype)
+            setup.optimizer.load_state_dict(opt_before)
+            first = str(e).strip().splitlines()
+            log.warning("%s: cannot resume from %s (%s); training from scratch", method.name, path,
+                        " ".join(line.strip() for line in first[:3]))
+            return 0
 
     def _restore(self, path: Path, method, setup) -> int:
         tensors, meta = load_state(path)

@@ -213,11 +213,20 @@ class AnomalyMethod(abc.ABC):
             raise KeyError(f"{self.name}: unexpected extra state {sorted(state)}")
 
     # --- bookkeeping ----------------------------------------------------------------------
+    def resolved_params(self) -> dict[str, Any]:
+        """Every parameter as the method runs with it: the config's fields (code defaults
+        included) when the method has a config, else the given parameters. A change of a code
+        default between versions then changes this too (resume keys, checkpoint identity)."""
+        cfg = getattr(self, "cfg", None)
+        if cfg is not None and hasattr(cfg, "as_dict"):
+            return dict(cfg.as_dict())
+        return dict(self.params)
+
     def identity(self) -> dict[str, str]:
         """What a checkpoint of this method must match to be loaded: the method, its backbone and
-        crop; plus a hash of all its parameters (recorded, reported on a mismatch)."""
+        crop; plus a hash of all its resolved parameters (recorded, reported on a mismatch)."""
         cfg = getattr(self, "cfg", None)
-        blob = json.dumps(self.params, sort_keys=True, default=str).encode()
+        blob = json.dumps(self.resolved_params(), sort_keys=True, default=str).encode()
         return {"method": self.name, "backbone": str(getattr(cfg, "backbone", "")),
                 "crop": str(self.input_spec["crop"]), "params_sha": hashlib.sha256(blob).hexdigest()[:12]}
 

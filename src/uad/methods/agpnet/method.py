@@ -250,11 +250,22 @@ class AGPNet(AnomalyMethod):
             self.teacher.step(self.decoder, step)
 
     # --- inference --------------------------------------------------------------------------
-    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Eq. 8 at the input size: (B, H, W) float32."""
+    @property
+    def grids(self) -> list[tuple[int, int]]:
+        """Token grid of each reconstructed level (one: the fused features)."""
+        return [self.grid]
+
+    def reconstruct(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``([F_clean], [dec(F_clean)])``, (B, N, C) float32 each, no_grad, student only: the
+        same per-level contract as RLR's, for a plug-in that reads a base's reconstruction."""
         clean, _ = self.encode(images, prior=False)
         with torch.no_grad(), self.autocast():
             rec = self.decoder(clean)
+        return [clean], [rec.float()]
+
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """Eq. 8 at the input size: (B, H, W) float32."""
+        (clean,), (rec,) = self.reconstruct(images)
         return anomaly_map(clean, rec, self.grid, tuple(images.shape[-2:]))
 
     def predict(self, images: torch.Tensor) -> Prediction:

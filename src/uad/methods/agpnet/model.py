@@ -23,7 +23,7 @@ class AGPDecoder(nn.Module):
     """Plain ViT decoder over a fixed ``grid`` of tokens; see the module docstring."""
 
     def __init__(self, in_dim: int, grid: tuple[int, int], dim: int | None = None, depth: int = 4,
-                 num_heads: int = 6, mlp_ratio: float = 2.0, qkv_bias: bool = True, ln_eps: float = 1e-6):
+                 num_heads: int = 6, mlp_ratio: float = 4.0, qkv_bias: bool = True, ln_eps: float = 1e-6):
         super().__init__()
         dim = int(dim or in_dim)
         if dim % num_heads:

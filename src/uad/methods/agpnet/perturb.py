@@ -133,7 +133,8 @@ def feature_perturbation(features: torch.Tensor, mask: torch.Tensor, alpha: floa
 
 def image_mask(mask: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], ratio: float) -> torch.Tensor:
     """The image-level mask: the (B, N) map on its (h, w) grid upsampled bilinearly to ``size``,
-    binarised to its top ``ratio`` fraction of pixels per image (``ratio = 1``: every pixel).
+    binarised to its top ``ratio`` fraction of pixels per image, exactly ``round(ratio * H * W)``
+    of them (ties broken arbitrarily; ``ratio = 1``: every pixel).
     Returns (B, 1, H, W) bool."""
     b = mask.shape[0]
     up = F.interpolate(mask.float().view(b, 1, *grid), size=size, mode="bilinear", align_corners=False)
@@ -144,9 +145,10 @@ def image_mask(mask: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
         return torch.ones_like(up, dtype=torch.bool)
     if keep == 0:
         return torch.zeros_like(up, dtype=torch.bool)
-    # the keep-th largest value of each image: the (n - keep + 1)-th smallest
-    thresh = flat.kthvalue(n - keep + 1, dim=1, keepdim=True).values
-    return (flat >= thresh).view_as(up)
+    # exactly `keep` pixels per image (the upsampled map has plateaus: a threshold would keep ties)
+    out = torch.zeros_like(flat, dtype=torch.bool)
+    out.scatter_(1, flat.topk(keep, dim=1, sorted=False).indices, True)
+    return out.view_as(up)
 
 
 def reconstruction_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
 
             aug = fold if aug is None else ChainAugment(fold, aug)
         ds = _dataset(method, df, classes, augment=aug)
-        parts = {"method": method_name, "stage": stage, "group": group, "params": method_params, "data": fingerprint,
+        # resolved parameters: a changed code default must not resume an older training
+        parts = {"method": method_name, "stage": stage, "group": group, "params": method.resolved_params(), "data": fingerprint,
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
                  "synthesis": synthesis if aug is not None else None}
         metric = f"train_loss/{stage}" + (f"/{group}" if group else "")
