@@ -10,7 +10,8 @@ CORE_MODULES = [
     "uad.data", "uad.data.images", "uad.data.index", "uad.data.layouts", "uad.data.settings", "uad.data.synthetic",
     "uad.data.torch_data", "uad.data.semi", "uad.backbones", "uad.metrics", "uad.metrics.plots", "uad.engine",
     "uad.methods.registry", "uad.methods.common", "uad.methods.patchcore.method", "uad.methods.dinomaly.method",
-    "uad.methods.inpformer.method", "uad.methods.rlr.method", "uad.synthesis",
+    "uad.methods.inpformer.method", "uad.methods.rlr.method", "uad.methods.agpnet.method", "uad.methods.common.ema",
+    "uad.synthesis", "uad.data.folder", "uad.data.augment", "uad.metrics.thresholds", "uad.export",
 ]
 
 

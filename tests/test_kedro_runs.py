@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from kedro_harness import last_run, run_pipeline, tracked_project
 
@@ -80,6 +81,73 @@ def test_dinomaly_smoke_run_detects_defects(project):
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_metrics(run, "dinomaly", 0.6)
     assert any(k.startswith("train_loss/train") for k in run.data.metrics)
+
+
+def _latest(folder: Path, name: str) -> Path:
+    return sorted(folder.iterdir())[-1] / name
+
+
+def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
+    """Score a folder of new images with the trained smoke Dinomaly: the scores equal the evaluate
+    run's for the same images, the stored threshold decides, a corrupt file is listed and skipped,
+    the run links to the training run. Then the ONNX export equals torch and is registered."""
+    import shutil
+
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    from uad.data.torch_data import AnomalyImageDataset
+    from uad.engine import load_state
+    from uad.export import onnx_predict
+    from uad.pipelines.method.serving import _load_method
+
+    if not (project / "data/06_models/dinomaly/train.safetensors").exists():
+        run_pipeline(project, "dinomaly")
+    preds = dict(np.load(_latest(project / "data/07_model_output/dinomaly/anomaly_maps.npz", "anomaly_maps.npz")))
+    thresholds = __import__("json").loads(_latest(project / "data/08_reporting/dinomaly/thresholds.json",
+                                                  "thresholds.json").read_text())
+    ckpt_path = _latest(project / "data/06_models/dinomaly/train.safetensors", "train.safetensors")
+    tensors, meta = load_state(ckpt_path)
+    folder = tmp_path / "new"
+    picks = [0, 5, len(preds["image_paths"]) - 1]
+    for k, i in enumerate(picks):  # nested, renamed copies of test images
+        dst = folder / f"line{k % 2}" / f"img{k}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(project / preds["image_paths"][i] if not Path(preds["image_paths"][i]).is_absolute()
+                    else preds["image_paths"][i], dst)
+    (folder / "line0" / "corrupt.png").write_bytes(b"not an image")
+
+    run_pipeline(project, "infer", namespaces=["dinomaly"], params={"infer.images": str(folder)})
+    client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    res = pd.read_csv(_latest(project / "data/07_model_output/dinomaly/infer/results.csv", "results.csv"),
+                      keep_default_na=False).set_index("relative_path")
+    assert res.loc["line0/corrupt.png", "status"] == "unreadable" and res.loc["line0/corrupt.png", "error"]
+    for k, i in enumerate(picks):
+        row = res.loc[f"line{k % 2}/img{k}.png"]
+        assert float(row["score"]) == pytest.approx(float(preds["scores"][i]), abs=1e-5)
+        assert row["decision"] == ("anomalous" if float(row["score"]) >= thresholds["image"] else "normal")
+        assert float(row["image_threshold"]) == pytest.approx(thresholds["image"], rel=1e-5)
+    assert run.data.tags["trained_in_run"] == meta["mlflow_run_id"] and run.data.tags["n_unreadable"] == "1"
+    overlays = list(_latest(project / "data/08_reporting/dinomaly/infer_overlays", "infer_overlays").glob("*.png"))
+    assert len(overlays) == 3
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "inference")} >= {"inference/results.csv"}
+
+    run_pipeline(project, "export", namespaces=["dinomaly"])
+    onnx_file = _latest(project / "data/06_models/dinomaly/model.onnx", "model.onnx")
+    spec = __import__("json").loads(_latest(project / "data/06_models/dinomaly/model.json", "model.json").read_text())
+    assert spec["thresholds"]["image"] == thresholds["image"] and spec["preprocessing"]["crop"] == 112
+    params = yaml.safe_load((project / "conf/smoke/parameters_dinomaly.yml").read_text())["dinomaly"]["method"]
+    method = _load_method("dinomaly", params, {"tensors": tensors, "meta": meta, "path": str(ckpt_path)}, None, "export")
+    sp = method.input_spec
+    df = pd.DataFrame({"image_path": [str(project / preds["image_paths"][i]) for i in picks], "class_name": "x",
+                       "label": 0, "mask_path": ""})
+    x = torch.stack([AnomalyImageDataset(df, sp["resize"], sp["crop"], sp["mean"], sp["std"])[j]["image"] for j in range(3)])
+    maps, scores = onnx_predict(onnx_file, x)
+    ref = method.predict(x)
+    np.testing.assert_allclose(maps, ref.maps.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-4, rtol=0)
+    versions = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions("name='uad-dinomaly'")
+    assert len(versions) >= 1
 
 
 def test_inpformer_smoke_run_multi_class(project):

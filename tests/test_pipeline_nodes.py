@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import pandas as pd
 
 from uad.data.layouts import scan_dataset
@@ -52,8 +53,33 @@ def test_evaluate_names_metrics_as_the_papers_and_per_class():
     maps = rng.random((n, h, h)).astype(np.float16) + masks
     preds = {"labels": labels, "scores": maps.reshape(n, -1).max(1).astype(np.float32), "masks": masks, "maps": maps,
              "class_names": np.array(["a"] * 6 + ["b"] * 6)}
-    table, logged = evaluate(preds, {"pixel": True})
+    table, logged, thresholds = evaluate(preds, {"pixel": True})
     assert list(table["class_name"]) == ["a", "b", "mean"]
     assert {"image_auroc", "pixel_aupro", "a/image_auroc", "b/pixel_f1max"} <= set(logged)
     assert logged["image_auroc"]["value"] == table.set_index("class_name").loc["mean", "image_auroc"]
     assert all(v["step"] == 0 for v in logged.values())
+    # the stored decision thresholds reach the F1-max of this labelled split
+    from uad.metrics import f1_max
+
+    def f1(y, pred):
+        tp = int((y & pred).sum())
+        return 2 * tp / (2 * tp + int((~y & pred).sum()) + int((y & ~pred).sum()))
+
+    assert thresholds["image_source"] == "f1_test" and thresholds["pixel_source"] == "f1_test"
+    y = labels.astype(bool)
+    assert f1(y, preds["scores"] >= thresholds["image"]) == pytest.approx(f1_max(labels, preds["scores"]))
+    m = masks.astype(bool).ravel()
+    assert f1(m, maps.astype(np.float32).ravel() >= thresholds["pixel"]) == pytest.approx(f1_max(m, maps.ravel()), abs=1e-6)
+    assert logged["threshold_image"]["value"] == thresholds["image"]
+
+
+@pytest.mark.parametrize("fpr", [0.0, 0.05, 0.25])
+def test_thresholds_without_anomalies_hold_the_false_positive_rate(fpr):
+    from uad.metrics.thresholds import compute_thresholds
+
+    scores = np.random.default_rng(1).random(200)
+    scores[:10] = scores[10]  # ties
+    t = compute_thresholds(np.zeros(200, int), scores, fpr=fpr)
+    assert t["image_source"] == "fpr_normal" and t["fpr"] == fpr
+    flagged = (scores >= t["image"]).mean()
+    assert flagged <= fpr and flagged >= fpr - 0.06  # at most fpr; ties may cost a few

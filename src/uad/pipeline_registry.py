@@ -19,5 +19,11 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipes["features"] = ing + sum((method.features_pipeline(m) for m in METHODS if method_class(m).uses_feature_cache()),
                                   Pipeline([]))
     pipes["evaluate"] = sum((method.evaluation_pipeline(m) for m in METHODS), Pipeline([]))
+    # use a trained model: kedro run --pipeline=infer --namespaces=<method> (or infer_<method>)
+    pipes["infer"] = sum((method.infer_pipeline(m) for m in METHODS), Pipeline([]))
+    pipes["export"] = sum((method.export_pipeline(m) for m in METHODS), Pipeline([]))
+    for m in METHODS:
+        pipes[f"infer_{m}"] = method.infer_pipeline(m)
+        pipes[f"export_{m}"] = method.export_pipeline(m)
     pipes["__default__"] = pipes["patchcore"]
     return pipes

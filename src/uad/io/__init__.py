@@ -1,5 +1,16 @@
 """Kedro catalog datasets of this project (Kedro layer: may import kedro and mlflow)."""
 
-from .datasets import JSONTagsDataset, MlflowTagsDataset, NpzDataset, PngDataset, SafetensorsDataset
+from .datasets import (
+    CsvTableDataset,
+    JSONTagsDataset,
+    MlflowTagsDataset,
+    NpzDataset,
+    OnnxModelDataset,
+    PngDataset,
+    PngFolderDataset,
+    SafetensorsDataset,
+    ThresholdsDataset,
+)
 
-__all__ = ["JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "PngDataset", "SafetensorsDataset"]
+__all__ = ["CsvTableDataset", "JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "OnnxModelDataset", "PngDataset",
+           "PngFolderDataset", "SafetensorsDataset", "ThresholdsDataset"]

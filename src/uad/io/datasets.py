@@ -96,7 +96,11 @@ class SafetensorsDataset(_LocalVersionedDataset):
         path = self._path("save")
         if self._protocol != "file":
             raise DatasetError("SafetensorsDataset writes local files only")
-        save_state(path, data["tensors"], data.get("meta") or {})
+        meta = dict(data.get("meta") or {})
+        run_id = _active_run_id()
+        if run_id and "mlflow_run_id" not in meta:  # inference runs link back to the training run
+            meta["mlflow_run_id"] = run_id
+        save_state(path, data["tensors"], meta)
         self._invalidate_cache()
         self._log_artifact(path)
 
@@ -154,6 +158,94 @@ class JSONTagsDataset(_LocalVersionedDataset):
 
     def save(self, data: dict[str, Any]) -> None:
         self._write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
+
+
+class ThresholdsDataset(JSONTagsDataset):
+    """The decision thresholds an evaluation stored (:func:`uad.metrics.thresholds.compute_thresholds`).
+    Loads ``{}`` when none was stored yet, so a node can say what to do instead of a bare
+    "dataset not found"."""
+
+    def load(self) -> dict[str, Any]:
+        try:
+            return super().load()
+        except (DatasetError, FileNotFoundError):
+            return {}
+
+
+class CsvTableDataset(_LocalVersionedDataset):
+    """A pandas table as CSV, versioned, written atomically (and logged to MLflow when asked)."""
+
+    def load(self):
+        import pandas as pd
+
+        return pd.read_csv(io.BytesIO(self._read()), keep_default_na=False)
+
+    def save(self, data) -> None:
+        self._write(data.to_csv(index=False, float_format="%.6g").encode())
+
+
+class PngFolderDataset(_LocalVersionedDataset):
+    """``{name: PNG bytes}`` as one folder of PNG files per version (each file written atomically);
+    logged to MLflow as a folder of artifacts."""
+
+    def load(self) -> dict[str, bytes]:
+        root = self._path("load")
+        return {PurePosixPath(p).name: self._fs.open(p, "rb").read() for p in sorted(self._fs.glob(f"{root}/*.png"))}
+
+    def save(self, data: dict[str, bytes]) -> None:
+        root = self._path("save")
+        if self._protocol != "file":
+            raise DatasetError("PngFolderDataset writes local files only")
+        import os
+
+        os.makedirs(root, exist_ok=True)
+        for name, png in data.items():
+            if not bytes(png[:8]) == b"\x89PNG\r\n\x1a\n":
+                raise DatasetError(f"{self._filepath}: {name!r} is not PNG bytes")
+            atomic_write_bytes(f"{root}/{PurePosixPath(name).name}", bytes(png))
+        self._invalidate_cache()
+        if self._mlflow_artifact_path is not None:
+            import mlflow
+
+            if mlflow.active_run() is not None:
+                mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
+
+
+class OnnxModelDataset(_LocalVersionedDataset):
+    """An ONNX model file (bytes), versioned. With ``registered_model_name`` and an active MLflow
+    run, each saved version is also logged as an MLflow ONNX model and registered in the model
+    registry under that name (a new model version per save)."""
+
+    def __init__(self, filepath: str, registered_model_name: str | None = None, version: Version | None = None,
+                 metadata: dict[str, Any] | None = None, mlflow_artifact_path: str | None = None):
+        super().__init__(filepath, version, metadata, mlflow_artifact_path)
+        self._registered_model_name = registered_model_name
+
+    def load(self) -> bytes:
+        return self._read()
+
+    def save(self, data: bytes) -> None:
+        self._write(bytes(data))
+        if not self._registered_model_name:
+            return
+        import mlflow
+
+        if mlflow.active_run() is None:
+            return
+        import mlflow.onnx
+        import onnx
+
+        mlflow.onnx.log_model(onnx.load_from_string(bytes(data)), name="onnx_model",
+                              registered_model_name=self._registered_model_name)
+
+
+def _active_run_id() -> str | None:
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover - mlflow is a dependency of the project
+        return None
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
 
 
 class MlflowTagsDataset(AbstractDataset):

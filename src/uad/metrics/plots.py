@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from uad.metrics.metrics import METRIC_NAMES, auroc, average_precision, pr_curve, roc_curve
 
-__all__ = ["anomaly_overlay_grid", "roc_pr_curves", "per_class_bar_chart", "figure_to_png_bytes"]
+__all__ = ["anomaly_overlay_grid", "decision_overlay_png", "roc_pr_curves", "per_class_bar_chart", "figure_to_png_bytes"]
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -214,3 +214,31 @@ def per_class_bar_chart(metrics_df: Any, metrics: Sequence[str] | None = None) -
     fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", fontsize=7,
                ncols=min(k, 7), frameon=False)
     return fig
+
+
+def decision_overlay_png(image: np.ndarray, amap: np.ndarray, pixel_threshold: float, text: str,
+                         anomalous: bool) -> bytes:
+    """One inference picture as PNG bytes: the image as the model saw it | the same with the
+    anomaly map blended in (jet; the colour scale puts ``pixel_threshold`` at its middle) and the
+    pixels at or above the threshold outlined, under a banner with ``text`` (red when
+    ``anomalous``). PIL only: fast enough for one picture per image of a production folder."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    img = np.asarray(image, dtype=np.uint8)
+    m = np.asarray(amap, dtype=np.float32)
+    scale = 2.0 * pixel_threshold if pixel_threshold > 0 else float(m.max() or 1.0)
+    heat = (colormaps["jet"](np.clip(m / scale, 0.0, 1.0))[..., :3] * 255).astype(np.float32)
+    blend = (0.55 * img.astype(np.float32) + 0.45 * heat).astype(np.uint8)
+    hot = m >= pixel_threshold
+    edge = hot & ~(np.roll(hot, 1, 0) & np.roll(hot, -1, 0) & np.roll(hot, 1, 1) & np.roll(hot, -1, 1))
+    blend[edge] = (255, 255, 255)
+    h, w = img.shape[:2]
+    banner = 18
+    canvas = Image.new("RGB", (2 * w + 4, h + banner), (200, 30, 30) if anomalous else (40, 120, 40))
+    canvas.paste(Image.fromarray(img), (0, banner))
+    canvas.paste(Image.fromarray(blend), (w + 4, banner))
+    ImageDraw.Draw(canvas).text((4, 3), text, fill=(255, 255, 255))
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    return buf.getvalue()

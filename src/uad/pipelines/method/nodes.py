@@ -186,6 +186,25 @@ def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, me
 
 # ------------------------------------------------------------------------------------ prediction
 @torch.no_grad()
+def score_dataset(method, ds: AnomalyImageDataset, trainer: Trainer, cfg, desc: str
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scores float32 (N,), maps float16 (N, crop, crop), masks uint8 (N, crop, crop))`` of a
+    prepared method over ``ds``, streamed by the engine's loader (workers, pinned memory) with a
+    progress bar. The one scoring loop of evaluation and inference."""
+    from tqdm.auto import tqdm
+
+    loader = trainer.loader(ds, batch_size=cfg.batch_size or 8)
+    scores, maps, masks = [], [], []
+    for batch in tqdm(loader, desc=desc, disable=not cfg.progress, mininterval=1.0):
+        images = batch["image"].to(trainer.device, non_blocking=True)
+        out = method.predict(images)
+        scores.append(out.scores.float().cpu().numpy())
+        maps.append(out.maps.float().cpu().numpy().astype(np.float16))
+        masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
+    return np.concatenate(scores).astype(np.float32), np.concatenate(maps), np.concatenate(masks)
+
+
+@torch.no_grad()
 def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
             engine_override: dict, checkpoint: dict) -> dict[str, np.ndarray]:
     """Anomaly maps and scores for every test image (maps float16 at the crop size)."""
@@ -204,21 +223,11 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
         trainer.prepare(method)
         method.eval_mode()
         ds = _dataset(method, df, classes)
-        loader = trainer.loader(ds, batch_size=cfg.batch_size or 8)
-        scores, maps, masks = [], [], []
-        from tqdm.auto import tqdm
-
-        for batch in tqdm(loader, desc=f"{method_name}:predict" + (f":{group}" if group else ""),
-                          disable=not cfg.progress, mininterval=1.0):
-            images = batch["image"].to(trainer.device, non_blocking=True)
-            out = method.predict(images)
-            scores.append(out.scores.float().cpu().numpy())
-            maps.append(out.maps.float().cpu().numpy().astype(np.float16))
-            masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
+        scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:predict" + (f":{group}" if group else ""))
         parts.append({
-            "scores": np.concatenate(scores).astype(np.float32),
-            "maps": np.concatenate(maps),
-            "masks": np.concatenate(masks),
+            "scores": scores,
+            "maps": maps,
+            "masks": masks,
             "labels": df["label"].to_numpy(np.int64),
             "class_names": df["class_name"].to_numpy(str),
             "image_paths": df["image_path"].to_numpy(str),
@@ -230,8 +239,12 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
 
 
 # ------------------------------------------------------------------------------------ evaluation
-def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.DataFrame, dict]:
-    """The seven metrics per class and their mean (the papers' protocol)."""
+def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.DataFrame, dict, dict]:
+    """The seven metrics per class and their mean (the papers' protocol), and the decision
+    thresholds inference will apply (:func:`uad.metrics.thresholds.compute_thresholds`: F1-optimal
+    on this labelled split, or at ``evaluation.threshold_fpr`` on normal images without labels)."""
+    from uad.metrics.thresholds import compute_thresholds
+
     has_masks = bool(predictions["masks"].any()) and evaluation.get("pixel", True)
     table = compute_metrics(predictions["labels"], predictions["scores"], predictions["masks"].astype(bool),
                             predictions["maps"], predictions["class_names"], pixel=has_masks)
@@ -245,7 +258,16 @@ def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.D
             mlflow_metrics[key] = {"value": float(val), "step": 0}
     mean = table.loc["mean"]
     log.info("mean over classes: %s", ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m])))
-    return table.reset_index().rename(columns={"index": "class_name"}), mlflow_metrics
+    thresholds = compute_thresholds(predictions["labels"], predictions["scores"],
+                                    predictions["masks"] if has_masks else None,
+                                    predictions["maps"] if has_masks else None,
+                                    fpr=float(evaluation.get("threshold_fpr", 0.01)))
+    for key in ("image", "pixel"):
+        if key in thresholds:
+            mlflow_metrics[f"threshold_{key}"] = {"value": float(thresholds[key]), "step": 0}
+    log.info("decision thresholds: image %.6g (%s)%s", thresholds["image"], thresholds["image_source"],
+             f", pixel {thresholds['pixel']:.6g} ({thresholds['pixel_source']})" if "pixel" in thresholds else "")
+    return table.reset_index().rename(columns={"index": "class_name"}), mlflow_metrics, thresholds
 
 
 def report(method_name: str, predictions: dict[str, np.ndarray], metrics_table: pd.DataFrame, reporting: dict

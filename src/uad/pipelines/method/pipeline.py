@@ -13,6 +13,7 @@ from kedro.pipeline import Pipeline, node
 from uad.methods.registry import method_class
 
 from .nodes import evaluate, extract_features, named, predict, report, train_stage
+from .serving import export_model, infer_images, scan_images
 
 SHARED_INPUTS = {"train_index", "test_index"}
 SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting"}
@@ -57,7 +58,7 @@ def _training_nodes(method: str) -> list:
 def _evaluation_nodes(method: str) -> list:
     return [
         node(evaluate, {"predictions": "predictions", "evaluation": "params:evaluation"},
-             ["metrics_table", "mlflow_metrics"], name="evaluate", tags=["evaluate"]),
+             ["metrics_table", "mlflow_metrics", "thresholds"], name="evaluate", tags=["evaluate"]),
         node(named(report, "report", method_name=method),
              {"predictions": "predictions", "metrics_table": "metrics_table", "reporting": "params:reporting"},
              ["overlays", "curves", "per_class_chart"], name="report", tags=["evaluate", "report"]),
@@ -70,6 +71,34 @@ def create_pipeline(method: str) -> Pipeline:
                 {"test_index": "test_index", **_common(method), "checkpoint": final},
                 "predictions", name="predict", tags=["predict"])
     return _namespaced([*train, pred, *_evaluation_nodes(method)], method)
+
+
+def _final_checkpoint(method: str) -> str:
+    return f"checkpoint_{method_class(method).stages[-1]}"
+
+
+def infer_pipeline(method: str) -> Pipeline:
+    """Score a folder of new images with the method's trained checkpoint and stored thresholds."""
+    common = {"method_params": "params:method", "engine": "params:engine", "engine_override": "params:engine_override"}
+    nodes = [
+        node(scan_images, {"infer": "params:infer", "engine": "params:engine"}, "infer_index",
+             name="scan_images", tags=["infer"]),
+        node(named(infer_images, "infer", method_name=method),
+             {"images": "infer_index", **common, "checkpoint": _final_checkpoint(method), "thresholds": "thresholds",
+              "infer": "params:infer"},
+             ["infer_results", "infer_maps", "infer_overlays", "infer_tags"], name="infer", tags=["infer"]),
+    ]
+    return Pipeline(nodes, namespace=method, parameters={"params:infer", "params:engine"})
+
+
+def export_pipeline(method: str) -> Pipeline:
+    """The method's inference path as an ONNX model (+ preprocessing / thresholds JSON), registered
+    in the MLflow model registry."""
+    nodes = [node(named(export_model, "export", method_name=method),
+                  {"method_params": "params:method", "checkpoint": _final_checkpoint(method),
+                   "thresholds": "thresholds", "export": "params:export"},
+                  ["onnx_model", "export_spec", "export_tags"], name="export", tags=["export"])]
+    return Pipeline(nodes, namespace=method, parameters={"params:export"})
 
 
 def evaluation_pipeline(method: str) -> Pipeline:

@@ -1,0 +1,109 @@
+"""Export a trained method's whole inference path to ONNX, and run it.
+
+:class:`InferenceGraph` wraps :meth:`AnomalyMethod.predict` (encoder, decoder / memory bank,
+anomaly map, smoothing and image score: everything the method does after preprocessing) as one
+``nn.Module``: normalised images (B, 3, crop, crop) in, ``(maps (B, crop, crop), scores (B,))``
+out. :func:`export_onnx` traces it with PyTorch's ``torch.export``-based ONNX exporter, with a
+dynamic batch dimension where the method allows one (a fixed batch otherwise, recorded), and
+:func:`onnx_predict` runs the file with onnxruntime (the test that the two agree uses it).
+:func:`preprocessing_spec` is the JSON a production runtime needs to prepare images exactly as
+training did (square resize with PIL bilinear, centre crop, mean / std).
+
+Core library: torch only at import; ``onnx`` / ``onnxruntime`` are imported when used.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .methods.base import AnomalyMethod
+
+__all__ = ["InferenceGraph", "export_onnx", "onnx_predict", "preprocessing_spec"]
+
+log = logging.getLogger(__name__)
+
+
+class InferenceGraph(nn.Module):
+    """``method.predict`` as a module: the method's modules are registered as submodules so the
+    exporter sees their weights as parameters, not as captured constants."""
+
+    def __init__(self, method: AnomalyMethod):
+        super().__init__()
+        self.method = method
+        self.parts = nn.ModuleDict(method.modules())
+        method.eval_mode()
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.method.predict(images)
+        return out.maps, out.scores
+
+
+def preprocessing_spec(method: AnomalyMethod) -> dict[str, Any]:
+    """How to prepare an image for the exported graph (the dataset's exact recipe)."""
+    spec = method.input_spec
+    return {
+        "resize": int(spec["resize"]), "crop": int(spec["crop"]),
+        "mean": [float(v) for v in spec["mean"]], "std": [float(v) for v in spec["std"]],
+        "recipe": "RGB uint8 -> PIL bilinear resize to (resize, resize) -> centre crop (crop, crop) with offset "
+                  "round((resize - crop) / 2) -> x / 255 -> (x - mean) / std -> float32 NCHW",
+        "inputs": {"images": "float32 (batch, 3, crop, crop)"},
+        "outputs": {"maps": "float32 (batch, crop, crop)", "scores": "float32 (batch,)"},
+    }
+
+
+def export_onnx(method: AnomalyMethod, path: str | Path | None = None, batch: int = 2, opset: int = 18,
+                dynamic_batch: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """The ONNX model of ``method``'s inference path (on CPU, fp32) as bytes, and a record of how
+    it was exported (``dynamic_batch`` honoured or the fixed batch it fell back to, opset).
+
+    ``batch``: the example batch traced (and the fixed batch when the method's graph cannot keep
+    the batch dimension symbolic)."""
+    method.to("cpu", None)
+    graph = InferenceGraph(method).eval()
+    crop = int(method.input_spec["crop"])
+    example = (torch.zeros(batch, 3, crop, crop),)
+    info: dict[str, Any] = {"opset": int(opset), "batch": "dynamic" if dynamic_batch else int(batch)}
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # predict() switches the modules to eval mode, a side effect the tracer reports at length
+        warnings.filterwarnings("ignore", message=".*side effects.*")
+        out = Path(path) if path is not None else Path(tmp) / "model.onnx"
+        kwargs: dict[str, Any] = dict(input_names=["images"], output_names=["maps", "scores"], opset_version=opset,
+                                      dynamo=True, external_data=False, verbose=False)
+        program = None
+        if dynamic_batch:
+            dim = torch.export.Dim("batch", min=1, max=4096)
+            try:
+                program = torch.onnx.export(graph, example, dynamic_shapes=({0: dim},), **kwargs)
+            except Exception as e:  # a graph that specialises on the batch size
+                log.warning("%s: no dynamic batch (%s); exporting a fixed batch of %d", method.name,
+                            str(e).strip().splitlines()[0][:200], batch)
+                info["batch"] = int(batch)
+        if program is None:
+            program = torch.onnx.export(graph, example, **kwargs)
+        program.save(str(out))
+        data = out.read_bytes()
+    info["bytes"] = len(data)
+    return data, info
+
+
+def onnx_predict(model: bytes | str | Path, images: np.ndarray | torch.Tensor, threads: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(maps, scores)`` of an exported model on normalised images, with onnxruntime on CPU."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    src = model if isinstance(model, (bytes, bytearray)) else str(model)
+    sess = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+    x = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    maps, scores = sess.run(["maps", "scores"], {"images": x.astype(np.float32, copy=False)})
+    return maps, scores

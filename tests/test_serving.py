@@ -1,0 +1,77 @@
+"""Using a trained model: the folder scan (bad files reported and skipped), decision overlays, and
+the ONNX export of the whole inference path equal to torch (INP-Former++ here; Dinomaly through
+the Kedro export pipeline in test_kedro_runs)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from uad.data.folder import scan_image_folder
+from uad.errors import DatasetRootError
+
+
+def _png(path, seed=0, size=40):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+
+
+def test_scan_finds_nested_images_pairs_masks_and_reports_bad_files(tmp_path):
+    root, masks = tmp_path / "imgs", tmp_path / "masks"
+    _png(root / "line1" / "a.png")
+    _png(root / "line1" / "deep" / "b.JPG", 1)
+    _png(root / "c.bmp", 2)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (root / "notes.txt").write_text("ignored")
+    (masks / "line1").mkdir(parents=True)
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(masks / "line1" / "a_mask.png")
+    df = scan_image_folder(root, masks, progress=False)
+    assert sorted(df["relative_path"]) == ["broken.png", "c.bmp", "line1/a.png", "line1/deep/b.JPG"]
+    row = df.set_index("relative_path")
+    assert row.loc["broken.png", "status"] == "unreadable" and "broken.png" in row.loc["broken.png", "error"]
+    assert (row.drop(index="broken.png")["status"] == "ok").all()
+    assert row.loc["line1/a.png", "mask_path"].endswith("a_mask.png") and row.loc["c.bmp", "mask_path"] == ""
+    with pytest.raises(DatasetRootError, match="no image file"):
+        scan_image_folder(_empty(tmp_path), progress=False)
+    with pytest.raises(DatasetRootError, match="not a folder"):
+        scan_image_folder(tmp_path / "missing", progress=False)
+
+
+def _empty(tmp_path):
+    d = tmp_path / "empty"
+    d.mkdir()
+    (d / "readme.txt").write_text("x")
+    return d
+
+
+def test_decision_overlay_is_a_png_with_both_panels():
+    from uad.metrics.plots import decision_overlay_png
+
+    img = np.full((32, 32, 3), 128, np.uint8)
+    amap = np.zeros((32, 32), np.float32)
+    amap[8:16, 8:16] = 2.0
+    png = decision_overlay_png(img, amap, 1.0, "ANOMALOUS score 2", True)
+    out = np.asarray(Image.open(__import__("io").BytesIO(png)))
+    assert out.shape == (32 + 18, 2 * 32 + 4, 3)
+    assert (out[18 + 8, 32 + 4 + 8] == 255).all()  # the outline of the pixels over the threshold
+
+
+def test_inpformer_onnx_export_equals_torch():
+    """The whole path (encoder, INP extractor, decoder, residual head, maps, blur, score) in one
+    ONNX graph with a dynamic batch: onnxruntime equals torch to 1e-4 on a batch size other than
+    the traced one."""
+    from uad.export import export_onnx, onnx_predict, preprocessing_spec
+    from uad.methods.registry import build_method
+
+    m = build_method("inpformer", dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=64, crop=56))
+    data, info = export_onnx(m, batch=2)
+    assert info["batch"] == "dynamic" and info["bytes"] == len(data)
+    x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    maps, scores = onnx_predict(data, x)
+    ref = m.predict(x)
+    np.testing.assert_allclose(maps, ref.maps.numpy(), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-4, rtol=0)
+    spec = preprocessing_spec(m)
+    assert (spec["resize"], spec["crop"]) == (64, 56) and len(spec["mean"]) == 3
