@@ -12,12 +12,12 @@ copy 0 of each image stays as it is, every other copy is transformed by ``fn(ima
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, ImageEnhance
 
-__all__ = ["ChainAugment", "FlipRotateColor", "FoldAugment"]
+__all__ = ["ChainAugment", "EpochForwarding", "FlipRotateColor", "FoldAugment"]
 
 
 class FlipRotateColor:
@@ -75,13 +75,14 @@ class FoldAugment:
         return self.fn(image, rng), None, 0
 
 
-class ChainAugment:
-    """Hooks applied in order; a mask and label returned by a later hook win. The dataset's epoch
-    reaches every hook."""
+class EpochForwarding:
+    """A hook made of other hooks: setting its ``epoch`` (the dataset does, before each call)
+    sets it on every inner hook that has one (:meth:`inner_hooks`)."""
 
-    def __init__(self, *hooks: Any):
-        self.hooks = [h for h in hooks if h is not None]
-        self._epoch = 0
+    _epoch = 0
+
+    def inner_hooks(self) -> Iterable[Any]:  # pragma: no cover - overridden
+        return ()
 
     @property
     def epoch(self) -> int:
@@ -90,9 +91,22 @@ class ChainAugment:
     @epoch.setter
     def epoch(self, value: int) -> None:
         self._epoch = int(value)
-        for h in self.hooks:
+        for h in self.inner_hooks():
             if hasattr(h, "epoch"):
                 h.epoch = self._epoch
+
+    def set_epoch(self, value: int) -> None:
+        self.epoch = value
+
+
+class ChainAugment(EpochForwarding):
+    """Hooks applied in order; a mask and label returned by a later hook win."""
+
+    def __init__(self, *hooks: Any):
+        self.hooks = [h for h in hooks if h is not None]
+
+    def inner_hooks(self) -> Iterable[Any]:
+        return self.hooks
 
     def __call__(self, image: np.ndarray, index: int):
         mask, label = None, 0

@@ -40,6 +40,25 @@ def check_param_names(config_class: type, params: Mapping[str, Any], label: str)
         raise ConfigError(f"unknown {label} parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
 
 
+def parse_list_params(params: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """List parameters as lists, in place: from the command line, where Kedro splits ``--params``
+    on commas, a list is written with ``+`` (``layers=2+3``, ``attention=lca+mlka``); a single
+    value becomes a one-element list. ``betas`` becomes a tuple of floats."""
+    import re
+
+    if params.get("betas") is not None:
+        params["betas"] = tuple(float(b) for b in params["betas"])
+    for key in keys:
+        val = params.get(key)
+        if isinstance(val, str):
+            val = [v for v in re.split(r"[+\s;]+", val.strip()) if v]
+        elif val is not None and not isinstance(val, (list, tuple)):
+            val = [val]
+        if val is not None:
+            params[key] = list(val)
+    return params
+
+
 @dataclass
 class Prediction:
     """Batched output of :meth:`AnomalyMethod.predict`.

@@ -18,13 +18,12 @@ Ablations of the paper as parameters:
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from uad.errors import ConfigError
 
-from ..base import check_param_names
+from ..base import check_param_names, parse_list_params
 
 __all__ = ["AGPNetConfig", "NOISE_KINDS", "PRIORS"]
 
@@ -144,17 +143,7 @@ class AGPNetConfig:
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "AGPNetConfig":
         params = dict(params or {})
         check_param_names(cls, params, "agpnet")
-        if params.get("betas") is not None:
-            params["betas"] = tuple(float(b) for b in params["betas"])
-        for key in ("layers", "masks", "mask_ratio_epochs", "lr_milestones", "few_shot_ops"):
-            val = params.get(key)
-            if isinstance(val, str):
-                # from the command line, where Kedro splits --params on commas: "2+5+8+11", "prior+learn"
-                val = [v for v in re.split(r"[+\s;]+", val.strip()) if v]
-            elif val is not None and not isinstance(val, (list, tuple)):
-                val = [val]
-            if val is not None:
-                params[key] = list(val)
+        parse_list_params(params, ("layers", "masks", "mask_ratio_epochs", "lr_milestones", "few_shot_ops"))
         return cls(**params)
 
     def as_dict(self) -> dict[str, Any]:

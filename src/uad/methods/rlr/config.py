@@ -30,13 +30,12 @@ Paper readings that differ from the code, selectable:
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
 from uad.errors import ConfigError
 
-from ..base import check_param_names
+from ..base import check_param_names, parse_list_params
 
 __all__ = ["ATTENTION_KINDS", "RLRConfig"]
 
@@ -126,17 +125,7 @@ class RLRConfig:
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "RLRConfig":
         params = dict(params or {})
         check_param_names(cls, params, "rlr")
-        if params.get("betas") is not None:
-            params["betas"] = tuple(float(b) for b in params["betas"])
-        for key in ("layers", "attention", "hidden_dims", "windows"):
-            val = params.get(key)
-            if isinstance(val, str):
-                # from the command line, where Kedro splits --params on commas: "2+3", "lca+mlka"
-                val = [v for v in re.split(r"[+\s;]+", val.strip()) if v]
-            elif val is not None and not isinstance(val, (list, tuple)):
-                val = [val]  # a single value
-            if val is not None:
-                params[key] = list(val)
+        parse_list_params(params, ("layers", "attention", "hidden_dims", "windows"))
         return cls(**params)
 
     def as_dict(self) -> dict[str, Any]:

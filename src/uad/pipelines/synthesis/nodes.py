@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from uad.data.augment import EpochForwarding
 from uad.data.images import load_image, load_mask
 from uad.synthesis import (
     MixedSynthesizer,
@@ -31,25 +32,15 @@ def _square(img: np.ndarray, resize: int, crop: int, nearest: bool = False) -> n
     return out[top:top + crop, top:top + crop]
 
 
-class ClassAwareAugment:
+class ClassAwareAugment(EpochForwarding):
     """Routes each sample to the augment of its class (object classes restrict defects to the
     foreground, textures do not); forwards ``epoch`` so results stay seeded per (epoch, index)."""
 
     def __init__(self, by_mode: dict[str, SynthesisAugment], mode_of_index: list[str]):
-        self.by_mode, self.mode_of_index, self._epoch = by_mode, mode_of_index, 0
+        self.by_mode, self.mode_of_index = by_mode, mode_of_index
 
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @epoch.setter
-    def epoch(self, value: int) -> None:
-        self._epoch = int(value)
-        for aug in self.by_mode.values():
-            aug.epoch = int(value)
-
-    def set_epoch(self, value: int) -> None:
-        self.epoch = value
+    def inner_hooks(self):
+        return self.by_mode.values()
 
     def __call__(self, image: np.ndarray, index: int):
         return self.by_mode[self.mode_of_index[index]](image, index)
