@@ -69,29 +69,52 @@ def export_onnx(method: AnomalyMethod, path: str | Path | None = None, batch: in
     method.to("cpu", None)
     graph = InferenceGraph(method).eval()
     crop = int(method.input_spec["crop"])
+    if dynamic_batch:
+        try:
+            data = _export(graph, crop, batch, opset, dynamic=True, path=path)
+            info: dict[str, Any] = {"opset": int(opset), "batch": "dynamic", "bytes": len(data)}
+            info.update(_check(graph, data, crop, batch + 1))
+            return data, info
+        except Exception as e:  # a graph that specialises on the batch size (at export or at run time)
+            log.warning("%s: no dynamic batch (%s); exporting a fixed batch of %d", method.name,
+                        str(e).strip().splitlines()[0][:200], batch)
+    data = _export(graph, crop, batch, opset, dynamic=False, path=path)
+    info = {"opset": int(opset), "batch": int(batch), "bytes": len(data)}
+    info.update(_check(graph, data, crop, batch))
+    return data, info
+
+
+def _export(graph: InferenceGraph, crop: int, batch: int, opset: int, dynamic: bool, path: str | Path | None) -> bytes:
     example = (torch.zeros(batch, 3, crop, crop),)
-    info: dict[str, Any] = {"opset": int(opset), "batch": "dynamic" if dynamic_batch else int(batch)}
+    kwargs: dict[str, Any] = dict(input_names=["images"], output_names=["maps", "scores"], opset_version=opset,
+                                  dynamo=True, external_data=False, verbose=False)
+    if dynamic:
+        kwargs["dynamic_shapes"] = ({0: torch.export.Dim("batch", min=1, max=4096)},)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         # predict() switches the modules to eval mode, a side effect the tracer reports at length
         warnings.filterwarnings("ignore", message=".*side effects.*")
         out = Path(path) if path is not None else Path(tmp) / "model.onnx"
-        kwargs: dict[str, Any] = dict(input_names=["images"], output_names=["maps", "scores"], opset_version=opset,
-                                      dynamo=True, external_data=False, verbose=False)
-        program = None
-        if dynamic_batch:
-            dim = torch.export.Dim("batch", min=1, max=4096)
-            try:
-                program = torch.onnx.export(graph, example, dynamic_shapes=({0: dim},), **kwargs)
-            except Exception as e:  # a graph that specialises on the batch size
-                log.warning("%s: no dynamic batch (%s); exporting a fixed batch of %d", method.name,
-                            str(e).strip().splitlines()[0][:200], batch)
-                info["batch"] = int(batch)
-        if program is None:
-            program = torch.onnx.export(graph, example, **kwargs)
-        program.save(str(out))
-        data = out.read_bytes()
-    info["bytes"] = len(data)
-    return data, info
+        torch.onnx.export(graph, example, **kwargs).save(str(out))
+        return out.read_bytes()
+
+
+def _check(graph: InferenceGraph, data: bytes, crop: int, n: int) -> dict[str, Any]:
+    """Run the exported model once with onnxruntime against torch on a batch of ``n`` (for a
+    dynamic batch, not the traced one); the largest differences are recorded. An export that does
+    not run, or disagrees beyond 1e-3, is an error here rather than in production."""
+    x = torch.randn(n, 3, crop, crop, generator=torch.Generator().manual_seed(0))
+    try:
+        maps, scores = onnx_predict(data, x)
+    except Exception as e:
+        raise RuntimeError(f"the exported ONNX model of {graph.method.name} does not run on a batch of {n}: {e}") from None
+    with torch.no_grad():
+        ref_maps, ref_scores = graph(x)
+    diff = {"check_max_abs_diff_maps": float(np.abs(maps - ref_maps.numpy()).max()),
+            "check_max_abs_diff_scores": float(np.abs(scores - ref_scores.numpy()).max()), "check_batch": n}
+    if max(diff["check_max_abs_diff_maps"], diff["check_max_abs_diff_scores"]) > 1e-3:
+        raise RuntimeError(f"the exported ONNX model of {graph.method.name} differs from torch by "
+                           f"{diff['check_max_abs_diff_maps']:.3g} (maps) / {diff['check_max_abs_diff_scores']:.3g} (scores)")
+    return diff
 
 
 def onnx_predict(model: bytes | str | Path, images: np.ndarray | torch.Tensor, threads: int | None = None
