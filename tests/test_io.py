@@ -24,6 +24,19 @@ def test_versions_are_never_overwritten_and_each_reloads(tmp_path):
     assert latest["meta"] == {"v": 2}
 
 
+def test_a_run_reads_its_own_output_even_when_another_run_saved_a_newer_one(tmp_path):
+    """Two runs in one project: the one that started first (older save version) must evaluate its
+    own predictions, not the newer ones another run wrote meanwhile."""
+    path = str(tmp_path / "p.npz")
+    mine = NpzDataset(path, version=Version(None, "2026-01-01T00.00.00.000Z"))
+    mine.save({"scores": np.zeros(2)})
+    NpzDataset(path, version=Version(None, "2026-01-02T00.00.00.000Z")).save({"scores": np.ones(2)})
+    assert np.array_equal(mine.load()["scores"], np.zeros(2))
+    assert np.array_equal(NpzDataset(path, version=Version(None, None)).load()["scores"], np.ones(2))  # latest
+    pinned = NpzDataset(path, version=Version("2026-01-01T00.00.00.000Z", "2026-01-03T00.00.00.000Z"))
+    assert np.array_equal(pinned.load()["scores"], np.zeros(2))  # --load-versions wins
+
+
 def test_npz_round_trip_and_refuses_pickled_objects(tmp_path):
     ds = NpzDataset(str(tmp_path / "p.npz"), compress=True)
     ds.save({"maps": np.ones((2, 4, 4), np.float16), "class_names": np.array(["a", "b"])})

@@ -44,6 +44,20 @@ class _LocalVersionedDataset(AbstractVersionedDataset):
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "version": self._version}
 
+    _saved_version: str | None = None
+
+    def resolve_load_version(self) -> str | None:
+        """The version to load: the one asked for (``--load-versions``); else the one this
+        dataset object saved in this run (so a node reads its own run's output even when another
+        run in the same project saved a newer version meanwhile); else the latest on disk."""
+        if self._version and not self._version.load and self._saved_version:
+            return self._saved_version
+        return super().resolve_load_version()
+
+    def _mark_saved(self) -> None:
+        if self._version:
+            self._saved_version = self.resolve_save_version()
+
     def _path(self, which: str) -> str:
         p = self._get_load_path() if which == "load" else self._get_save_path()
         return get_filepath_str(p, self._protocol)
@@ -56,6 +70,7 @@ class _LocalVersionedDataset(AbstractVersionedDataset):
             with self._fs.open(path, "wb") as fh:
                 fh.write(data)
         self._invalidate_cache()
+        self._mark_saved()
         self._log_artifact(path)
 
     def _log_artifact(self, path: str) -> None:
@@ -102,6 +117,7 @@ class SafetensorsDataset(_LocalVersionedDataset):
             meta["mlflow_run_id"] = run_id
         save_state(path, data["tensors"], meta)
         self._invalidate_cache()
+        self._mark_saved()
         self._log_artifact(path)
 
 
@@ -204,6 +220,7 @@ class PngFolderDataset(_LocalVersionedDataset):
                 raise DatasetError(f"{self._filepath}: {name!r} is not PNG bytes")
             atomic_write_bytes(f"{root}/{PurePosixPath(name).name}", bytes(png))
         self._invalidate_cache()
+        self._mark_saved()
         if self._mlflow_artifact_path is not None:
             import mlflow
 
