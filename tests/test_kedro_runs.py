@@ -54,7 +54,8 @@ def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project):
     assert run.data.tags["weights_source"] == "bundled"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/anomaly_overlays.png", "plots/roc_pr_curves.png", "plots/per_class_metrics.png"} <= arts
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/metrics_per_class.csv"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/metrics_per_class.csv",
+                                                                               "metrics/thresholds.json"}
     assert client.list_artifacts(run.info.run_id, "predictions")
     # per-class table in data/08_reporting
     table = pd.read_csv(project / "data/08_reporting/patchcore/metrics_per_class.csv")
