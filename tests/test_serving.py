@@ -18,7 +18,7 @@ def _png(path, seed=0, size=40):
     Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
 
 
-def test_scan_finds_nested_images_pairs_masks_and_reports_bad_files(tmp_path):
+def test_scan_finds_nested_images_pairs_masks_and_flags_bad_files(tmp_path):
     root, masks = tmp_path / "imgs", tmp_path / "masks"
     _png(root / "line1" / "a.png")
     _png(root / "line1" / "deep" / "b.JPG", 1)
@@ -27,16 +27,22 @@ def test_scan_finds_nested_images_pairs_masks_and_reports_bad_files(tmp_path):
     (root / "notes.txt").write_text("ignored")
     (masks / "line1").mkdir(parents=True)
     Image.fromarray(np.zeros((40, 40), np.uint8)).save(masks / "line1" / "a_mask.png")
-    df = scan_image_folder(root, masks, progress=False)
+    df = scan_image_folder(root, masks)
     assert sorted(df["relative_path"]) == ["broken.png", "c.bmp", "line1/a.png", "line1/deep/b.JPG"]
     row = df.set_index("relative_path")
-    assert row.loc["broken.png", "status"] == "unreadable" and "broken.png" in row.loc["broken.png", "error"]
-    assert (row.drop(index="broken.png")["status"] == "ok").all()
     assert row.loc["line1/a.png", "mask_path"].endswith("a_mask.png") and row.loc["c.bmp", "mask_path"] == ""
+    # decoded once, when scored: the unreadable file becomes a flagged sample, not an error
+    from uad.data.torch_data import AnomalyImageDataset, SkipUnreadable
+
+    ds = SkipUnreadable(AnomalyImageDataset(df, 32, 32))
+    samples = [ds[i] for i in range(len(ds))]
+    flagged = [df["relative_path"][i] for i, smp in enumerate(samples) if smp["error"]]
+    assert flagged == ["broken.png"] and "broken.png" in samples[list(df["relative_path"]).index("broken.png")]["error"]
+    assert all(smp["image"].shape == (3, 32, 32) for smp in samples)
     with pytest.raises(DatasetRootError, match="no image file"):
-        scan_image_folder(_empty(tmp_path), progress=False)
+        scan_image_folder(_empty(tmp_path))
     with pytest.raises(DatasetRootError, match="not a folder"):
-        scan_image_folder(tmp_path / "missing", progress=False)
+        scan_image_folder(tmp_path / "missing")
 
 
 def _empty(tmp_path):

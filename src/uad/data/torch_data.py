@@ -58,6 +58,7 @@ __all__ = [
     "AnomalyImageDataset",
     "InfiniteLoader",
     "SeededAugment",
+    "SkipUnreadable",
     "center_crop_offsets",
     "denormalize",
     "make_loader",
@@ -232,6 +233,27 @@ class AnomalyImageDataset(Dataset):
             "class_id": torch.tensor(self.class_ids[i], dtype=torch.int64),
             "index": torch.tensor(i, dtype=torch.int64),
         }
+
+
+class SkipUnreadable(Dataset):
+    """Wraps an :class:`AnomalyImageDataset` so an image (or mask) that cannot be decoded does not
+    stop the loader: its sample is a zero image with ``error`` set to the reason (``""`` for a
+    good sample). Each file is decoded once, by the loader's workers; callers drop the flagged
+    samples (inference lists them as unreadable)."""
+
+    def __init__(self, base: AnomalyImageDataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            return {**self.base[i], "error": ""}
+        except Exception as e:  # ImageReadError names the file; anything else is reported the same way
+            c = self.base.crop
+            return {"image": torch.zeros(3, c, c), "mask": torch.zeros(1, c, c), "label": torch.tensor(0),
+                    "class_id": torch.tensor(0), "index": torch.tensor(int(i)), "error": str(e) or type(e).__name__}
 
 
 def _seed_worker(worker_id: int) -> None:

@@ -186,18 +186,26 @@ def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, me
 
 # ------------------------------------------------------------------------------------ prediction
 @torch.no_grad()
-def score_dataset(method, ds: AnomalyImageDataset, trainer: Trainer, cfg, desc: str
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str] | None = None,
+                  on_batch: Callable[[dict, Any], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(scores float32 (N,), maps float16 (N, crop, crop), masks uint8 (N, crop, crop))`` of a
     prepared method over ``ds``, streamed by the engine's loader (workers, pinned memory) with a
-    progress bar. The one scoring loop of evaluation and inference."""
+    progress bar. The one scoring loop of evaluation and inference. With a dataset whose samples
+    carry ``error`` (:class:`uad.data.torch_data.SkipUnreadable`), ``errors`` receives them in
+    order (the flagged samples' scores and maps are placeholders for the caller to drop).
+    ``on_batch(batch, prediction)`` sees every batch as it is scored (pictures made from the
+    decoded images, without decoding them again)."""
     from tqdm.auto import tqdm
 
     loader = trainer.loader(ds, batch_size=cfg.batch_size or 8)
     scores, maps, masks = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not cfg.progress, mininterval=1.0):
+        if errors is not None:
+            errors.extend(batch.get("error") or [""] * len(batch["image"]))
         images = batch["image"].to(trainer.device, non_blocking=True)
         out = method.predict(images)
+        if on_batch is not None:
+            on_batch(batch, out)
         scores.append(out.scores.float().cpu().numpy())
         maps.append(out.maps.float().cpu().numpy().astype(np.float16))
         masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))

@@ -81,8 +81,7 @@ def infer_pipeline(method: str) -> Pipeline:
     """Score a folder of new images with the method's trained checkpoint and stored thresholds."""
     common = {"method_params": "params:method", "engine": "params:engine", "engine_override": "params:engine_override"}
     nodes = [
-        node(scan_images, {"infer": "params:infer", "engine": "params:engine"}, "infer_index",
-             name="scan_images", tags=["infer"]),
+        node(scan_images, {"infer": "params:infer"}, "infer_index", name="scan_images", tags=["infer"]),
         node(named(infer_images, "infer", method_name=method),
              {"images": "infer_index", **common, "checkpoint": _final_checkpoint(method), "thresholds": "thresholds",
               "infer": "params:infer"},

@@ -21,7 +21,7 @@ from uad.engine import Trainer
 from uad.errors import ConfigError
 from uad.methods.registry import build_method
 
-from .nodes import ONE_CLASS, _display_image, _engine_cfg, _split_state, _dataset, score_dataset
+from .nodes import ONE_CLASS, _dataset, _engine_cfg, _split_state, score_dataset
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +62,66 @@ def _thresholds(stored: dict, infer: dict, method_name: str) -> dict[str, Any]:
     return out
 
 
-def scan_images(infer: dict, engine: dict) -> pd.DataFrame:
-    """The folder ``infer.images`` as an index; unreadable files are kept as rows with their error
-    (reported, never scored)."""
+def scan_images(infer: dict) -> pd.DataFrame:
+    """The folder ``infer.images`` as an index (listing only: each file is decoded once, when
+    scored)."""
     if not infer.get("images"):
         raise ConfigError("set infer.images to the folder of images to score "
                           "(--params=\"infer.images=/path\" or UAD_INFER_IMAGES=/path)")
-    df = scan_image_folder(infer["images"], infer.get("masks"), progress=bool((engine or {}).get("progress", True)))
-    bad = df[df["status"] != "ok"]
-    if len(bad):
-        log.warning("infer: %d of %d file(s) cannot be read and are skipped:\n%s", len(bad), len(df),
-                    "\n".join(f"  {r.image_path}: {r.error}" for r in bad.itertuples()))
-    log.info("infer: %d image(s) to score under %s", int((df["status"] == "ok").sum()), infer["images"])
+    df = scan_image_folder(infer["images"], infer.get("masks"))
+    log.info("infer: %d image file(s) under %s", len(df), infer["images"])
     return df
+
+
+class _Overlays:
+    """Decision pictures made while scoring, from the decoded batch (no second decode). With a
+    cap, only the ``limit`` most anomalous are kept (a bounded heap) and named by rank; without
+    one, every image's picture, named after its path."""
+
+    def __init__(self, limit: int | None, thr: dict, spec: dict, rows: pd.DataFrame):
+        self.limit, self.thr, self.rows = limit, thr, rows
+        self.mean = torch.tensor(spec["mean"]).view(3, 1, 1)
+        self.std = torch.tensor(spec["std"]).view(3, 1, 1)
+        self.kept: list[tuple[float, int, np.ndarray, np.ndarray]] = []  # heap of (score, index, image, map)
+        self.pngs: dict[str, bytes] = {}
+        self.px: float | None = thr["pixel"]
+
+    def _image(self, x: torch.Tensor) -> np.ndarray:
+        return ((x.float().cpu() * self.std + self.mean) * 255.0).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+    def _png(self, score: float, i: int, img: np.ndarray, amap: np.ndarray) -> bytes:
+        from uad.metrics.plots import decision_overlay_png
+
+        verdict = "ANOMALOUS" if score >= self.thr["image"] else "normal"
+        text = f"{verdict}  score {score:.4g} (threshold {self.thr['image']:.4g})  {self.rows.iloc[i]['relative_path']}"
+        px = self.px if self.px is not None else float(np.quantile(amap, 0.99))
+        return decision_overlay_png(img, amap, px, text, verdict != "normal")
+
+    def _stem(self, i: int) -> str:
+        return self.rows.iloc[i]["relative_path"].rsplit(".", 1)[0].replace("/", "__")
+
+    def add(self, batch: dict, out) -> None:
+        import heapq
+
+        errors = batch.get("error") or [""] * len(batch["image"])
+        for j, err in enumerate(errors):
+            if err:
+                continue
+            i, score = int(batch["index"][j]), float(out.scores[j])
+            amap = out.maps[j].float().cpu().numpy()
+            if self.limit is None:
+                self.pngs[f"{self._stem(i)}.png"] = self._png(score, i, self._image(batch["image"][j]), amap)
+            elif len(self.kept) < self.limit:
+                heapq.heappush(self.kept, (score, i, self._image(batch["image"][j]), amap))
+            elif score > self.kept[0][0]:
+                heapq.heapreplace(self.kept, (score, i, self._image(batch["image"][j]), amap))
+
+    def result(self) -> dict[str, bytes]:
+        if self.limit is None:
+            return self.pngs
+        ranked = sorted(self.kept, key=lambda t: -t[0])  # the most anomalous first
+        return {f"{rank:05d}_{self._stem(i)}.png": self._png(score, i, img, amap)
+                for rank, (score, i, img, amap) in enumerate(ranked)}
 
 
 @torch.no_grad()
@@ -82,8 +129,9 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
                  checkpoint: dict, thresholds: dict, infer: dict
                  ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, bytes], dict[str, str]]:
     """Scores, decisions, maps and overlay pictures of every readable image, plus run tags linking
-    this run to the training run and the checkpoint version it used."""
-    from uad.metrics.plots import decision_overlay_png
+    this run to the training run and the checkpoint version it used. An image or mask that cannot
+    be decoded is listed (status ``unreadable`` with the reason) and skipped."""
+    from uad.data.torch_data import SkipUnreadable
 
     cfg = _engine_cfg(engine, engine_override)
     thr = _thresholds(thresholds or {}, infer, method_name)
@@ -91,39 +139,33 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     trainer = Trainer(cfg)
     trainer.prepare(method)
     method.eval_mode()
-    ok = images[images["status"] == "ok"].reset_index(drop=True)
-    results = images[["image_path", "relative_path", "status", "error"]].copy()
-    results["score"] = np.nan
-    results["decision"] = ""
-    maps = np.zeros((0,), np.float16)
-    if len(ok):
-        ds = _dataset(method, ok, sorted(ok["class_name"].unique()))
-        scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:infer")
-        pos = results.index[results["status"] == "ok"]
-        results.loc[pos, "score"] = scores
-        results.loc[pos, "decision"] = np.where(scores >= thr["image"], "anomalous", "normal")
-        if thr["pixel"] is not None:
-            results.loc[pos, "anomalous_area"] = (maps.astype(np.float32) >= thr["pixel"]).reshape(len(ok), -1).mean(1)
+    rows = images.reset_index(drop=True)
+    limit = infer.get("max_overlays")
+    overlays = _Overlays(None if limit is None else int(limit), thr, method.input_spec, rows)
+    errors: list[str] = []
+    ds = SkipUnreadable(_dataset(method, rows, sorted(rows["class_name"].unique())))
+    scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:infer", errors=errors,
+                                        on_batch=overlays.add)
+    good = np.array([not e for e in errors], dtype=bool)
+    results = rows[["image_path", "relative_path"]].copy()
+    results["status"] = np.where(good, "ok", "unreadable")
+    results["error"] = errors
+    results["score"] = np.where(good, scores, np.nan)
+    results["decision"] = np.where(good, np.where(scores >= thr["image"], "anomalous", "normal"), "")
+    if thr["pixel"] is not None:
+        area = (maps.astype(np.float32) >= thr["pixel"]).reshape(len(rows), -1).mean(1)
+        results["anomalous_area"] = np.where(good, area, np.nan)
     results["image_threshold"] = thr["image"]
     results["threshold_source"] = thr["image_source"]
     results["pixel_threshold"] = thr["pixel"] if thr["pixel"] is not None else np.nan
     version = _checkpoint_version(checkpoint)
     results["checkpoint"] = version
-    overlays: dict[str, bytes] = {}
-    limit = infer.get("max_overlays")
-    if len(ok):
-        order = np.argsort(-scores)  # the most anomalous first when the overlays are capped
-        picks = order if limit is None else order[: int(limit)]
-        spec = method.input_spec
-        px = thr["pixel"] if thr["pixel"] is not None else float(np.quantile(maps.astype(np.float32), 0.99))
-        for rank, i in enumerate(picks):
-            row = ok.iloc[int(i)]
-            verdict = "ANOMALOUS" if scores[i] >= thr["image"] else "normal"
-            text = f"{verdict}  score {scores[i]:.4g} (threshold {thr['image']:.4g})  {row['relative_path']}"
-            png = decision_overlay_png(_display_image(row["image_path"], spec["resize"], spec["crop"]),
-                                       maps[i].astype(np.float32), px, text, verdict != "normal")
-            stem = row["relative_path"].rsplit(".", 1)[0].replace("/", "__")
-            overlays[f"{rank:05d}_{stem}.png"] = png
+    bad = results[~good]
+    if len(bad):
+        log.warning("infer: %d of %d file(s) cannot be read and were skipped:\n%s", len(bad), len(results),
+                    "\n".join(f"  {r.image_path}: {r.error}" for r in bad.itertuples()))
+    ok = rows[good]
+    maps, masks = maps[good], masks[good]
     n_bad = int((results["status"] != "ok").sum())
     n_anom = int((results["decision"] == "anomalous").sum())
     log.info("infer: %d anomalous of %d scored (image threshold %.6g, %s); %d unreadable skipped",
@@ -134,12 +176,11 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
             "infer_images": str(infer.get("images")), "image_threshold": f"{thr['image']:.6g}",
             "threshold_source": thr["image_source"], "n_scored": str(len(ok)), "n_anomalous": str(n_anom),
             "n_unreadable": str(n_bad)}
-    arrays = {"maps": maps, "scores": results.loc[results["status"] == "ok", "score"].to_numpy(np.float32),
-              "image_paths": ok["image_path"].to_numpy(str)}
+    arrays = {"maps": maps, "scores": scores[good].astype(np.float32), "image_paths": ok["image_path"].to_numpy(str)}
     if len(ok) and (ok["mask_path"] != "").any():  # ground truth given with the images: kept beside the maps
         arrays["masks"] = masks
         arrays["has_mask"] = (ok["mask_path"] != "").to_numpy(bool)
-    return results, arrays, overlays, tags
+    return results, arrays, overlays.result(), tags
 
 
 def export_model(method_name: str, method_params: dict, checkpoint: dict, thresholds: dict, export: dict
