@@ -206,7 +206,11 @@ class PngFolderDataset(_LocalVersionedDataset):
 
     def load(self) -> dict[str, bytes]:
         root = self._path("load")
-        return {PurePosixPath(p).name: self._fs.open(p, "rb").read() for p in sorted(self._fs.glob(f"{root}/*.png"))}
+        out = {}
+        for p in sorted(self._fs.glob(f"{root}/*.png")):
+            with self._fs.open(p, "rb") as fh:
+                out[PurePosixPath(p).name] = fh.read()
+        return out
 
     def save(self, data: dict[str, bytes]) -> None:
         root = self._path("save")

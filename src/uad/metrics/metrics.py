@@ -209,11 +209,15 @@ def average_precision(labels: Any, scores: Any) -> float:
     return _ap_from_counts(tps, fps)
 
 
+def f1_from_counts(tps: np.ndarray, fps: np.ndarray) -> np.ndarray:
+    """F1 at every threshold of :func:`binary_clf_curve`: ``2 TP / (TP + FP + P)``."""
+    return 2.0 * tps / (tps + fps + tps[-1])
+
+
 def _f1max_from_counts(tps: np.ndarray, fps: np.ndarray) -> float:
-    p = tps[-1]
-    if p == 0:
+    if tps[-1] == 0:
         return math.nan
-    return float(np.max(2.0 * tps / (tps + fps + p)))
+    return float(np.max(f1_from_counts(tps, fps)))
 
 
 def f1_max(labels: Any, scores: Any) -> float:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import binary_clf_curve
+from .metrics import binary_clf_curve, f1_from_counts
 
 __all__ = ["compute_thresholds", "f1_optimal_threshold", "fpr_threshold"]
 
@@ -27,10 +27,9 @@ def f1_optimal_threshold(labels: Any, scores: Any) -> tuple[float, float]:
     """``(threshold, F1)``: the distinct score ``t`` maximising F1 of ``score >= t`` (ties: the
     highest such ``t``)."""
     thr, tps, fps = binary_clf_curve(labels, scores)
-    p = int(tps[-1])
-    if p == 0 or int(fps[-1]) == 0:
+    if int(tps[-1]) == 0 or int(fps[-1]) == 0:
         raise ValueError("an F1-optimal threshold needs both normal and anomalous samples")
-    f1 = 2.0 * tps / (tps + fps + p)
+    f1 = f1_from_counts(tps, fps)
     k = int(np.argmax(f1))
     return float(thr[k]), float(f1[k])
 

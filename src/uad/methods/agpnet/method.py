@@ -28,13 +28,13 @@ import math
 from typing import Any, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uad.errors import ConfigError
 
 from ..base import AnomalyMethod, OptimSetup, Prediction
 from ..common.ema import MeanTeacher
+from ..common.features import local_average, to_common_grid
 from ..registry import register
 from .config import AGPNetConfig
 from .model import AGPDecoder
@@ -73,16 +73,15 @@ class AGPNet(AnomalyMethod):
             raise ConfigError("agpnet: masks include 'prior' but prior is 'none'")
         if cfg.feature_norm == "encoder_norm" and not (self.is_vit and isinstance(getattr(self.encoder.model, "norm", None), nn.Module)):
             raise ConfigError("agpnet: feature_norm 'encoder_norm' needs a ViT with a final norm")
-        widths = self.encoder.channels if not self.is_vit else [self.encoder.embed_dim] * len(self.encoder.layers)
+        # dimensions come from the backbone: widths of the tapped layers, the token grid of the crop
+        widths = [int(c) for c in self.encoder.channels] if not self.is_vit else [self.encoder.embed_dim] * len(self.encoder.layers)
         self.fusion = cfg.fusion if cfg.fusion != "auto" else ("sum" if len(set(widths)) == 1 else "concat")
-        # dimensions come from the backbone: one probe forward at the crop size
-        with torch.no_grad():
-            probe, _ = self.encode(torch.zeros(1, 3, cfg.crop, cfg.crop), prior=False)
-        self.grid = self._grid
+        in_dim = sum(widths) if self.fusion == "concat" else widths[0]
+        self.grid = self.grid_for((cfg.crop, cfg.crop))
         heads = cfg.num_heads or (self.encoder.num_heads if self.is_vit and self.encoder.num_heads else 6)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            self.decoder = AGPDecoder(int(probe.shape[-1]), self.grid, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
+            self.decoder = AGPDecoder(in_dim, self.grid, dim=cfg.decoder_dim, depth=cfg.decoder_depth,
                                       num_heads=int(heads), mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, ln_eps=cfg.ln_eps)
         self.teacher = (MeanTeacher(self.decoder, cfg.ema_decay, cfg.ema_every)
                         if cfg.mean_teacher and "learn" in cfg.masks else None)
@@ -123,6 +122,12 @@ class AGPNet(AnomalyMethod):
         self.teacher.module.load_state_dict({k[len("teacher."):]: v for k, v in state.items()}, strict=True)
 
     # --- features ---------------------------------------------------------------------------
+    def grid_for(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The token grid of an input of ``size``: the ViT's patch grid, or the CNN stages' common
+        grid at ``cnn_stride`` (default: the first tapped stage's stride)."""
+        stride = self.encoder.patch_size if self.is_vit else (self.cfg.cnn_stride or int(self.encoder.reductions[0]))
+        return int(size[0]) // stride, int(size[1]) // stride
+
     def encode(self, images: torch.Tensor, prior: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(F_clean (B, N, C) float32, A_prior (B, N) or None)`` from one frozen encoder pass
         (no_grad). ViT: the tapped blocks' patch tokens and, when ``prior``, their attention (only
@@ -136,18 +141,11 @@ class AGPNet(AnomalyMethod):
                     mode = "prefix" if self.prior == "cls" else "full"
                 with self.autocast():
                     out = self.encoder(images, attention=mode)
-                self._grid = out.grid
                 feats = out.tokens
             else:
                 with self.autocast():
-                    maps = [m.float() for m in self.encoder(images).maps]
-                if cfg.cnn_pool > 1:
-                    maps = [F.avg_pool2d(m, cfg.cnn_pool, stride=1, padding=cfg.cnn_pool // 2) for m in maps]
-                stride = cfg.cnn_stride or int(self.encoder.reductions[0])
-                size = (images.shape[-2] // stride, images.shape[-1] // stride)
-                maps = [m if tuple(m.shape[-2:]) == size else
-                        F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in maps]
-                self._grid = size
+                    maps = [local_average(m.float(), cfg.cnn_pool) for m in self.encoder(images).maps]
+                maps = to_common_grid(maps, self.grid_for(images.shape[-2:]))
                 feats = [m.flatten(2).transpose(1, 2) for m in maps]
             norm_module = getattr(self.encoder.model, "norm", None) if self.is_vit else None
             fused = fuse_features(feats, self.fusion, cfg.feature_norm, norm_module)

@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..common.features import local_average, to_common_grid
+
 
 def aggregate_patches(maps: Sequence[torch.Tensor], neighbourhood: int = 3, target_dim: int = 1024) -> torch.Tensor:
     """Locally aware patch features, eq. 1-2: ``[(B, C_i, h_i, w_i)] -> (B, target_dim, h_0, w_0)``.
@@ -29,11 +31,8 @@ def aggregate_patches(maps: Sequence[torch.Tensor], neighbourhood: int = 3, targ
     """
     if not maps:
         raise ValueError("aggregate_patches needs at least one feature map")
-    p = int(neighbourhood)
-    pooled = [F.avg_pool2d(m.float(), kernel_size=p, stride=1, padding=p // 2) if p > 1 else m.float() for m in maps]
-    size = pooled[0].shape[-2:]
-    pooled = [pooled[0]] + [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in pooled[1:]]
-    f = torch.cat(pooled, dim=1)  # B, sum C_i, h, w
+    pooled = [local_average(m.float(), int(neighbourhood)) for m in maps]
+    f = torch.cat(to_common_grid(pooled, pooled[0].shape[-2:]), dim=1)  # B, sum C_i, h, w
     B, C, h, w = f.shape
     f = f.permute(0, 2, 3, 1).reshape(B * h * w, 1, C)  # B, C, h, w -> B*h*w, 1, C
     f = F.adaptive_avg_pool1d(f, target_dim)  # B*h*w, 1, D

@@ -1,6 +1,6 @@
 """RLR's feature preprocessing, perturbation, loss and anomaly map (He et al., ECCV 2024).
 
-* :func:`local_average` - eq. 1-2: locally aware features, ``p x p`` average pooling with stride 1
+* :func:`local_average` - eq. 1-2 (from :mod:`uad.methods.common.features`): locally aware features, ``p x p`` average pooling with stride 1
   and zero padding counted at the border (``nn.AvgPool2d(3, 1, 1)`` in the public code).
 * :func:`feature_jitter` - eq. 3: Gaussian noise on the input tokens; the code's scale is
   ``noise_scale * ||f||_2 / C`` per token (UniAD's feature jitter), applied to ``noise_prob`` of
@@ -20,14 +20,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..common.features import local_average  # eq. 1-2 (shared with PatchCore and AGPNet)
+
 __all__ = ["anomaly_map", "feature_jitter", "local_average", "reconstruction_loss", "token_distance"]
-
-
-def local_average(features: torch.Tensor, p: int = 3) -> torch.Tensor:
-    """Eq. 2 with average pooling: (B, C, h, w) -> (B, C, h, w); ``p <= 1`` returns the input."""
-    if p <= 1:
-        return features
-    return F.avg_pool2d(features, kernel_size=p, stride=1, padding=p // 2, count_include_pad=True)
 
 
 def feature_jitter(tokens: torch.Tensor, scale: float, prob: float = 1.0,

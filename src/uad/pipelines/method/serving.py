@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 
 from uad.data.folder import scan_image_folder
+from uad.data.torch_data import SkipUnreadable, denormalize
 from uad.engine import Trainer
 from uad.errors import ConfigError
 from uad.methods.registry import build_method
@@ -80,14 +81,13 @@ class _Overlays:
 
     def __init__(self, limit: int | None, thr: dict, spec: dict, rows: pd.DataFrame):
         self.limit, self.thr, self.rows = limit, thr, rows
-        self.mean = torch.tensor(spec["mean"]).view(3, 1, 1)
-        self.std = torch.tensor(spec["std"]).view(3, 1, 1)
+        self.mean, self.std = spec["mean"], spec["std"]
         self.kept: list[tuple[float, int, np.ndarray, np.ndarray]] = []  # heap of (score, index, image, map)
         self.pngs: dict[str, bytes] = {}
         self.px: float | None = thr["pixel"]
 
     def _image(self, x: torch.Tensor) -> np.ndarray:
-        return ((x.float().cpu() * self.std + self.mean) * 255.0).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        return denormalize(x, self.mean, self.std)[0]  # the decoded uint8 image, exactly
 
     def _png(self, score: float, i: int, img: np.ndarray, amap: np.ndarray) -> bytes:
         from uad.metrics.plots import decision_overlay_png
@@ -131,8 +131,6 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     """Scores, decisions, maps and overlay pictures of every readable image, plus run tags linking
     this run to the training run and the checkpoint version it used. An image or mask that cannot
     be decoded is listed (status ``unreadable`` with the reason) and skipped."""
-    from uad.data.torch_data import SkipUnreadable
-
     cfg = _engine_cfg(engine, engine_override)
     thr = _thresholds(thresholds or {}, infer, method_name)
     method = _load_method(method_name, method_params, checkpoint, infer.get("class_name"), "infer")
