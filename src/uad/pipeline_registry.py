@@ -9,6 +9,8 @@ from uad.pipelines import ingest, method, synthesis
 
 #: methods with a Kedro pipeline (name == registry name == namespace == parameters key)
 METHODS = ("patchcore", "dinomaly", "inpformer", "rlr", "agpnet")
+#: CostFilter-AD over each trained base: pipeline / namespace / parameters key costfilter_<base>
+COSTFILTER_BASES = METHODS
 
 
 def register_pipelines() -> dict[str, Pipeline]:
@@ -25,5 +27,15 @@ def register_pipelines() -> dict[str, Pipeline]:
     for m in METHODS:
         pipes[f"infer_{m}"] = method.infer_pipeline(m)
         pipes[f"export_{m}"] = method.export_pipeline(m)
+    # CostFilter-AD over a trained base (kedro run --pipeline=<base> first): costfilter_<base>
+    for b in COSTFILTER_BASES:
+        ns = method.plugin_namespace("costfilter", b)
+        pipes[ns] = ing + method.create_pipeline("costfilter", base=b)
+        pipes[f"infer_{ns}"] = method.infer_pipeline("costfilter", base=b)
+        pipes[f"export_{ns}"] = method.export_pipeline("costfilter", base=b)
+        pipes["infer"] += pipes[f"infer_{ns}"]
+        pipes["export"] += pipes[f"export_{ns}"]
+        pipes["evaluate"] += method.evaluation_pipeline(ns)
+    pipes["costfilter"] = pipes["costfilter_dinomaly"]  # the released code's base
     pipes["__default__"] = pipes["patchcore"]
     return pipes

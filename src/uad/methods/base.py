@@ -65,10 +65,13 @@ class Prediction:
 
     ``scores``: (B,) image anomaly scores, float32 on CPU.
     ``maps``: (B, H, W) pixel anomaly maps at the input image size (the crop size), float32 on CPU.
+    ``base``: for a plug-in over a base detector, the base's own prediction of the same batch.
     """
 
     scores: torch.Tensor
     maps: torch.Tensor
+    #: a plug-in's base detector's own prediction of the same images (CostFilter-AD), else None
+    base: "Prediction | None" = None
 
 
 @dataclass
@@ -187,6 +190,11 @@ class AnomalyMethod(abc.ABC):
     def wants_synthesis(self, stage: str) -> bool:
         """True when ``stage`` trains on pseudo anomalies from the synthesis stage."""
         return False
+
+    def synthesis_recipe(self, stage: str) -> str:
+        """The pseudo-anomaly recipe the method's paper trains ``stage`` with
+        (:data:`uad.synthesis.RECIPES`); ``synthesis.recipe`` in the parameters overrides it."""
+        return "draem"
 
     def fit_stage(self, stage: str, loader: Iterable, trainer: Any) -> dict[str, float]:
         """Fit one stage. Default: hand the loop to the shared engine."""

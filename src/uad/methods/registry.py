@@ -20,6 +20,7 @@ _KNOWN = {
     "inpformer": "uad.methods.inpformer.method",
     "rlr": "uad.methods.rlr.method",
     "agpnet": "uad.methods.agpnet.method",
+    "costfilter": "uad.methods.costfilter.method",
 }
 
 

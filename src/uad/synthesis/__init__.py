@@ -1,12 +1,16 @@
 """Pseudo-anomaly synthesis: DRAEM Perlin masks, texture sources, blending, real-anomaly paste.
 
 Pure numpy / PIL / scipy (no kedro, no mlflow). See ``synthesizer.py`` for the recipe and the
-papers' equations (DRAEM sec. 3.3; INP-Former++ sec. 3.5, eq. 7-8; CostFilter-AD via GLAD).
+papers' equations (DRAEM sec. 3.3; INP-Former++ sec. 3.5, eq. 7-8; CostFilter-AD: GLAD's recipe).
 """
 
 from uad.synthesis.perlin import fade, perlin_mask, perlin_noise, sample_perlin_params
 from uad.synthesis.synthesizer import (
     FOREGROUND_METHODS,
+    GLAD_FOREGROUND,
+    RECIPES,
+    grid_shuffle,
+    otsu_foreground,
     MixedSynthesizer,
     PasteConfig,
     PseudoAnomalySynthesizer,
@@ -32,6 +36,10 @@ from uad.synthesis.textures import (
 
 __all__ = [
     "FOREGROUND_METHODS",
+    "GLAD_FOREGROUND",
+    "RECIPES",
+    "grid_shuffle",
+    "otsu_foreground",
     "TEXTURE_AUGMENTERS",
     "TEXTURE_KINDS",
     "DTDTextureSource",

@@ -1,17 +1,23 @@
-"""Pseudo-anomaly synthesis (DRAEM / GLAD recipe) and real-anomaly pasting (semi-supervised).
+"""Pseudo-anomaly synthesis (DRAEM and GLAD recipes) and real-anomaly pasting (semi-supervised).
 
 INP-Former++ trains its segmentation head on feature residuals of pseudo-anomalous images
 (sec. 3.5, eq. 7 residual ``f_res = (1 - cos) * |f_Q - f_D|``, eq. 8 Dice loss), made "similar to
 DRAEM" from Perlin noise and DTD textures; in the semi-supervised setting it also "augments the
 anomalous regions of a few real anomalies and randomly embeds them into normal images" (following
-PRN). CostFilter-AD synthesises its training anomalies "following the protocol of GLAD", which is
-the same DRAEM recipe. DRAEM (Zavrtanik et al., ICCV 2021, sec. 3.3, simulated anomaly generation):
+PRN). DRAEM (Zavrtanik et al., ICCV 2021, sec. 3.3, simulated anomaly generation):
 
     M  = [Perlin(2^ky x 2^kx cells, rotated) > 0.5]               (binary anomaly mask)
     I' = (1 - M) * I + (1 - beta) * (M * T) + beta * (M * I),    beta ~ U(0, 0.8)
 
 with ``T`` an augmented texture; half of the training samples are left normal (empty mask,
 label 0).
+
+CostFilter-AD synthesises its training anomalies "following the protocol of GLAD", which is not
+DRAEM's recipe (:data:`RECIPES` ``"glad"``, as the released CostFilter-AD / GLAD data code does it):
+the Perlin threshold is 0.3 instead of 0.5; half of the anomaly sources are not a texture but the
+image itself, augmented and cut into an 8 x 8 grid of tiles that are shuffled (a "structure"
+anomaly, after MemSeg); and the mask is restricted to the object by a per-class Otsu threshold of
+the grey image (:data:`GLAD_FOREGROUND`: the object is the dark or the bright side).
 
 Outputs are uint8: outside the mask the output equals the input bit for bit; inside, the blend is
 computed in float32 and rounded to nearest.
@@ -32,6 +38,9 @@ from uad.synthesis.textures import TextureSource, _check_rgb, augment_texture
 
 __all__ = [
     "FOREGROUND_METHODS",
+    "GLAD_FOREGROUND",
+    "RECIPES",
+    "grid_shuffle",
     "MixedSynthesizer",
     "PasteConfig",
     "PseudoAnomalySynthesizer",
@@ -40,10 +49,26 @@ __all__ = [
     "SynthesisConfig",
     "blend_texture",
     "estimate_foreground",
+    "otsu_foreground",
     "preview_grid",
 ]
 
-FOREGROUND_METHODS = ("none", "auto", "threshold")
+FOREGROUND_METHODS = ("none", "auto", "threshold", "otsu_dark", "otsu_bright")
+
+#: named recipes: SynthesisConfig values a recipe sets (explicit ``config`` values win)
+RECIPES: dict[str, dict] = {
+    "draem": {},
+    "glad": {"threshold": 0.3, "structure_probability": 0.5, "structure_grid": 8},
+}
+
+#: GLAD's per-class foreground (the released ``generate_target_foreground_mask`` modes 1 and 2:
+#: Otsu on the grey image, the object being the dark or the bright side); other classes: anywhere
+GLAD_FOREGROUND: dict[str, str] = {
+    **{c: "otsu_dark" for c in ("screw", "bottle", "capsule", "zipper", "bracket_black", "bracket_brown",
+                                "metal_plate", "03")},
+    **{c: "otsu_bright" for c in ("hazelnut", "pill", "metal_nut", "toothbrush", "candle", "cashew", "chewinggum",
+                                  "fryum", "macaroni1", "macaroni2", "pipe_fryum", "bracket_white", "01")},
+}
 Sample = tuple[np.ndarray, np.ndarray, int]
 
 
@@ -107,8 +132,8 @@ def _check_foreground_method(name: str, value: str) -> None:
 
 @dataclass
 class SynthesisConfig:
-    """Settings of :class:`PseudoAnomalySynthesizer`; defaults are DRAEM's (used by INP-Former++
-    and, through GLAD, by CostFilter-AD).
+    """Settings of :class:`PseudoAnomalySynthesizer`; defaults are DRAEM's (INP-Former++);
+    :meth:`for_recipe` ``("glad")`` gives GLAD's (CostFilter-AD).
 
     Attributes:
         anomaly_probability: chance that a sample gets an anomaly (DRAEM 0.5; the rest stay normal
@@ -130,6 +155,9 @@ class SynthesisConfig:
         max_retries: redraws of an empty (or too small, or off-foreground) mask before the sample
             is returned as normal (DRAEM returns an empty mask as a normal sample at once; redrawing
             makes the requested anomaly fraction hold).
+        structure_probability: chance that the anomaly source is the image itself, augmented like a
+            texture and shuffled on a ``structure_grid`` x ``structure_grid`` grid of tiles
+            (DRAEM 0; GLAD 0.5 with an 8 x 8 grid).
     """
 
     anomaly_probability: float = 0.5
@@ -144,6 +172,8 @@ class SynthesisConfig:
     foreground_threshold: float = 30.0
     min_mask_fraction: float = 0.0
     max_retries: int = 16
+    structure_probability: float = 0.0
+    structure_grid: int = 8
 
     def __post_init__(self):
         if not 0.0 <= float(self.anomaly_probability) <= 1.0:
@@ -161,6 +191,18 @@ class SynthesisConfig:
             raise ValueError(f"min_mask_fraction must be in [0, 1), got {self.min_mask_fraction}")
         if int(self.max_retries) < 1:
             raise ValueError(f"max_retries must be >= 1, got {self.max_retries}")
+        if not 0.0 <= float(self.structure_probability) <= 1.0:
+            raise ValueError(f"structure_probability must be in [0, 1], got {self.structure_probability}")
+        if int(self.structure_grid) < 1:
+            raise ValueError(f"structure_grid must be >= 1, got {self.structure_grid}")
+
+    @classmethod
+    def for_recipe(cls, recipe: str | None, params: Mapping | None = None) -> SynthesisConfig:
+        """The config of a named recipe (:data:`RECIPES`), ``params`` overriding it."""
+        name = recipe or "draem"
+        if name not in RECIPES:
+            raise ValueError(f"unknown synthesis recipe {name!r}; known: {sorted(RECIPES)}")
+        return cls.from_dict({**RECIPES[name], **dict(params or {})})
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> SynthesisConfig:
@@ -220,6 +262,8 @@ def estimate_foreground(
     h, w = image.shape[:2]
     if method == "none":
         return np.ones((h, w), dtype=bool)
+    if method in ("otsu_dark", "otsu_bright"):
+        return otsu_foreground(image, bright=method == "otsu_bright")
     ndimage = _ndimage()
     f = max(1, min(h, w) // 128)  # work at 128-255 px on the short side, upsample at the end
     full_shape = (h, w)
@@ -251,6 +295,38 @@ def estimate_foreground(
     if f > 1:  # nearest-neighbour upsampling back to (H, W)
         fg = np.repeat(np.repeat(fg, f, axis=0), f, axis=1)[: full_shape[0], : full_shape[1]]
     return np.ascontiguousarray(fg)
+
+
+def otsu_foreground(image: np.ndarray, bright: bool) -> np.ndarray:
+    """GLAD's foreground: Otsu's threshold of the grey image (ITU-R 601 weights), the object being
+    the pixels above it (``bright``) or at most it (dark). No cleanup, as the released code.
+    ``np.bool_ (H, W)``."""
+    grey = np.rint(image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+    hist = np.bincount(grey.ravel(), minlength=256).astype(np.float64)
+    p = hist / max(1.0, hist.sum())
+    levels = np.arange(256, dtype=np.float64)
+    omega = np.cumsum(p)
+    mu = np.cumsum(p * levels)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        between = (mu[-1] * omega - mu) ** 2 / (omega * (1.0 - omega))
+    between[~np.isfinite(between)] = -1.0
+    t = int(np.argmax(between))  # pixels > t are the bright class
+    return grey > t if bright else grey <= t
+
+
+def grid_shuffle(image: np.ndarray, grid: int, rng: np.random.Generator) -> np.ndarray:
+    """The image cut into ``grid`` x ``grid`` equal tiles, shuffled (the "structure" anomaly source
+    of GLAD / MemSeg). A remainder that does not fill a tile stays in place."""
+    h, w = image.shape[:2]
+    th, tw = h // grid, w // grid
+    if th == 0 or tw == 0:
+        return image.copy()
+    out = image.copy()
+    body = image[: th * grid, : tw * grid]
+    tiles = body.reshape(grid, th, grid, tw, -1).transpose(0, 2, 1, 3, 4).reshape(grid * grid, th, tw, -1)
+    tiles = tiles[rng.permutation(grid * grid)]
+    out[: th * grid, : tw * grid] = tiles.reshape(grid, grid, th, tw, -1).transpose(0, 2, 1, 3, 4).reshape(th * grid, tw * grid, -1)
+    return out
 
 
 def _resolve_region(
@@ -304,7 +380,8 @@ def blend_texture(image: np.ndarray, texture: np.ndarray, mask: np.ndarray, beta
 
 
 class PseudoAnomalySynthesizer:
-    """DRAEM-style pseudo-anomalies: Perlin mask x augmented texture, blended (DRAEM sec. 3.3 blend).
+    """DRAEM-style pseudo-anomalies: Perlin mask x augmented texture, blended (DRAEM sec. 3.3 blend);
+    with ``structure_probability`` > 0 some sources are the shuffled image itself (GLAD).
 
     ``synth(image, rng, foreground=None, restrict_to_foreground=None) -> (image, mask, label)``:
 
@@ -362,9 +439,13 @@ class PseudoAnomalySynthesizer:
         mask = self.sample_mask((h, w), rng, region)
         if mask is None:
             return _normal_sample(image)
-        texture = self.texture_source.sample(rng, (h, w))
-        if cfg.texture_augmentations:
-            texture = augment_texture(texture, rng, cfg.texture_augmentations)
+        if cfg.structure_probability and rng.random() < cfg.structure_probability:
+            texture = augment_texture(image, rng, cfg.texture_augmentations) if cfg.texture_augmentations else image
+            texture = grid_shuffle(texture, int(cfg.structure_grid), rng)
+        else:
+            texture = self.texture_source.sample(rng, (h, w))
+            if cfg.texture_augmentations:
+                texture = augment_texture(texture, rng, cfg.texture_augmentations)
         beta = float(rng.uniform(*cfg.beta_range))
         return blend_texture(image, texture, mask, beta), mask, 1
 
@@ -422,6 +503,18 @@ class PasteConfig:
             raise ValueError(f"min_foreground_overlap must be in [0, 1], got {self.min_foreground_overlap}")
         if int(self.max_retries) < 1:
             raise ValueError(f"max_retries must be >= 1, got {self.max_retries}")
+        if not 0.0 <= float(self.structure_probability) <= 1.0:
+            raise ValueError(f"structure_probability must be in [0, 1], got {self.structure_probability}")
+        if int(self.structure_grid) < 1:
+            raise ValueError(f"structure_grid must be >= 1, got {self.structure_grid}")
+
+    @classmethod
+    def for_recipe(cls, recipe: str | None, params: Mapping | None = None) -> SynthesisConfig:
+        """The config of a named recipe (:data:`RECIPES`), ``params`` overriding it."""
+        name = recipe or "draem"
+        if name not in RECIPES:
+            raise ValueError(f"unknown synthesis recipe {name!r}; known: {sorted(RECIPES)}")
+        return cls.from_dict({**RECIPES[name], **dict(params or {})})
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> PasteConfig:

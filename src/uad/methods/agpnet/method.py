@@ -261,19 +261,19 @@ class AGPNet(AnomalyMethod):
             rec = self.decoder(clean)
         return [clean], [rec.float()]
 
-    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Eq. 8 at the input size: (B, H, W) float32."""
-        (clean,), (rec,) = self.reconstruct(images)
-        return anomaly_map(clean, rec, self.grid, tuple(images.shape[-2:]))
+    def prediction_from(self, images: torch.Tensor, clean: list[torch.Tensor], rec: list[torch.Tensor]) -> Prediction:
+        """Maps (eq. 8) and image scores (max of the ``score_pool`` average-pooled map) from
+        :meth:`reconstruct`'s output, on the device."""
+        with torch.no_grad():
+            maps = anomaly_map(clean[0], rec[0], self.grid, tuple(images.shape[-2:]))
+            scores = image_score(maps, self.cfg.score_pool)
+        return Prediction(scores=scores.float(), maps=maps.float())
 
     def predict(self, images: torch.Tensor) -> Prediction:
-        """Maps (eq. 8) and image scores (max of the ``score_pool`` average-pooled map); the
-        student decoder alone."""
+        """The student decoder alone."""
         self.eval_mode()
-        with torch.no_grad():
-            maps = self.anomaly_maps(images)
-            scores = image_score(maps, self.cfg.score_pool)
-        return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu())
+        out = self.prediction_from(images, *self.reconstruct(images))
+        return Prediction(scores=out.scores.cpu(), maps=out.maps.cpu())
 
     # --- bookkeeping ----------------------------------------------------------------------
     def decoder_parameters(self) -> int:

@@ -26,7 +26,7 @@ import torch
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-__all__ = ["StableAdamW", "WarmCosineSchedule", "warm_cosine_lr"]
+__all__ = ["EpochPlateau", "StableAdamW", "WarmCosineSchedule", "warm_cosine_lr"]
 
 
 class StableAdamW(Optimizer):
@@ -163,3 +163,38 @@ class WarmCosineSchedule(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [self.lr_at(self.last_epoch) for _ in self.optimizer.param_groups]
+
+
+class EpochPlateau:
+    """``ReduceLROnPlateau`` (mode min) stepped once per epoch on the epoch's last loss, driven by
+    the engine's per-iteration ``step()`` (CostFilter-AD's released schedule).
+
+    ``loss_fn()`` returns the last training loss (a float); ``steps_per_epoch`` iterations make an
+    epoch. ``state_dict`` is JSON-friendly (the engine stores it in resume checkpoints)."""
+
+    def __init__(self, optimizer: Optimizer, steps_per_epoch: int, loss_fn, factor: float = 0.5, patience: int = 5):
+        self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=factor, patience=patience)
+        self.steps_per_epoch = max(1, int(steps_per_epoch))
+        self.loss_fn = loss_fn
+        self.iteration = 0
+
+    def step(self) -> None:
+        self.iteration += 1
+        if self.iteration % self.steps_per_epoch == 0:
+            self.plateau.step(float(self.loss_fn()))
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.plateau.optimizer.param_groups]
+
+    def state_dict(self) -> dict[str, Any]:
+        inner = {k: v for k, v in self.plateau.state_dict().items() if k != "optimizer"}
+        return {"iteration": self.iteration, "steps_per_epoch": self.steps_per_epoch,
+                "plateau": {k: (float(v) if isinstance(v, float) else v) for k, v in inner.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.iteration = int(state["iteration"])
+        inner = dict(state["plateau"])
+        for key in ("best", "mode_worse"):  # a JSON round trip writes inf as "inf"
+            if key in inner:
+                inner[key] = float("inf") if inner[key] is None else float(inner[key])
+        self.plateau.load_state_dict({**self.plateau.state_dict(), **inner})

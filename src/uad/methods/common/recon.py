@@ -213,15 +213,26 @@ class ViTReconstructionMethod(AnomalyMethod):
             enc_groups, dec_groups, enc.grid, tuple(images.shape[-2:]), self.cfg.sigma, self.cfg.gaussian_kernel_size
         )
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        self.eval_mode()
+    def reconstruct_groups(self, images: torch.Tensor) -> tuple[Encoded, list[torch.Tensor], list[torch.Tensor]]:
+        """The frozen encoding and the encoder / decoder group features (no_grad, float32): what
+        :meth:`predict` scores and what a plug-in (CostFilter-AD) reads as input and template."""
         with torch.no_grad():
             enc = self.encode(images)
             with self.autocast():
                 enc_groups, dec_groups = self.decode(enc)
+        return enc, [e.float() for e in enc_groups], [d.float() for d in dec_groups]
+
+    def prediction_from(self, images: torch.Tensor, enc: Encoded, enc_groups, dec_groups) -> Prediction:
+        """Maps and scores from :meth:`reconstruct_groups`' output (on the device)."""
+        with torch.no_grad():
             maps = self.anomaly_map(images, enc, enc_groups, dec_groups).float()
             scores = topk_mean_score(maps, self.cfg.top_k_ratio)
-        return Prediction(scores=scores.float().cpu(), maps=maps.cpu())
+        return Prediction(scores=scores.float(), maps=maps)
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        self.eval_mode()
+        out = self.prediction_from(images, *self.reconstruct_groups(images))
+        return Prediction(scores=out.scores.cpu(), maps=out.maps.cpu())
 
     # --- optimisation -------------------------------------------------------------------------
     def _schedule(self, optimizer: torch.optim.Optimizer, total: int, warmup: int) -> WarmCosineSchedule:

@@ -5,6 +5,10 @@ fit: frozen CNN features of every normal training image -> locally aware patch f
 memory bank of all patches -> greedy coreset (10 %). predict: distance of every test patch to its
 nearest memory-bank patch = patch score map; image score = max patch score (optionally
 re-weighted, eq. 7); map upsampled to the crop size and Gaussian-smoothed (sigma 4).
+
+A ViT backbone is accepted too: its patch tokens of the requested blocks are the stage maps, which
+with ``neighbourhood: 1`` and ``coreset_ratio: 1.0`` is AnomalyDINO's DINOv2 patch matching (the
+embedding base CostFilter-AD's paper filters as "AnomalDF").
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class PatchCore(AnomalyMethod):
         super().__init__(params)
         self.config = self.cfg = PatchCoreConfig.from_params(self.params)
         cfg = self.cfg
-        self.encoder = self.build_encoder(kind="cnn")
+        self.encoder = self.build_encoder()
         self.memory_bank: torch.Tensor = torch.empty(0, cfg.target_dim)
 
     # --- contract ---------------------------------------------------------------------------
@@ -53,10 +57,20 @@ class PatchCore(AnomalyMethod):
 
     # --- features ---------------------------------------------------------------------------
     @torch.no_grad()
+    def stage_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen encoder's requested stages as (B, C, h, w) maps: a CNN's stage maps, or a
+        ViT's patch tokens on their grid (AnomalyDINO-style DINOv2 patch features)."""
+        with self.autocast():
+            out = self.encoder(images.to(self.device))
+        return list(out.maps) if out.maps is not None else out.token_maps()
+
+    @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Locally aware patch features of a normalised batch: ``(B, 3, H, W) -> (B, D, h, w)`` float32."""
-        with self.autocast():
-            maps = self.encoder(images.to(self.device)).maps
+        return self.features_from_maps(self.stage_maps(images))
+
+    def features_from_maps(self, maps: list[torch.Tensor]) -> torch.Tensor:
+        """:meth:`features` from :meth:`stage_maps`' output."""
         return aggregate_patches(maps, self.cfg.neighbourhood, self.cfg.target_dim)
 
     # --- fitting ----------------------------------------------------------------------------
@@ -100,9 +114,14 @@ class PatchCore(AnomalyMethod):
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         """Nearest-neighbour patch distances (eq. 6) -> scores (B,) and maps (B, H, W) on CPU."""
+        out = self.prediction_from_features(images, self.features(images))
+        return Prediction(scores=out.scores.cpu(), maps=out.maps.cpu())
+
+    @torch.no_grad()
+    def prediction_from_features(self, images: torch.Tensor, feats: torch.Tensor) -> Prediction:
+        """Scores and maps (on the device) from :meth:`features`' output (B, D, h, w)."""
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("patchcore: empty memory bank; run fit_stage / fit_from_features or load a state first")
-        feats = self.features(images)  # B, D, h, w
         B, D, h, w = feats.shape
         q = flatten_patches(feats)  # B*h*w, D
         bank = self.memory_bank.to(q.device)
@@ -116,7 +135,7 @@ class PatchCore(AnomalyMethod):
             scores = patch_scores.max(dim=1).values
         size = tuple(images.shape[-2:])
         maps = smooth_maps(patch_scores.reshape(B, h, w), size, self.cfg.sigma)  # B, H, W
-        return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu())
+        return Prediction(scores=scores.float(), maps=maps.float())
 
     # --- state ------------------------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:

@@ -118,22 +118,30 @@ class RLR(AnomalyMethod):
         return sum(reconstruction_loss(o, t, self.cfg.distance) for o, t in zip(outputs, targets))
 
     # --- inference --------------------------------------------------------------------------
-    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Eq. 15-16 at the input size, (B, H, W) float32 (smoothed only if ``map_sigma > 0``)."""
-        targets, outputs = self.reconstruct(images)
+    def anomaly_maps(self, images: torch.Tensor, targets=None, outputs=None) -> torch.Tensor:
+        """Eq. 15-16 at the input size, (B, H, W) float32 (smoothed only if ``map_sigma > 0``);
+        from given ``targets`` / ``outputs`` (:meth:`reconstruct`) when passed."""
+        if targets is None or outputs is None:
+            targets, outputs = self.reconstruct(images)
         maps = anomaly_map(outputs, targets, self.grids, tuple(images.shape[-2:]), self.cfg.distance)
         if self.cfg.map_sigma > 0:
             maps = gaussian_blur(maps[:, None], self.cfg.map_sigma, None, padding="reflect")[:, 0]
         return maps
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """Maps (eq. 16) and image scores: the max of the map smoothed as ``gaussian_filter(sigma=4)``."""
-        self.eval_mode()
+    def prediction_from(self, images: torch.Tensor, targets, outputs) -> Prediction:
+        """Maps (eq. 16) and image scores (the max of the map smoothed as ``gaussian_filter(sigma=4)``)
+        from :meth:`reconstruct`'s output, on the device."""
         with torch.no_grad():
-            maps = self.anomaly_maps(images)
+            maps = self.anomaly_maps(images, targets, outputs)
             smooth = gaussian_blur(maps[:, None], self.cfg.score_sigma, None, padding="reflect")[:, 0]
             scores = smooth.flatten(1).max(dim=1).values
-        return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu())
+        return Prediction(scores=scores.float(), maps=maps.float())
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        self.eval_mode()
+        with torch.no_grad():
+            out = self.prediction_from(images, *self.reconstruct(images))
+        return Prediction(scores=out.scores.cpu(), maps=out.maps.cpu())
 
     # --- bookkeeping ----------------------------------------------------------------------
     def tags(self) -> dict[str, str]:

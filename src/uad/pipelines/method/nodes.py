@@ -64,7 +64,7 @@ def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.
     from uad.pipelines.synthesis.nodes import build_augment
 
     return build_augment(train_df, labelled, synth, seed, crop=method.input_spec["crop"],
-                         resize=method.input_spec["resize"])
+                         resize=method.input_spec["resize"], recipe=method.synthesis_recipe(stage))
 
 
 def _setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: dict[str, str]):
@@ -96,13 +96,21 @@ def _check_synthesis_sources(method, synth: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------ training
+def compose_plugin_params(method_params: dict, base_name: str, base_params: dict) -> dict:
+    """A plug-in's parameters (CostFilter-AD): its own block plus the base method's name and
+    parameters, so the frozen base is rebuilt exactly as it was trained."""
+    return {**dict(method_params or {}), "base": base_name, "base_params": dict(base_params or {})}
+
+
 def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: dict, method_params: dict,
                 engine: dict, engine_override: dict, synthesis: dict | None = None,
-                previous: dict | None = None, features: dict | None = None) -> tuple[dict, dict, dict]:
+                previous: dict | None = None, features: dict | None = None,
+                base: dict | None = None) -> tuple[dict, dict, dict]:
     """Train one stage of ``method_name``; returns (checkpoint, loss history for MLflow, run tags).
 
     ``previous``: the checkpoint of the method's previous stage. ``features``: cached encoder
-    features (``extract_features``) for methods that fit from them in one pass."""
+    features (``extract_features``) for methods that fit from them in one pass. ``base``: a
+    plug-in's trained base method (its checkpoint), loaded frozen before training."""
     cfg = _engine_cfg(engine, engine_override)
     normal = train_index[train_index["label"] == 0]
     labelled = train_index[train_index["label"] == 1]
@@ -119,6 +127,10 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
             identity = method.identity()
             if previous is None:  # the method's first stage
                 _check_synthesis_sources(method, synthesis or {})
+        if base is not None:
+            _check_base_setting(base, data)
+            method.load_base(_split_state(base["tensors"], group), base.get("meta"), base.get("path"))
+            tags.update(_base_tags(base))
         if previous is not None:
             method.check_checkpoint(previous.get("meta") or {}, previous.get("path"))
             method.load_state_dict(_split_state(previous["tensors"], group))
@@ -141,7 +153,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         # resolved parameters: a changed code default must not resume an older training
         parts = {"method": method_name, "stage": stage, "group": group, "params": method.resolved_params(), "data": fingerprint,
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
-                 "synthesis": synthesis if aug is not None else None}
+                 "synthesis": synthesis if aug is not None else None,
+                 "base": None if base is None else [str(base.get("path") or ""), (base.get("meta") or {}).get("params_sha")]}
         metric = f"train_loss/{stage}" + (f"/{group}" if group else "")
         trainer = Trainer(cfg, key_parts=parts)
         trainer.prepare(method)
@@ -161,6 +174,22 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     meta = {**identity, "method": method_name, "stage": stage, "params": method_params, "classes": classes,
             "setting": data.get("setting", "multi_class"), "train_data_sha256": fingerprint}
     return {"tensors": tensors, "meta": meta}, history, tags
+
+
+def _check_base_setting(base: dict, data: dict) -> None:
+    made = (base.get("meta") or {}).get("setting", "multi_class")
+    want = data.get("setting", "multi_class")
+    if (made == ONE_CLASS) != (want == ONE_CLASS):
+        raise ValueError(f"the base checkpoint {base.get('path') or ''} was trained in the {made} setting, this run "
+                         f"is {want}: train the base in the same setting (or pick its checkpoint with --load-versions)")
+
+
+def _base_tags(base: dict) -> dict[str, str]:
+    meta = base.get("meta") or {}
+    out = {"base_checkpoint": str(base.get("path") or ""), "base_params_sha": str(meta.get("params_sha", ""))}
+    if meta.get("mlflow_run_id"):
+        out["base_mlflow_run_id"] = str(meta["mlflow_run_id"])
+    return out
 
 
 @torch.no_grad()
@@ -187,14 +216,17 @@ def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, me
 # ------------------------------------------------------------------------------------ prediction
 @torch.no_grad()
 def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str] | None = None,
-                  on_batch: Callable[[dict, Any], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  on_batch: Callable[[dict, Any], None] | None = None,
+                  base: dict[str, list] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(scores float32 (N,), maps float16 (N, crop, crop), masks uint8 (N, crop, crop))`` of a
     prepared method over ``ds``, streamed by the engine's loader (workers, pinned memory) with a
     progress bar. The one scoring loop of evaluation and inference. With a dataset whose samples
     carry ``error`` (:class:`uad.data.torch_data.SkipUnreadable`), ``errors`` receives them in
     order (the flagged samples' scores and maps are placeholders for the caller to drop).
     ``on_batch(batch, prediction)`` sees every batch as it is scored (pictures made from the
-    decoded images, without decoding them again)."""
+    decoded images, without decoding them again). ``base`` receives a plug-in's base predictions
+    (``scores`` / ``maps`` lists) when the method returns them. A method with ``wants_class_ids``
+    is given the batch's class ids."""
     from tqdm.auto import tqdm
 
     loader = trainer.loader(ds, batch_size=cfg.batch_size or 8)
@@ -203,7 +235,13 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
         if errors is not None:
             errors.extend(batch.get("error") or [""] * len(batch["image"]))
         images = batch["image"].to(trainer.device, non_blocking=True)
-        out = method.predict(images)
+        if getattr(method, "wants_class_ids", False):
+            out = method.predict(images, class_ids=batch["class_id"].to(trainer.device))
+        else:
+            out = method.predict(images)
+        if base is not None and out.base is not None:
+            base.setdefault("scores", []).append(out.base.scores.float().cpu().numpy())
+            base.setdefault("maps", []).append(out.base.maps.float().cpu().numpy().astype(np.float16))
         if on_batch is not None:
             on_batch(batch, out)
         scores.append(out.scores.float().cpu().numpy())
@@ -231,8 +269,10 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
         trainer.prepare(method)
         method.eval_mode()
         ds = _dataset(method, df, classes)
-        scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:predict" + (f":{group}" if group else ""))
-        parts.append({
+        base: dict[str, list] = {}
+        scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:predict" + (f":{group}" if group else ""),
+                                            base=base)
+        part = {
             "scores": scores,
             "maps": maps,
             "masks": masks,
@@ -240,7 +280,11 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
             "class_names": df["class_name"].to_numpy(str),
             "image_paths": df["image_path"].to_numpy(str),
             "defect_types": df["defect_type"].to_numpy(str),
-        })
+        }
+        if base:  # a plug-in: its base's own scores and maps of the same images, evaluated beside
+            part["base_scores"] = np.concatenate(base["scores"]).astype(np.float32)
+            part["base_maps"] = np.concatenate(base["maps"])
+        parts.append(part)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     out["input_resize"] = np.asarray(method.input_spec["resize"], dtype=np.int64)
     return out
@@ -266,6 +310,21 @@ def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.D
             mlflow_metrics[key] = {"value": float(val), "step": 0}
     mean = table.loc["mean"]
     log.info("mean over classes: %s", ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m])))
+    if "base_scores" in predictions:  # a plug-in: the base's metrics and the gain, side by side
+        base = compute_metrics(predictions["labels"], predictions["base_scores"], predictions["masks"].astype(bool),
+                               predictions["base_maps"], predictions["class_names"], pixel=has_masks)
+        for cls, row in base.iterrows():
+            for name in METRIC_NAMES:
+                val, mine = row.get(name), table.loc[cls].get(name)
+                if val is None or not np.isfinite(val):
+                    continue
+                key = name if cls == "mean" else f"{cls}/{name}"
+                mlflow_metrics[f"base/{key}"] = {"value": float(val), "step": 0}
+                if mine is not None and np.isfinite(mine):
+                    mlflow_metrics[f"gain/{key}"] = {"value": float(mine - val), "step": 0}
+        table = table.join(base[[m for m in METRIC_NAMES if m in base.columns]].add_prefix("base_"))
+        log.info("base detector: %s", ", ".join(f"{m}={base.loc['mean'][m]:.4f}" for m in METRIC_NAMES
+                                                 if m in base.columns and np.isfinite(base.loc["mean"][m])))
     thresholds = compute_thresholds(predictions["labels"], predictions["scores"],
                                     predictions["masks"] if has_masks else None,
                                     predictions["maps"] if has_masks else None,

@@ -12,21 +12,50 @@ from kedro.pipeline import Pipeline, node
 
 from uad.methods.registry import method_class
 
-from .nodes import evaluate, extract_features, named, predict, report, train_stage
+from .nodes import compose_plugin_params, evaluate, extract_features, named, predict, report, train_stage
 from .serving import export_model, infer_images, scan_images
 
 SHARED_INPUTS = {"train_index", "test_index"}
 SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting"}
 
 
-def _namespaced(nodes: list, method: str) -> Pipeline:
-    """``nodes`` under the method's namespace; shared datasets/parameters keep their names."""
+def plugin_namespace(method: str, base: str) -> str:
+    """The namespace of a plug-in over a base: ``costfilter_dinomaly``."""
+    return f"{method}_{base}"
+
+
+def _base_checkpoint(base: str) -> str:
+    return f"{base}.checkpoint_{method_class(base).stages[-1]}"
+
+
+def _namespaced(nodes: list, namespace: str, base: str | None = None) -> Pipeline:
+    """``nodes`` under the namespace; shared datasets/parameters keep their names, and so do a
+    plug-in's base checkpoint and parameters (the base's own namespace)."""
     used = {i for n in nodes for i in n.inputs}
-    return Pipeline(nodes, namespace=method, inputs=SHARED_INPUTS & used, parameters=SHARED_PARAMS & used)
+    inputs = SHARED_INPUTS & used
+    params = SHARED_PARAMS & used
+    if base is not None:
+        inputs |= {_base_checkpoint(base)} & used
+        params |= {f"params:{base}.method"} & used
+    return Pipeline(nodes, namespace=namespace, inputs=inputs, parameters=params)
 
 
-def _common(method: str) -> dict[str, str]:
-    return {"data": "params:data", "method_params": "params:method", "engine": "params:engine",
+def _params_input(base: str | None) -> str:
+    """Where the nodes read the method's parameters: its block, or, for a plug-in, the block
+    composed with the base's (node ``compose_params``)."""
+    return "params:method" if base is None else "method_params"
+
+
+def _compose_nodes(method: str, base: str | None) -> list:
+    if base is None:
+        return []
+    return [node(named(compose_plugin_params, "compose_params", base_name=base),
+                 {"method_params": "params:method", "base_params": f"params:{base}.method"}, "method_params",
+                 name="compose_params", tags=["train", "predict", "infer", "export"])]
+
+
+def _common(method: str, base: str | None = None) -> dict[str, str]:
+    return {"data": "params:data", "method_params": _params_input(base), "engine": "params:engine",
             "engine_override": "params:engine_override"}
 
 
@@ -36,15 +65,17 @@ def _features_nodes(method: str) -> list:
                  name="extract_features", tags=["features"])]
 
 
-def _training_nodes(method: str) -> list:
+def _training_nodes(method: str, base: str | None = None) -> list:
     cls = method_class(method)
     nodes, previous = [], None
     if cls.uses_feature_cache():
         nodes += _features_nodes(method)
     for stage in cls.stages:
-        inputs = {"train_index": "train_index", **_common(method), "synthesis": "params:synthesis"}
+        inputs = {"train_index": "train_index", **_common(method, base), "synthesis": "params:synthesis"}
         if previous is not None:
             inputs["previous"] = previous
+        elif base is not None:
+            inputs["base"] = _base_checkpoint(base)
         if cls.uses_feature_cache():
             inputs["features"] = "train_features"
         label = "train" if stage == "train" else f"train_{stage}"
@@ -65,39 +96,50 @@ def _evaluation_nodes(method: str) -> list:
     ]
 
 
-def create_pipeline(method: str) -> Pipeline:
-    train, final = _training_nodes(method)
+def create_pipeline(method: str, base: str | None = None) -> Pipeline:
+    """The template for ``method``; with ``base``, the plug-in ``method`` (CostFilter-AD) over the
+    trained ``base`` (its checkpoint read from the catalog), namespace ``<method>_<base>``."""
+    train, final = _training_nodes(method, base)
     pred = node(named(predict, "predict", method_name=method),
-                {"test_index": "test_index", **_common(method), "checkpoint": final},
+                {"test_index": "test_index", **_common(method, base), "checkpoint": final},
                 "predictions", name="predict", tags=["predict"])
-    return _namespaced([*train, pred, *_evaluation_nodes(method)], method)
+    namespace = method if base is None else plugin_namespace(method, base)
+    return _namespaced([*_compose_nodes(method, base), *train, pred, *_evaluation_nodes(method)], namespace, base)
 
 
 def _final_checkpoint(method: str) -> str:
     return f"checkpoint_{method_class(method).stages[-1]}"
 
 
-def infer_pipeline(method: str) -> Pipeline:
+def infer_pipeline(method: str, base: str | None = None) -> Pipeline:
     """Score a folder of new images with the method's trained checkpoint and stored thresholds."""
-    common = {"method_params": "params:method", "engine": "params:engine", "engine_override": "params:engine_override"}
+    common = {"method_params": _params_input(base), "engine": "params:engine", "engine_override": "params:engine_override"}
     nodes = [
+        *_compose_nodes(method, base),
         node(scan_images, {"infer": "params:infer"}, "infer_index", name="scan_images", tags=["infer"]),
         node(named(infer_images, "infer", method_name=method),
              {"images": "infer_index", **common, "checkpoint": _final_checkpoint(method), "thresholds": "thresholds",
               "infer": "params:infer"},
              ["infer_results", "infer_maps", "infer_overlays", "infer_tags"], name="infer", tags=["infer"]),
     ]
-    return Pipeline(nodes, namespace=method, parameters={"params:infer", "params:engine"})
+    return _served(nodes, method, base, {"params:infer", "params:engine"})
 
 
-def export_pipeline(method: str) -> Pipeline:
+def _served(nodes: list, method: str, base: str | None, shared: set[str]) -> Pipeline:
+    namespace = method if base is None else plugin_namespace(method, base)
+    params = shared | ({f"params:{base}.method"} if base is not None else set())
+    return Pipeline(nodes, namespace=namespace, parameters=params)
+
+
+def export_pipeline(method: str, base: str | None = None) -> Pipeline:
     """The method's inference path as an ONNX model (+ preprocessing / thresholds JSON), registered
     in the MLflow model registry."""
-    nodes = [node(named(export_model, "export", method_name=method),
-                  {"method_params": "params:method", "checkpoint": _final_checkpoint(method),
+    nodes = [*_compose_nodes(method, base),
+             node(named(export_model, "export", method_name=method),
+                  {"method_params": _params_input(base), "checkpoint": _final_checkpoint(method),
                    "thresholds": "thresholds", "export": "params:export"},
                   ["onnx_model", "export_spec", "export_tags"], name="export", tags=["export"])]
-    return Pipeline(nodes, namespace=method, parameters={"params:export"})
+    return _served(nodes, method, base, {"params:export"})
 
 
 def evaluation_pipeline(method: str) -> Pipeline:

@@ -15,6 +15,8 @@ from PIL import Image
 from uad.data.augment import EpochForwarding
 from uad.data.images import load_image, load_mask
 from uad.synthesis import (
+    GLAD_FOREGROUND,
+    RECIPES,
     MixedSynthesizer,
     PasteConfig,
     PseudoAnomalySynthesizer,
@@ -46,10 +48,35 @@ class ClassAwareAugment(EpochForwarding):
         return self.by_mode[self.mode_of_index[index]](image, index)
 
 
+def resolve_recipe(synth: dict[str, Any], method_recipe: str | None = None) -> str:
+    """The synthesis recipe of a run: ``synthesis.recipe`` when set, else the method's own (GLAD's
+    for CostFilter-AD), else DRAEM's."""
+    recipe = synth.get("recipe") or method_recipe or "draem"
+    if recipe not in RECIPES:
+        raise ValueError(f"synthesis.recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+    return str(recipe)
+
+
+def foreground_modes(classes: pd.Series, synth: dict[str, Any], recipe: str) -> list[str]:
+    """Per row, how its anomaly region is restricted: ``synthesis.foreground_modes[class]`` when
+    given; else GLAD's per-class Otsu side (recipe ``glad``); else ``auto`` for the
+    ``foreground_classes``; else ``none``."""
+    explicit = dict(synth.get("foreground_modes") or {})
+    objects = set(synth.get("foreground_classes") or [])
+    table = GLAD_FOREGROUND if recipe == "glad" else {}
+
+    def mode(c: str) -> str:
+        return explicit.get(c) or table.get(c) or ("auto" if c in objects else "none")
+
+    return [mode(str(c)) for c in classes]
+
+
 def build_augment(train_df: pd.DataFrame, labelled: pd.DataFrame, synth: dict[str, Any], seed: int,
-                  crop: int, resize: int) -> tuple[ClassAwareAugment, dict[str, str]]:
-    """The training-time pseudo-anomaly hook for ``train_df`` and the run tags recording it."""
-    cfg = SynthesisConfig(**dict(synth.get("config") or {}))
+                  crop: int, resize: int, recipe: str | None = None) -> tuple[ClassAwareAugment, dict[str, str]]:
+    """The training-time pseudo-anomaly hook for ``train_df`` and the run tags recording it.
+    ``recipe``: the method's own recipe (``synthesis.recipe`` overrides it)."""
+    recipe = resolve_recipe(synth, recipe)
+    cfg = SynthesisConfig.for_recipe(recipe, synth.get("config"))
     rng = np.random.default_rng(seed)
     n_self = min(len(train_df), int(synth.get("self_texture_images", 64)))
     picks = rng.choice(len(train_df), size=n_self, replace=False) if n_self else []
@@ -57,7 +84,7 @@ def build_augment(train_df: pd.DataFrame, labelled: pd.DataFrame, synth: dict[st
     source, description = make_texture_source(synth.get("texture_source", "fallback"),
                                               dtd_root=synth.get("dtd_root"), images=images)
     generator = PseudoAnomalySynthesizer(source, cfg)
-    tags = {"synthesis_texture_source": description}
+    tags = {"synthesis_texture_source": description, "synthesis_recipe": recipe}
     if len(labelled):
         real_imgs = [_square(load_image(p), resize, crop) for p in labelled["image_path"]]
         real_masks = [_square(load_mask(p).astype(np.uint8) * 255, resize, crop, nearest=True) > 0
@@ -67,8 +94,7 @@ def build_augment(train_df: pd.DataFrame, labelled: pd.DataFrame, synth: dict[st
         w = float(synth.get("semi_supervised_weight", 0.5))
         generator = MixedSynthesizer([(generator, 1.0 - w), (paster, w)])
         tags["semi_supervised_anomalies"] = str(len(labelled))
-    objects = set(synth.get("foreground_classes") or [])
-    modes = ["auto" if c in objects else "none" for c in train_df["class_name"]]
+    modes = foreground_modes(train_df["class_name"], synth, recipe)
     by_mode = {m: SynthesisAugment(generator, seed, foreground_mode=m) for m in set(modes) or {"none"}}
     return ClassAwareAugment(by_mode, modes), tags
 

@@ -1,0 +1,289 @@
+"""CostFilter-AD (Zhang et al., ICML 2025) as a plug-in :class:`~uad.methods.base.AnomalyMethod`.
+
+The method wraps a trained base detector (``base`` + ``base_params``: any method of the project),
+kept frozen; only the filter network learns. Per batch:
+
+1. the base adapter (:mod:`.bases`) gives the input's features, the templates and the base map;
+2. the cost volume (:mod:`.volume`, eq. 1-2) and the guidance map (per-layer minima, or the base
+   map as the released code feeds it);
+3. the 3D U-Net filter (:mod:`.network`, sec. 3.3) -> 2 logits per volume pixel + class logits;
+4. training: eq. 5 on pseudo anomalies from the synthesis stage (GLAD's recipe: ``synthesis_recipe``);
+   inference: ``P = softmax(.)[anomaly]`` resized to the image, optionally blended with the base
+   map (``blend`` < 1), image score = mean of the top ``max(k, ratio * HW)`` pixels.
+
+The checkpoint holds the filter, the base's own learned state and (embedding bases) the reference
+pool, so prediction, inference and export need nothing else. ``predict`` also returns the base's
+own prediction for the same images (``Prediction.base``): the pipeline evaluates both and logs the
+gain.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uad.errors import ConfigError
+
+from ..base import AnomalyMethod, OptimSetup, Prediction
+from ..common.optim import EpochPlateau
+from ..registry import build_method, register
+from .bases import BaseView, EmbeddingBase, make_base
+from .config import CostFilterConfig
+from .losses import costfilter_loss
+from .network import CostFilterNet
+from .volume import build_volume, resize_maps
+
+__all__ = ["CostFilter"]
+
+
+@register("costfilter")
+class CostFilter(AnomalyMethod):
+    config_class = CostFilterConfig
+    stages = ("filter",)
+
+    def __init__(self, params: Mapping[str, Any] | None = None):
+        super().__init__(params)
+        self.cfg = self.config = CostFilterConfig.from_params(self.params)
+        cfg = self.cfg
+        if cfg.base == "costfilter":
+            raise ConfigError("costfilter: the base cannot be costfilter itself")
+        self.base_method = build_method(cfg.base, cfg.base_params)
+        self.base = make_base(cfg.base, self.base_method, cfg.templates, cfg.reference_pool, cfg.class_identity)
+        if cfg.query_side == "template" and not self.base.aligned:
+            raise ConfigError("costfilter: query_side 'template' needs a reconstruction base (one template per "
+                              f"position); {cfg.base} matches against N normal images: use query_side 'input'")
+        self.net: CostFilterNet | None = None
+        self._last_loss = float("nan")
+        self.terms: dict[str, float] = {}
+
+    # --- the plug-in's own contract -------------------------------------------------------------
+    @property
+    def wants_class_ids(self) -> bool:
+        """True when prediction reads the test image's class (``class_identity``)."""
+        return bool(self.cfg.class_identity) and not self.base.aligned
+
+    @property
+    def input_spec(self) -> dict[str, Any]:
+        return self.base_method.input_spec
+
+    def load_base(self, checkpoint_tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None,
+                  path: str | None = None) -> None:
+        """Load the trained base (its checkpoint's tensors and recorded identity)."""
+        self.base_method.check_checkpoint(dict(meta or {}), path)
+        self.base_method.load_state_dict(checkpoint_tensors)
+        self.base_method.to(self.device, self.autocast_dtype)
+        self.base_method.eval_mode()
+
+    def wants_synthesis(self, stage: str) -> bool:
+        return True
+
+    def synthesis_recipe(self, stage: str) -> str:
+        """CostFilter-AD trains on GLAD's pseudo anomalies (the released code's recipe)."""
+        return "glad"
+
+    # --- shapes ----------------------------------------------------------------------------------
+    def _probe(self) -> BaseView:
+        crop = int(self.input_spec["crop"])
+        x = torch.zeros(1, 3, crop, crop, device=self.device)
+        self.base_method.eval_mode()
+        if isinstance(self.base, EmbeddingBase) and self.base.ref_global.shape[0] == 0:
+            tokens, grid = self.base.layers(x)
+            return BaseView(tokens, [t.repeat(1, self.cfg.templates, 1) for t in tokens], tokens, grid, None,
+                            Prediction(torch.zeros(1), torch.zeros(1, crop, crop)), aligned=False)
+        return self.base.view(x)
+
+    def matching_channels(self, view: BaseView) -> int:
+        h, w = view.grid
+        pool = h * w if view.aligned else view.templates[0].shape[1]
+        d = h * w if self.cfg.matching_channels is None else int(self.cfg.matching_channels)
+        if d > pool and self.cfg.from_preset("matching_channels"):
+            d = min(d, h * w)  # the official 768 is for Dinomaly's 28 x 28 grid
+        if d > pool:
+            raise ConfigError(f"costfilter: matching_channels={d} exceeds the {pool} template positions")
+        return d
+
+    def build_net(self, num_classes: int) -> CostFilterNet:
+        """The filter for the base's shapes (read from one probe forward) and ``num_classes``."""
+        view = self._probe()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.seed)
+            net = CostFilterNet(self.matching_channels(view), len(view.queries), [g.shape[-1] for g in view.guidance],
+                                num_classes, self.cfg.base_width, self.cfg.squeeze)
+        self.net = net.to(self.device)
+        return self.net
+
+    # --- placement ------------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        mods = {f"base_{k}": m for k, m in self.base_method.modules().items()}
+        if self.net is not None:
+            mods["net"] = self.net
+        return mods
+
+    def trainable_modules(self) -> dict[str, nn.Module]:
+        return {"net": self.net} if self.net is not None else {}
+
+    def to(self, device, autocast_dtype=None) -> "CostFilter":
+        self.device = torch.device(device)
+        self.autocast_dtype = autocast_dtype
+        self.base_method.to(device, autocast_dtype)
+        if self.net is not None:
+            self.net.to(self.device)
+        return self
+
+    def train_mode(self, stage: str) -> None:
+        self.base_method.eval_mode()
+        if self.net is not None:
+            self.net.train()
+
+    def eval_mode(self) -> None:
+        self.base_method.eval_mode()
+        if self.net is not None:
+            self.net.eval()
+
+    # --- forward --------------------------------------------------------------------------------
+    def volume_inputs(self, view: BaseView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(volume (B, D, L, S, S), or on the grid (B, D, L, h, w) with ``squeeze_at_grid``,
+        guidance map (B, L, S, S), base map on the grid (B, h, w))."""
+        cfg = self.cfg
+        q, t = (view.templates, view.queries) if cfg.query_side == "template" else (view.queries, view.templates)
+        size = None if cfg.squeeze_at_grid else cfg.volume_size
+        volume, initial = build_volume(q, t, view.grid, self.matching_channels(view), size, cfg.cost_eps)
+        base_map = view.base_map if view.base_map is not None else initial.mean(dim=1)
+        if cfg.guidance_map == "min":
+            gmap = initial
+        else:
+            gmap = base_map[:, None].expand(-1, initial.shape[1], -1, -1)
+        return volume, resize_maps(gmap.float(), cfg.volume_size), base_map
+
+    def filter(self, view: BaseView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (B, 2, S, S), class logits (B, K), base map (B, h, w))."""
+        volume, gmap, base_map = self.volume_inputs(view)
+        with self.autocast():
+            logits, cls = self.net(volume, view.guidance, gmap, view.grid)
+        return logits.float(), cls.float(), base_map
+
+    # --- training -------------------------------------------------------------------------------
+    def fit_stage(self, stage: str, loader: Iterable, trainer: Any) -> dict[str, float]:
+        dataset = loader.dataset
+        if self.net is None:
+            self.build_net(len(getattr(dataset, "class_names", [])) or 1)
+        if isinstance(self.base, EmbeddingBase) and self.base.ref_global.shape[0] == 0:
+            # the pool comes from the clean crops: the augment hook (pseudo anomalies) is bypassed
+            self.base.fit_references(getattr(dataset, "base", dataset), self.cfg.seed, self.device)
+        return trainer.fit(self, stage, loader)
+
+    def iterations_for(self, num_train_samples: int) -> int:
+        """``epochs * floor(n / batch)`` (the released loader drops the last partial batch) unless
+        ``iterations`` is set."""
+        if self.cfg.iterations is not None:
+            return int(self.cfg.iterations)
+        return int(self.cfg.epochs) * self.steps_per_epoch(num_train_samples)
+
+    def steps_per_epoch(self, num_train_samples: int) -> int:
+        return max(1, int(num_train_samples) // int(self.cfg.batch_size))
+
+    def configure_optimization(self, stage: str, num_train_samples: int) -> OptimSetup:
+        cfg = self.cfg
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        opt = torch.optim.Adam(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        iterations = self.iterations_for(num_train_samples)
+        per_epoch = self.steps_per_epoch(num_train_samples)
+        if cfg.iterations is not None:  # an explicit budget keeps the epoch count: knots scale
+            per_epoch = max(1, iterations // max(1, int(cfg.epochs)))
+        sched = EpochPlateau(opt, per_epoch, lambda: self._last_loss, cfg.plateau_factor, cfg.plateau_patience)
+        return OptimSetup(optimizer=opt, scheduler=sched, iterations=iterations, grad_clip_norm=None, parameters=params)
+
+    def rescale_schedule(self, setup: OptimSetup, iterations: int) -> OptimSetup:
+        """A budget set by the engine: the plateau epochs scale with it (``epochs`` epochs in all)."""
+        setup.scheduler.steps_per_epoch = max(1, iterations // max(1, int(self.cfg.epochs)))
+        setup.iterations = iterations
+        return setup
+
+    def loss_weights(self) -> dict[str, float]:
+        c = self.cfg
+        return {"focal": c.focal_weight, "ce": c.ce_weight, "ssim": c.ssim_weight, "iou": c.iou_weight, "mse": c.mse_weight}
+
+    def training_step(self, stage: str, batch: Mapping[str, Any], step: int) -> torch.Tensor:
+        if not isinstance(batch, Mapping) or "mask" not in batch:
+            raise KeyError("costfilter trains on batches with 'image', 'mask' and 'class_id' (pseudo anomalies)")
+        images = batch["image"]
+        class_ids = batch["class_id"].long()
+        exclude = batch.get("index") if not self.base.aligned else None
+        view = self.base.view(images, class_ids, exclude=exclude)
+        logits, cls, _ = self.filter(view)
+        loss, terms = costfilter_loss(logits, cls, batch["mask"].float(), class_ids, self.loss_weights(),
+                                      self.cfg.gamma_rule, self.cfg.gamma0)
+        self._last_loss = float(loss.detach())
+        self.terms = {k: float(v.detach()) for k, v in terms.items()}
+        return loss
+
+    # --- inference ------------------------------------------------------------------------------
+    def output_map(self, logits: torch.Tensor, base_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Sec. 3.4: the anomaly probability at the image size, blended with the base map when
+        ``blend`` < 1 (the released code's ``lambda P + (1 - lambda) M_base``). (B, H, W)."""
+        prob = torch.softmax(logits, dim=1)[:, 1:2]
+        prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
+        lam = float(self.cfg.blend)
+        if lam >= 1.0:
+            return prob
+        base = F.interpolate(base_map[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
+        return lam * prob + (1.0 - lam) * base
+
+    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
+        """Mean of the top ``max(score_topk, score_ratio * H * W)`` pixels (paper: 250; code: 1 %, at least 250)."""
+        flat = maps.flatten(1)
+        k = max(int(self.cfg.score_topk or 0), int(flat.shape[1] * float(self.cfg.score_ratio or 0.0)), 1)
+        return flat.topk(min(k, flat.shape[1]), dim=1).values.mean(dim=1)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor, class_ids: torch.Tensor | None = None) -> Prediction:
+        if self.net is None:
+            raise RuntimeError("costfilter: no filter network; train it or load a checkpoint first")
+        self.eval_mode()
+        view = self.base.view(images, class_ids if self.wants_class_ids else None)
+        logits, _, base_map = self.filter(view)
+        maps = self.output_map(logits, base_map, tuple(images.shape[-2:]))
+        scores = self.image_score(maps)
+        base = Prediction(scores=view.prediction.scores.float().cpu(), maps=view.prediction.maps.float().cpu())
+        return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu(), base=base)
+
+    # --- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        if self.net is None:
+            raise RuntimeError("costfilter: nothing to save before the filter is built")
+        out = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
+        out.update({f"base.{k}": v for k, v in self.base_method.state_dict().items()})
+        out.update({f"ref.{k}": v.detach().cpu().contiguous() for k, v in self.base.state().items()})
+        return out
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        parts: dict[str, dict[str, torch.Tensor]] = {"net": {}, "base": {}, "ref": {}}
+        for key, t in state.items():
+            head, _, rest = key.partition(".")
+            if head not in parts:
+                raise KeyError(f"costfilter: unexpected key {key!r} in saved state")
+            parts[head][rest] = t
+        self.base_method.load_state_dict(parts["base"])
+        self.base_method.to(self.device, self.autocast_dtype)
+        self.base.load_state(parts["ref"])
+        if "cls_fc.weight" not in parts["net"]:
+            raise KeyError("costfilter: the saved state has no filter network")
+        if self.net is None:
+            self.build_net(int(parts["net"]["cls_fc.weight"].shape[0]))
+        self.net.load_state_dict(parts["net"], strict=True)
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+    def identity(self) -> dict[str, str]:
+        ident = super().identity()
+        base = self.base_method.identity()
+        ident.update(backbone=base["backbone"], crop=base["crop"])
+        return ident
+
+    def tags(self) -> dict[str, str]:
+        cfg = self.cfg
+        base_tags = {f"base_{k}": v for k, v in self.base_method.tags().items() if k != "method"}
+        return {"method": self.name, "base": cfg.base, "costfilter_preset": cfg.preset, "query_side": cfg.query_side,
+                "guidance_map": cfg.guidance_map, "blend": str(cfg.blend), **base_tags}
