@@ -392,3 +392,24 @@ def test_base_view_contract_fields():
     v = BaseView([torch.zeros(1, 4, 2)], [torch.zeros(1, 4, 2)], [torch.zeros(1, 4, 2)], (2, 2), None,
                  Prediction(torch.zeros(1), torch.zeros(1, 8, 8)), aligned=False)
     assert v.base_map is None and not v.aligned
+
+
+@pytest.mark.parametrize("base,params,size", [
+    ("inpformer", {**DINO_SMOKE}, 56),
+    ("rlr", {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "resize": 96, "crop": 96}, 96),
+    ("agpnet", {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "layers": [1, 2, 3], "cnn_stride": 8,
+                "decoder_dim": 96, "resize": 64, "crop": 64}, 64),
+])
+def test_every_reconstruction_base_plugs_in(base, params, size):
+    m = build_method("costfilter", {"base": base, "base_params": params, "volume_size": 16, "base_width": 8}).to("cpu")
+    net = m.build_net(2)
+    batch = _batch(2, size)
+    loss = m.training_step("filter", batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is None for mod in m.base_method.modules().values() for p in mod.parameters())
+    out = m.predict(batch["image"])
+    assert out.maps.shape == (2, size, size) and out.base.maps.shape == (2, size, size)
+    view = m.base.view(batch["image"])
+    assert net.depth == len(view.queries) and view.aligned
+    ref = m.base_method.predict(batch["image"])
+    torch.testing.assert_close(out.base.scores, ref.scores)

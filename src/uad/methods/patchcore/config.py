@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from uad.errors import ConfigError
 
-from ..base import check_param_names
+from ..base import check_param_names, parse_list_params
 
 
 @dataclass
@@ -53,9 +53,9 @@ class PatchCoreConfig:
         """Paper defaults overridden by ``params``; unknown keys raise a ValueError listing the valid ones."""
         params = dict(params or {})
         check_param_names(cls, params, "patchcore")
+        parse_list_params(params, ("layers",))  # a list, or "2+3" from the command line
         if params.get("layers") is not None:
-            layers = params["layers"]
-            params["layers"] = (int(layers),) if isinstance(layers, int) else tuple(int(i) for i in layers)
+            params["layers"] = tuple(int(i) for i in params["layers"])
         cfg = cls(**params)
         cfg.validate()
         return cfg
