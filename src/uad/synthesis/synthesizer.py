@@ -503,18 +503,6 @@ class PasteConfig:
             raise ValueError(f"min_foreground_overlap must be in [0, 1], got {self.min_foreground_overlap}")
         if int(self.max_retries) < 1:
             raise ValueError(f"max_retries must be >= 1, got {self.max_retries}")
-        if not 0.0 <= float(self.structure_probability) <= 1.0:
-            raise ValueError(f"structure_probability must be in [0, 1], got {self.structure_probability}")
-        if int(self.structure_grid) < 1:
-            raise ValueError(f"structure_grid must be >= 1, got {self.structure_grid}")
-
-    @classmethod
-    def for_recipe(cls, recipe: str | None, params: Mapping | None = None) -> SynthesisConfig:
-        """The config of a named recipe (:data:`RECIPES`), ``params`` overriding it."""
-        name = recipe or "draem"
-        if name not in RECIPES:
-            raise ValueError(f"unknown synthesis recipe {name!r}; known: {sorted(RECIPES)}")
-        return cls.from_dict({**RECIPES[name], **dict(params or {})})
 
     @classmethod
     def from_dict(cls, params: Mapping | None) -> PasteConfig:
