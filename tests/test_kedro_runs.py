@@ -333,3 +333,23 @@ def test_super_multi_class_and_semi_supervised_ingest(project):
     labelled = train[train["label"] == 1]
     assert labelled.groupby("class_name").size().to_dict() == {c: 2 for c in CLASSES}
     assert not set(labelled["image_path"]) & set(test["image_path"]), "held-out anomalies must leave the test set"
+
+
+def test_ddp_run_trains_on_two_ranks_and_writes_once(project):
+    """``engine.strategy=ddp`` on CPU: the node starts 2 gloo ranks for training and for the
+    sharded predict; one checkpoint version, one predictions version and one MLflow run come out."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("uad")
+    runs_before = len(client.search_runs([exp.experiment_id], max_results=1000))
+    ckpts = project / "data/06_models/dinomaly/train.safetensors"
+    preds = project / "data/07_model_output/dinomaly/anomaly_maps.npz"
+    before = (len(_versions(ckpts)), len(_versions(preds)))
+    run_pipeline(project, "dinomaly", params={"engine.strategy": "ddp", "engine.devices": 2, "engine.resume": False})
+    assert (len(_versions(ckpts)), len(_versions(preds))) == (before[0] + 1, before[1] + 1)
+    assert len(client.search_runs([exp.experiment_id], max_results=1000)) == runs_before + 1
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    _check_metrics(run, "dinomaly", 0.5)
+    out = dict(np.load(_latest(preds, "anomaly_maps.npz")))
+    assert len(out["scores"]) == 100 and out["maps"].shape[0] == 100  # every test image, once

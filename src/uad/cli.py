@@ -47,9 +47,27 @@ class _NoTraceback(logging.Filter):
         return True
 
 
+def _join_torchrun() -> None:
+    """Under ``torchrun`` (``WORLD_SIZE`` > 1): join the process group before the session starts,
+    and send the MLflow tracking of ranks other than 0 to a private temporary store (rank 0's run
+    is the run; the others only train and score their shards)."""
+    import os
+    import tempfile
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    from uad.engine import distributed
+
+    distributed.init_from_env()
+    if int(os.environ.get("RANK", "0")) > 0:
+        store = tempfile.mkdtemp(prefix=f"uad-rank{os.environ['RANK']}-mlruns-")
+        os.environ["MLFLOW_TRACKING_URI"] = f"file://{store}"
+
+
 @cli.command(name="run", params=list(_kedro_run.params), help=_kedro_run.help,
              context_settings=_kedro_run.context_settings)
 def run(**kwargs):
+    _join_torchrun()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Option '--pipeline' is deprecated", category=KedroDeprecationWarning)
         flt = _NoTraceback()

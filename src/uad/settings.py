@@ -11,13 +11,13 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from uad.hooks import RunTagsHook
+from uad.hooks import RankZeroWritesHook, RunTagsHook
 
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 
-HOOKS = (RunTagsHook(),)
+HOOKS = (RunTagsHook(), RankZeroWritesHook())
 
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uad.errors import ConfigError, UadError
 
+from . import distributed
 from .checkpoint import flatten_optimizer_state, load_state, save_state, unflatten_optimizer_state
 from .device import autocast_dtype_for, pick_device, seed_everything
 
@@ -64,6 +65,13 @@ class EngineConfig:
     resume: bool = True
     log_every: int = 10
     progress: bool = True
+    # data-parallel training (uad.engine.distributed): "single" | "ddp"; with ddp, ``devices`` local
+    # processes are started by the node itself (default: every GPU, else 2 CPU processes), or the
+    # ranks ``torchrun`` started are used. ``batch_size`` stays the global batch (split over ranks).
+    strategy: str = "single"
+    devices: int | None = None
+    num_nodes: int = 1
+    backend: str | None = None  # None: nccl on GPU, gloo on CPU
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "EngineConfig":
@@ -72,7 +80,10 @@ class EngineConfig:
         unknown = sorted(set(params) - valid)
         if unknown:
             raise ConfigError(f"unknown engine parameter(s) {unknown}; valid: {sorted(valid)}")
-        return cls(**params)
+        cfg = cls(**params)
+        if cfg.strategy not in ("single", "ddp"):
+            raise ConfigError(f"engine.strategy must be 'single' or 'ddp', got {cfg.strategy!r}")
+        return cfg
 
 
 class StepSampler(Sampler[int]):
@@ -85,13 +96,30 @@ class StepSampler(Sampler[int]):
     stay deterministic whatever the worker scheduling).
     """
 
-    def __init__(self, n: int, batch_size: int, num_steps: int, seed: int, start_step: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, batch_size: int, num_steps: int, seed: int, start_step: int = 0, shuffle: bool = True,
+                 rank: int = 0, world: int = 1):
         if n <= 0:
             raise ValueError("cannot train on an empty dataset")
+        if batch_size % world:
+            raise ConfigError(f"the batch of {batch_size} does not split over {world} ranks; use a multiple of {world}")
         self.n, self.bs, self.steps, self.seed, self.start, self.shuffle = n, batch_size, num_steps, seed, start_step, shuffle
+        self.rank, self.world = int(rank), int(world)
 
     def __len__(self) -> int:
-        return max(0, self.steps - self.start) * self.bs
+        return max(0, self.steps - self.start) * self.bs // self.world
+
+    def __iter__(self) -> Iterator[int]:
+        """This rank's slice of every global batch (the whole stream with one rank)."""
+        if self.world == 1:
+            yield from self._global()
+            return
+        local = self.bs // self.world
+        lo, batch = self.rank * local, []
+        for i in self._global():
+            batch.append(i)
+            if len(batch) == self.bs:
+                yield from batch[lo:lo + local]
+                batch = []
 
     def _perm(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -99,9 +127,9 @@ class StepSampler(Sampler[int]):
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=g).numpy()
 
-    def __iter__(self) -> Iterator[int]:
+    def _global(self) -> Iterator[int]:
         first = self.start * self.bs
-        total = len(self)
+        total = max(0, self.steps - self.start) * self.bs
         epoch, offset = divmod(first, self.n)
         produced = 0
         while produced < total:
@@ -189,11 +217,13 @@ class Trainer:
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_steps: int | None = None,
                start_step: int = 0) -> DataLoader:
-        """A DataLoader over ``dataset``: a deterministic step stream when ``num_steps`` is set,
-        one ordered pass otherwise."""
+        """A DataLoader over ``dataset``: a deterministic step stream when ``num_steps`` is set
+        (``batch_size`` is then the global batch: each rank of a data-parallel run loads its slice
+        of every batch), one ordered pass otherwise."""
+        world, rank = distributed.world_size(), distributed.rank()
         cfg = self.config
         common: dict[str, Any] = dict(
-            batch_size=batch_size,
+            batch_size=batch_size if num_steps is None else batch_size // world,
             num_workers=cfg.num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=cfg.num_workers > 0,
@@ -206,7 +236,7 @@ class Trainer:
             common["prefetch_factor"] = 4
         if num_steps is None:
             return DataLoader(dataset, shuffle=False, drop_last=False, **common)
-        sampler = StepSampler(len(dataset), batch_size, num_steps, cfg.seed, start_step, shuffle)
+        sampler = StepSampler(len(dataset), batch_size, num_steps, cfg.seed, start_step, shuffle, rank, world)
         return DataLoader(EpochAwareDataset(dataset), sampler=sampler, drop_last=False, **common)
 
     # ------------------------------------------------------------------ main loop
@@ -244,8 +274,12 @@ class Trainer:
         last_loss = float("nan")
         if start >= iterations:
             return FitResult(stage, iterations, start, last_loss, 0.0, history).as_dict()
+        world, main = distributed.world_size(), distributed.is_main()
+        if world > 1:
+            log.info("%s/%s: data-parallel over %d ranks, global batch %d (%d per rank)", method.name, stage, world,
+                     batch_size, batch_size // world)
         stream = self.loader(dataset, batch_size, shuffle=True, num_steps=iterations, start_step=start)
-        bar = _progress(total=iterations, initial=start, desc=f"{method.name}:{stage}", enabled=cfg.progress)
+        bar = _progress(total=iterations, initial=start, desc=f"{method.name}:{stage}", enabled=cfg.progress and main)
         running = None
         step = start
         try:
@@ -254,33 +288,38 @@ class Trainer:
                 method.train_mode(stage)
                 with method.autocast():
                     loss = method.training_step(stage, batch, step)
-                if not torch.isfinite(loss.detach()).all():
+                value = distributed.mean_across(loss.detach()) if world > 1 else float(loss.detach())
+                if not math.isfinite(value):  # every rank sees the same value: all stop together
                     raise NonFiniteLossError(
-                        f"{method.name}/{stage}: loss became {loss.item()} at step {step}; "
+                        f"{method.name}/{stage}: loss became {value} at step {step}; "
                         "lower the learning rate, check the input data for NaNs, or use precision: fp32"
                     )
                 setup.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if world > 1:
+                    distributed.average_gradients(params)
                 if setup.grad_clip_norm:
                     torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
                 setup.optimizer.step()
                 if setup.scheduler is not None:
                     setup.scheduler.step()
                 method.after_optimizer_step(stage, step)
-                last_loss = float(loss.detach())
+                last_loss = value
                 running = last_loss if running is None else 0.9 * running + 0.1 * last_loss
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                 done = step + 1
                 if done % cfg.log_every == 0 or done == iterations:
                     history.append((done, last_loss))
-                    if self.on_log:
+                    if self.on_log and main:
                         self.on_log(stage, done, last_loss)
                 if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == iterations):
-                    self._save(ckpt, method, setup, done, stage)
+                    if main:  # one writer; the others wait until the file is complete
+                        self._save(ckpt, method, setup, done, stage)
+                    distributed.barrier()
         finally:
             bar.close()
-        if ckpt is not None and step + 1 >= iterations:
+        if ckpt is not None and step + 1 >= iterations and main:
             self._prune(ckpt, method, stage)
         return FitResult(stage, iterations, start, last_loss, time.perf_counter() - t0, history).as_dict()
 

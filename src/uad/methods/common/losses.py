@@ -21,7 +21,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["global_cosine_loss", "global_cosine_hm_loss", "hard_mining_ratio", "shrink_gradient", "hard_mining_mask"]
+from uad.engine import distributed
+
+__all__ = ["batch_mean", "global_cosine_loss", "global_cosine_hm_loss", "hard_mining_ratio", "shrink_gradient",
+           "hard_mining_mask"]
 
 
 def hard_mining_ratio(step: int, final: float = 0.9, warmup_iters: int = 1000) -> float:
@@ -56,10 +59,21 @@ def shrink_gradient(x: torch.Tensor, scale: torch.Tensor | float) -> torch.Tenso
 
 
 @torch.no_grad()
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over the whole batch: in a data-parallel run, over every rank's shard
+    (equal shard shapes), the same number one process gets on the whole batch. No gradient."""
+    # accumulated in float64 on both paths, so one process and several agree to float64 rounding
+    total = distributed.sum_across(x.double().sum())
+    return (total / (x.numel() * distributed.world_size())).to(x.dtype)
+
+
+@torch.no_grad()
 def hard_mining_mask(point_dist: torch.Tensor, k_ratio: float) -> torch.Tensor:
     """Boolean mask of the points to shrink: distances strictly below the ``n_keep``-th largest,
-    ``n_keep = int(numel * (1 - k_ratio))`` (all points when ``n_keep`` is 0)."""
-    flat = point_dist.reshape(-1)
+    ``n_keep = int(numel * (1 - k_ratio))`` (all points when ``n_keep`` is 0). The threshold is
+    taken over the whole batch: in a data-parallel run over every rank's points (gathered), so
+    each rank shrinks exactly the points one process would."""
+    flat = distributed.gather_cat(point_dist.reshape(-1))
     n_keep = int(flat.numel() * (1.0 - k_ratio))
     if n_keep <= 0:
         return torch.ones_like(point_dist, dtype=torch.bool)

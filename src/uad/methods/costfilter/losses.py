@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from uad.engine.distributed import sum_across
+
 __all__ = ["focal_gamma", "focal_loss", "ssim_loss", "soft_iou_loss", "costfilter_loss"]
 
 
@@ -73,8 +75,10 @@ def ssim_loss(pred: torch.Tensor, target: torch.Tensor, window: int = 11, sigma:
 
 
 def soft_iou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    inter = (pred * target).sum()
-    return 1.0 - (inter + 1.0) / (pred.sum() + target.sum() - inter + 1.0)
+    """Over the whole batch (in a data-parallel run, every rank's shard: :func:`sum_across`)."""
+    inter = sum_across((pred * target).sum())
+    total = sum_across(pred.sum() + target.sum())
+    return 1.0 - (inter + 1.0) / (total - inter + 1.0)
 
 
 def costfilter_loss(logits: torch.Tensor, cls_logits: torch.Tensor, mask: torch.Tensor, class_ids: torch.Tensor,

@@ -52,6 +52,10 @@ class CostFilter(AnomalyMethod):
             raise ConfigError("costfilter: the base cannot be costfilter itself")
         self.base_method = build_method(cfg.base, cfg.base_params)
         self.base = make_base(cfg.base, self.base_method, cfg.templates, cfg.reference_pool, cfg.class_identity)
+        if cfg.query_side == "template" and not self.base.aligned and cfg.from_preset("query_side"):
+            # the released embedding-base variants (GLAD's decoded templates, AnomalyDINO) query
+            # with the input; the swap belongs to the Dinomaly variant only
+            cfg.query_side = "input"
         if cfg.query_side == "template" and not self.base.aligned:
             raise ConfigError("costfilter: query_side 'template' needs a reconstruction base (one template per "
                               f"position); {cfg.base} matches against N normal images: use query_side 'input'")

@@ -11,7 +11,9 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..common.losses import shrink_gradient
+from uad.engine.distributed import sum_across
+
+from ..common.losses import batch_mean, shrink_gradient
 
 __all__ = [
     "inp_coherence_loss_hard",
@@ -76,15 +78,16 @@ def soft_mining_weights(q: torch.Tensor, d: torch.Tensor, gamma: float, dim: int
     """The per-point weights of eq. 5, ``w_t = (M_t / u(M_t)) ** gamma`` for t in {cos, mse}.
 
     M_cos is the per-point cosine distance, M_mse the per-point squared error (averaged or summed
-    over channels), u(.) the mean over the whole batch. Shapes keep a size-1 channel axis so the
+    over channels), u(.) the mean over the whole batch (in a data-parallel run, over every rank's
+    shard: :func:`uad.methods.common.losses.batch_mean`). Shapes keep a size-1 channel axis so the
     weights broadcast over channels. Computed without gradient, in float32.
     """
     with torch.no_grad():
         q32, d32 = q.float(), d.float()
         m_cos = (1.0 - F.cosine_similarity(q32, d32, dim=dim)).unsqueeze(dim)
         m_mse = _point_mse(q32, d32, dim, mse_reduction)
-        w_cos = (m_cos / m_cos.mean().clamp_min(_EPS)) ** gamma
-        w_mse = (m_mse / m_mse.mean().clamp_min(_EPS)) ** gamma
+        w_cos = (m_cos / batch_mean(m_cos).clamp_min(_EPS)) ** gamma
+        w_mse = (m_mse / batch_mean(m_mse).clamp_min(_EPS)) ** gamma
     return w_cos, w_mse
 
 
@@ -130,6 +133,6 @@ def dice_loss(prob: torch.Tensor, target: torch.Tensor, per_image: bool = False,
         num = 2.0 * (p * m).sum(dims)
         den = (p * p + m * m).sum(dims)
         return (1.0 - num / (den + eps)).mean()
-    num = 2.0 * (p * m).sum()
-    den = (p * p + m * m).sum()
+    num = 2.0 * sum_across((p * m).sum())  # over the whole batch, every rank's shard included
+    den = sum_across((p * p + m * m).sum())
     return 1.0 - num / (den + eps)

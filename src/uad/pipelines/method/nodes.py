@@ -10,6 +10,7 @@ core library; nothing here is specific to one method. Settings:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -110,8 +111,17 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
 
     ``previous``: the checkpoint of the method's previous stage. ``features``: cached encoder
     features (``extract_features``) for methods that fit from them in one pass. ``base``: a
-    plug-in's trained base method (its checkpoint), loaded frozen before training."""
+    plug-in's trained base method (its checkpoint), loaded frozen before training.
+
+    With ``engine.strategy: ddp`` outside a process group, the node starts ``engine.devices``
+    local ranks that run this same function data-parallel; rank 0's result comes back here and
+    only this process returns it to the catalog. Under ``torchrun`` the ranks exist already."""
     cfg = _engine_cfg(engine, engine_override)
+    spawned = _launch_ranks(cfg, train_stage, method_name=method_name, stage=stage, train_index=train_index, data=data,
+                            method_params=method_params, engine=engine, engine_override=engine_override,
+                            synthesis=synthesis, previous=previous, features=features, base=base)
+    if spawned is not None:
+        return tuple(spawned)  # type: ignore[return-value]
     normal = train_index[train_index["label"] == 0]
     labelled = train_index[train_index["label"] == 1]
     classes = sorted(train_index["class_name"].unique())
@@ -176,6 +186,23 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     return {"tensors": tensors, "meta": meta}, history, tags
 
 
+def _launch_ranks(cfg: EngineConfig, fn: Callable, **kwargs: Any) -> Any:
+    """``fn(**kwargs)`` in ``engine.devices`` spawned ranks when ``engine.strategy`` is ``ddp``
+    and no process group exists yet; None when this process should run ``fn`` itself."""
+    from uad.engine import distributed
+
+    if cfg.strategy != "ddp" or distributed.is_active():
+        return None
+    if int(cfg.num_nodes) > 1:
+        raise ValueError("engine.num_nodes > 1: start the ranks with torchrun on every node "
+                         "(torchrun --nnodes=N --nproc_per_node=G ... -m kedro run ...); see the README")
+    world = distributed.local_world(cfg.devices)
+    if world <= 1:
+        return None
+    log.info("%s: data-parallel over %d local ranks (%s)", fn.__name__, world, cfg.backend or distributed.default_backend())
+    return distributed.launch(fn, world=world, backend=cfg.backend, kwargs=kwargs)
+
+
 def _check_base_setting(base: dict, data: dict) -> None:
     made = (base.get("meta") or {}).get("setting", "multi_class")
     want = data.get("setting", "multi_class")
@@ -217,7 +244,7 @@ def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, me
 @torch.no_grad()
 def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str] | None = None,
                   on_batch: Callable[[dict, Any], None] | None = None,
-                  base: dict[str, list] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  base: dict[str, list] | None = None, shard: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(scores float32 (N,), maps float16 (N, crop, crop), masks uint8 (N, crop, crop))`` of a
     prepared method over ``ds``, streamed by the engine's loader (workers, pinned memory) with a
     progress bar. The one scoring loop of evaluation and inference. With a dataset whose samples
@@ -226,10 +253,18 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
     ``on_batch(batch, prediction)`` sees every batch as it is scored (pictures made from the
     decoded images, without decoding them again). ``base`` receives a plug-in's base predictions
     (``scores`` / ``maps`` lists) when the method returns them. A method with ``wants_class_ids``
-    is given the batch's class ids."""
+    is given the batch's class ids. In a data-parallel run (``shard``) each rank scores a block of
+    whole batches and every rank receives all the results, in order (a callback's pictures need
+    every image in one process: with ``on_batch`` the process scores everything itself)."""
     from tqdm.auto import tqdm
 
-    loader = trainer.loader(ds, batch_size=cfg.batch_size or 8)
+    from uad.engine import distributed
+
+    batch_size = cfg.batch_size or 8
+    if shard and distributed.world_size() > 1 and on_batch is None:  # sharded: whole batches per rank
+        part = _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size)
+        return _gather_shards(part, errors, base)
+    loader = trainer.loader(ds, batch_size=batch_size)
     scores, maps, masks = [], [], []
     for batch in tqdm(loader, desc=desc, disable=not cfg.progress, mininterval=1.0):
         if errors is not None:
@@ -250,11 +285,47 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
     return np.concatenate(scores).astype(np.float32), np.concatenate(maps), np.concatenate(masks)
 
 
+def _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size):
+    from uad.engine import distributed
+
+    idx = distributed.shard_indices(len(ds), batch=batch_size)
+    local_errors: list[str] | None = [] if errors is not None else None
+    local_base: dict[str, list] | None = {} if base is not None else None
+    quiet = cfg if distributed.is_main() else dataclasses.replace(cfg, progress=False)
+    if not idx:
+        return None, local_errors, local_base
+    out = score_dataset(method, torch.utils.data.Subset(ds, idx), trainer, quiet, desc, local_errors, None, local_base,
+                        shard=False)
+    return out, local_errors, local_base
+
+
+def _gather_shards(part, errors, base):
+    """Every rank's shard, concatenated in rank order (= the dataset's order), on every rank."""
+    from uad.engine import distributed
+
+    parts = [p for p in distributed.all_gather_objects(part) if p[0] is not None]
+    scores, maps, masks = (np.concatenate([p[0][i] for p in parts]) for i in range(3))
+    if errors is not None:
+        errors.extend(e for p in parts for e in (p[1] or []))
+    if base is not None:
+        for p in parts:
+            for key, chunks in (p[2] or {}).items():
+                base.setdefault(key, []).extend(chunks)
+    return scores, maps, masks
+
+
 @torch.no_grad()
 def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
             engine_override: dict, checkpoint: dict) -> dict[str, np.ndarray]:
-    """Anomaly maps and scores for every test image (maps float16 at the crop size)."""
+    """Anomaly maps and scores for every test image (maps float16 at the crop size). Under
+    ``engine.strategy: ddp`` the ranks score blocks of whole batches (sharded inference) and the
+    results are gathered in order: equal to one process's."""
     cfg = _engine_cfg(engine, engine_override)
+    spawned = _launch_ranks(cfg, predict, method_name=method_name, test_index=test_index, data=data,
+                            method_params=method_params, engine=engine, engine_override=engine_override,
+                            checkpoint=checkpoint)
+    if spawned is not None:
+        return spawned
     # zero-shot tests on classes the model never saw: ids cover both sides
     classes = sorted(set(checkpoint["meta"].get("classes") or []) | set(test_index["class_name"].unique()))
     one_class = checkpoint["meta"].get("setting") == ONE_CLASS

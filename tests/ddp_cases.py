@@ -1,0 +1,93 @@
+"""Training cases run in one process or in spawned data-parallel ranks (tests/test_distributed.py).
+
+Module-level functions so ``spawn`` can import them in the ranks; each returns the trained
+state as plain tensors (rank 0's is passed back by :func:`uad.engine.distributed.launch`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from uad.engine import EngineConfig, Trainer
+from uad.engine import distributed
+from uad.methods.registry import build_method
+
+VIT = {"backbone": "dinov2_vits14_reg", "weights": "random", "allow_random": True, "resize": 28, "crop": 28,
+       "warmup_iters": 2}
+
+
+class Images(Dataset):
+    """Fixed random images (the same in every process)."""
+
+    def __init__(self, n: int = 12, size: int = 28):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.m = (torch.rand(n, 1, size, size, generator=g) > 0.8).float()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "mask": self.m[i], "label": torch.tensor(1), "class_id": torch.tensor(0),
+                "index": torch.tensor(i)}
+
+
+def _method(name: str, stage_params: dict):
+    params = {**VIT, **stage_params}
+    # dropout masks are drawn per process: off for an exact comparison
+    if name == "dinomaly":
+        params.update(noisy_bottleneck=False, hm_warmup_iters=2)
+    else:
+        params.update(bottleneck_dropout=0.0)
+    return build_method(name, params)
+
+
+def train(name: str, stage: str, params: dict, iterations: int, batch: int, ckpt_dir: str | None = None,
+          stop_after: int | None = None, forbid_writes_off_main: bool = True) -> dict[str, torch.Tensor]:
+    """Train ``stage`` of ``name`` for ``iterations`` steps of global batch ``batch``; returns its
+    state. ``stop_after``: raise after that many optimiser steps (a killed run, for resume)."""
+    method = _method(name, params)
+    cfg = EngineConfig(device="cpu", iterations=iterations, batch_size=batch, num_workers=0, seed=1,
+                       checkpoint_dir=ckpt_dir, checkpoint_every=2, progress=False)
+    trainer = Trainer(cfg, key="ddp-case")
+    if forbid_writes_off_main and not distributed.is_main():
+        def no_write(*a, **k):
+            raise AssertionError(f"rank {distributed.rank()} tried to write a checkpoint")
+        trainer._save = no_write  # type: ignore[method-assign]
+        trainer._prune = no_write  # type: ignore[method-assign]
+    if stop_after is not None:
+        original = method.after_optimizer_step
+
+        def stop(st, step):
+            original(st, step)
+            if step + 1 > stop_after:
+                raise RuntimeError(f"stopped after step {step}")
+        method.after_optimizer_step = stop  # type: ignore[method-assign]
+    trainer.prepare(method)
+    method.fit_stage(stage, trainer.loader(Images(), batch_size=batch), trainer)
+    return {k: v.clone() for k, v in method.state_dict().items()}
+
+
+class MeanMap:
+    """A method-shaped stand-in for scoring: map = channel mean, score = map max (deterministic)."""
+
+    name = "mean-map"
+    wants_class_ids = False
+
+    def predict(self, images):
+        from uad.methods.base import Prediction
+
+        maps = images.mean(dim=1)
+        return Prediction(scores=maps.flatten(1).amax(dim=1), maps=maps)
+
+
+def score(n: int = 11, batch: int = 4):
+    """``score_dataset`` over ``n`` images (sharded over the ranks when there are several)."""
+    from uad.pipelines.method.nodes import score_dataset
+
+    cfg = EngineConfig(device="cpu", batch_size=batch, num_workers=0, progress=False)
+    ds = Images(n)
+    scores, maps, masks = score_dataset(MeanMap(), ds, Trainer(cfg), cfg, "score")
+    return {"scores": torch.from_numpy(scores), "maps": torch.from_numpy(maps.astype("float32")),
+            "masks": torch.from_numpy(masks)}
