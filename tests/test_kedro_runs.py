@@ -110,8 +110,8 @@ def test_costfilter_over_dinomaly_and_patchcore_logs_base_and_gain(project):
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_plugin_run(run, "dinomaly")
     # PatchCore on Lite0's stages 1-2: at 112 px the paper's 28 x 28 patch grid (stages 2-3: 14 x 14,
-    # too coarse for the filter to learn in a smoke budget); a 2 % coreset keeps the fit quick
-    grid28 = {"patchcore.method.layers": [1, 2], "patchcore.method.coreset_ratio": 0.02}
+    # too coarse for the filter to learn in a smoke budget); a 1 % coreset keeps the fit quick
+    grid28 = {"patchcore.method.layers": [1, 2], "patchcore.method.coreset_ratio": 0.01}
     run_pipeline(project, "patchcore", params=grid28)
     run_pipeline(project, "costfilter_patchcore", params=grid28)
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
@@ -346,10 +346,14 @@ def test_ddp_run_trains_on_two_ranks_and_writes_once(project):
     ckpts = project / "data/06_models/dinomaly/train.safetensors"
     preds = project / "data/07_model_output/dinomaly/anomaly_maps.npz"
     before = (len(_versions(ckpts)), len(_versions(preds)))
-    run_pipeline(project, "dinomaly", params={"engine.strategy": "ddp", "engine.devices": 2, "engine.resume": False})
+    run_pipeline(project, "dinomaly", params={"engine.strategy": "ddp", "engine.devices": 2, "engine.resume": False,
+                                              "dinomaly.method.iterations": 20})
     assert (len(_versions(ckpts)), len(_versions(preds))) == (before[0] + 1, before[1] + 1)
     assert len(client.search_runs([exp.experiment_id], max_results=1000)) == runs_before + 1
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_metrics(run, "dinomaly", 0.5)
+    tags = run.data.tags
+    assert (tags["ddp_world_size"], tags["ddp_global_batch"], tags["ddp_batch_per_rank"], tags["ddp_backend"]) == \
+        ("2", "4", "2", "gloo")
     out = dict(np.load(_latest(preds, "anomaly_maps.npz")))
     assert len(out["scores"]) == 100 and out["maps"].shape[0] == 100  # every test image, once

@@ -165,10 +165,14 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
                  "synthesis": synthesis if aug is not None else None,
                  "base": None if base is None else [str(base.get("path") or ""), (base.get("meta") or {}).get("params_sha")]}
+        if _ddp_tags(1):  # several ranks: their own random draws (dropout, noise), so their own resume folder
+            parts["ddp_world_size"] = int(_ddp_tags(1)["ddp_world_size"])
         metric = f"train_loss/{stage}" + (f"/{group}" if group else "")
         trainer = Trainer(cfg, key_parts=parts)
         trainer.prepare(method)
-        loader = trainer.loader(ds, batch_size=cfg.batch_size or int(getattr(getattr(method, "config", None), "batch_size", 8)))
+        global_batch = cfg.batch_size or int(getattr(getattr(method, "config", None), "batch_size", 8))
+        loader = trainer.loader(ds, batch_size=global_batch)
+        tags.update(_ddp_tags(global_batch))
         if features is not None and hasattr(method, "fit_from_features"):
             result = method.fit_from_features(_split_state(features["tensors"], group)["features"])
         else:
@@ -201,6 +205,17 @@ def _launch_ranks(cfg: EngineConfig, fn: Callable, **kwargs: Any) -> Any:
         return None
     log.info("%s: data-parallel over %d local ranks (%s)", fn.__name__, world, cfg.backend or distributed.default_backend())
     return distributed.launch(fn, world=world, backend=cfg.backend, kwargs=kwargs)
+
+
+def _ddp_tags(global_batch: int) -> dict[str, str]:
+    """A data-parallel run records its ranks and the split of the (unchanged) global batch."""
+    from uad.engine import distributed
+
+    world = distributed.world_size()
+    if world <= 1:
+        return {}
+    return {"ddp_world_size": str(world), "ddp_global_batch": str(global_batch),
+            "ddp_batch_per_rank": str(global_batch // world), "ddp_backend": str(torch.distributed.get_backend())}
 
 
 def _check_base_setting(base: dict, data: dict) -> None:
