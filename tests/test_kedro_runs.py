@@ -357,3 +357,34 @@ def test_ddp_run_trains_on_two_ranks_and_writes_once(project):
         ("2", "4", "2", "gloo")
     out = dict(np.load(_latest(preds, "anomaly_maps.npz")))
     assert len(out["scores"]) == 100 and out["maps"].shape[0] == 100  # every test image, once
+
+
+def test_torchrun_ranks_write_only_from_rank_zero(project):
+    """``torchrun --nproc_per_node=2 -m kedro run``: both ranks run the pipeline (the training and
+    the predict data-parallel), one checkpoint version and one MLflow run come out, and rank 1's
+    catalog writes stay in its memory."""
+    import subprocess
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+
+    def n_runs() -> int:
+        exp = client.get_experiment_by_name("uad")
+        return 0 if exp is None else len(client.search_runs([exp.experiment_id], max_results=1000))
+
+    runs_before = n_runs()
+    ckpts = project / "data/06_models/dinomaly/train.safetensors"
+    before = len(_versions(ckpts))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "kedro", "run", "--pipeline=dinomaly", "--env=smoke",
+                          "--params=dinomaly.method.iterations=12,engine.resume=false"],
+                         cwd=project, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "rank 1: catalog writes stay in memory" in log and "data-parallel over 2" in log
+    assert len(_versions(ckpts)) == before + 1
+    assert n_runs() == runs_before + 1
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert run.data.tags["ddp_world_size"] == "2" and "image_auroc" in run.data.metrics

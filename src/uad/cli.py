@@ -60,8 +60,8 @@ def _join_torchrun() -> None:
 
     distributed.init_from_env()
     if int(os.environ.get("RANK", "0")) > 0:
-        store = tempfile.mkdtemp(prefix=f"uad-rank{os.environ['RANK']}-mlruns-")
-        os.environ["MLFLOW_TRACKING_URI"] = f"file://{store}"
+        store = tempfile.mkdtemp(prefix=f"uad-rank{os.environ['RANK']}-mlflow-")
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{store}/mlflow.db"
 
 
 @cli.command(name="run", params=list(_kedro_run.params), help=_kedro_run.help,
