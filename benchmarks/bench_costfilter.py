@@ -24,8 +24,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -62,7 +60,7 @@ def main() -> None:
     autocast = torch.bfloat16 if (args.precision == "bf16" and device.type == "cuda") else None
 
     from uad.methods.base import Prediction
-    from uad.methods.costfilter import BaseView, convert_official_state_dict
+    from uad.methods.costfilter import BaseView
     from uad.methods.costfilter.method import CostFilter
     from uad.methods.costfilter.network import CostFilterNet
     from uad.methods.costfilter.volume import aligned_distance_map
@@ -128,49 +126,25 @@ def main() -> None:
 
     # --- theirs ------------------------------------------------------------------------------------
     if args.official is not None:
-        from equiv_costfilter import _function_source, _loop_body
+        from equiv_costfilter import eval_env, load_official, train_env
 
-        off = args.official.resolve()
-        sys.path.insert(0, str(off))
-        if device.type != "cuda":
-            torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-        from loss import SSIM, FocalLoss_gamma, SoftIoULoss
-        from unet3d_att_dino_channel_test_48_min import DiscriminativeSubNetwork_3d_att_dino_channel as OfficialNet
-
-        script = off / "costfilter_dinomaly_mvtec_uni_my_train_test.py"
-        utils = off / "utils.py"
-        ns: dict = {"torch": torch, "nn": nn, "F": F}
-        for src, name in ((utils, "cal_anomaly_maps_28"), (utils, "cal_anomaly_maps"), (script, "compute_dynamic_gamma")):
-            exec(_function_source(src, name), ns)
-        train_body = compile(_loop_body(script, "train", "(img, anomaly_mask, isnormal, clsname, class_labels)",
-                                        "optimizer.step()"), "their_train", "exec")
-        eval_body = compile(_loop_body(utils, "evaluation_batch", "(img, gt, label, img_path)",
-                                       "anomaly_maps = anomaly_maps1 * lamda"), "their_eval", "exec")
-        torch.backends.cudnn.benchmark = False  # their setup_seed
-        torch.backends.cudnn.deterministic = True
-        theirs = OfficialNet(in_channels=768, out_channels=2, base_channels=48).to(device)
         from uad.methods.costfilter.network import official_key_map
 
+        off = load_official(args.official, device)
+        torch.backends.cudnn.benchmark = False  # their setup_seed
+        torch.backends.cudnn.deterministic = True
+        theirs = off["Net"](in_channels=768, out_channels=2, base_channels=48).to(device)
         theirs.load_state_dict({**theirs.state_dict(), **{t: init[o] for o, t in official_key_map().items()}})
         optimizer = torch.optim.Adam([{"params": theirs.parameters(), "lr": 0.0001}], betas=(0.9, 0.98))
-
-        class _Base(nn.Module):
-            def forward(self, x):
-                return en, de
-
-        env = dict(ns, img=img, anomaly_mask=mask, isnormal=None, clsname=("carpet",) * b, class_labels=labels,
-                   device=device, model=_Base(), model_unet=theirs, optimizer=optimizer, a_=0,
-                   loss_focal=FocalLoss_gamma(), loss_l2=nn.MSELoss(), loss_ssim=SSIM(),
-                   criterion=nn.CrossEntropyLoss(), SoftIoULoss=SoftIoULoss,
-                   log_losses_tensorboard=lambda *a, **k: None, writer=None)
-        t = _timed(lambda: exec(train_body, env), args.steps, args.warmup, device)
+        env = train_env(off, en, de, img, mask, labels, theirs, optimizer, device)
+        t = _timed(lambda: exec(off["train"], env), args.steps, args.warmup, device)
         report["theirs_train_it_s"] = 1.0 / t
         theirs.eval()
-        ev = dict(ns, img=img, device=device, model=lambda x: (en, de), model_unet=theirs, lamda=0.05, a__=0)
+        ev = eval_env(off, en, de, img, theirs, device)
 
         def their_infer():
             with torch.no_grad():
-                exec(eval_body, ev)
+                exec(off["eval"], ev)
 
         t = _timed(their_infer, args.steps, args.warmup, device)
         report["theirs_infer_img_s"] = b / t

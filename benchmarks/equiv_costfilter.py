@@ -65,6 +65,48 @@ def _loop_body(path: Path, function: str, loop_target: str, stop: str) -> str:
     raise KeyError(f"{stop!r} not found in the loop of {function}")
 
 
+def load_official(folder: Path, device: str | torch.device = "cpu") -> dict:
+    """The released code, ready to run: its filter class, loss classes, the helper functions the
+    loops call, and the compiled training-loop and evaluation-loop bodies."""
+    off = folder.resolve()
+    sys.path.insert(0, str(off))
+    if torch.device(device).type != "cuda":  # their SSIM puts its window on CUDA at construction
+        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
+    from loss import SSIM, FocalLoss_gamma, SoftIoULoss  # the released modules
+    from unet3d_att_dino_channel_test_48_min import DiscriminativeSubNetwork_3d_att_dino_channel as net
+
+    script, utils = off / "costfilter_dinomaly_mvtec_uni_my_train_test.py", off / "utils.py"
+    ns: dict = {"torch": torch, "nn": nn, "F": F}
+    for src, name in ((utils, "cal_anomaly_maps_28"), (utils, "cal_anomaly_maps"), (script, "compute_dynamic_gamma"),
+                      (script, "weights_init_2d")):
+        exec(_function_source(src, name), ns)
+    train = _loop_body(script, "train", "(img, anomaly_mask, isnormal, clsname, class_labels)", "optimizer.step()")
+    evaluate = _loop_body(utils, "evaluation_batch", "(img, gt, label, img_path)", "anomaly_maps = anomaly_maps1 * lamda")
+    return {"ns": ns, "Net": net, "train": compile(train, "released_train_loop", "exec"),
+            "eval": compile(evaluate, "released_eval_loop", "exec"), "SSIM": SSIM, "FocalLoss_gamma": FocalLoss_gamma,
+            "SoftIoULoss": SoftIoULoss}
+
+
+def train_env(off: dict, en, de, img, mask, labels, net, optimizer, device="cpu") -> dict:
+    """The names the released training-loop body reads: the base's (en, de) output for ``img``,
+    the synthetic mask and labels, the filter and its optimiser, the released loss objects."""
+
+    class _Base(nn.Module):
+        def forward(self, x):
+            return en, de
+
+    return dict(off["ns"], img=img, anomaly_mask=mask, isnormal=None, clsname=("carpet",) * len(img),
+                class_labels=labels, device=device, model=_Base(), model_unet=net, optimizer=optimizer, a_=0,
+                loss_focal=off["FocalLoss_gamma"](), loss_l2=nn.MSELoss(), loss_ssim=off["SSIM"](),
+                criterion=nn.CrossEntropyLoss(), SoftIoULoss=off["SoftIoULoss"],
+                log_losses_tensorboard=lambda *a, **k: None, writer=None)
+
+
+def eval_env(off: dict, en, de, img, net, device="cpu", lamda: float = 0.05) -> dict:
+    """The names the released evaluation-loop body reads."""
+    return dict(off["ns"], img=img, device=device, model=lambda x: (en, de), model_unet=net, lamda=lamda, a__=0)
+
+
 def _feeds_batchnorm(net: nn.Module, bias_name: str) -> bool:
     """True when the conv owning ``bias_name`` is followed by a BatchNorm in its parent's
     registration order (conv -> BN pairs of the released modules)."""
@@ -86,26 +128,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    off = args.official.resolve()
-    sys.path.insert(0, str(off))
-    torch.backends.cudnn.deterministic = True
-    if not torch.cuda.is_available():  # their SSIM puts its window on CUDA at construction
-        torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[method-assign]
-    from loss import SSIM, FocalLoss_gamma, SoftIoULoss  # noqa: E402  (the released modules)
-    from unet3d_att_dino_channel_test_48_min import DiscriminativeSubNetwork_3d_att_dino_channel as OfficialNet
+    off = load_official(args.official)
 
+    from uad.methods.base import Prediction
     from uad.methods.costfilter import BaseView, convert_official_state_dict
     from uad.methods.costfilter.method import CostFilter
-    from uad.methods.base import Prediction
-
-    script = off / "costfilter_dinomaly_mvtec_uni_my_train_test.py"
-    utils = off / "utils.py"
-    ns: dict = {"torch": torch, "nn": nn, "F": F}
-    exec(_function_source(utils, "cal_anomaly_maps_28"), ns)
-    exec(_function_source(utils, "cal_anomaly_maps"), ns)
-    exec(_function_source(script, "compute_dynamic_gamma"), ns)
-    train_body = _loop_body(script, "train", "(img, anomaly_mask, isnormal, clsname, class_labels)", "optimizer.step()")
-    eval_body = _loop_body(utils, "evaluation_batch", "(img, gt, label, img_path)", "anomaly_maps = anomaly_maps1 * lamda")
 
     torch.manual_seed(args.seed)
     b, c, g, size = args.batch, 768, 28, 392
@@ -118,22 +145,13 @@ def main() -> None:
 
     # --- theirs: the loop body, executed ----------------------------------------------------------
     torch.manual_seed(1)
-    theirs = OfficialNet(in_channels=768, out_channels=2, base_channels=48)
-    exec(_function_source(script, "weights_init_2d"), ns)
-    theirs.apply(ns["weights_init_2d"])
+    theirs = off["Net"](in_channels=768, out_channels=2, base_channels=48)
+    theirs.apply(off["ns"]["weights_init_2d"])
     init = {k: v.clone() for k, v in theirs.state_dict().items()}
     optimizer = torch.optim.Adam([{"params": theirs.parameters(), "lr": 0.0001}], betas=(0.9, 0.98))
-
-    class _Base(nn.Module):
-        def forward(self, x):
-            return en, de
-
-    env = dict(ns, img=img, anomaly_mask=mask, isnormal=None, clsname=("carpet",) * b, class_labels=labels,
-               device="cpu", model=_Base(), model_unet=theirs, optimizer=optimizer, a_=0,
-               loss_focal=FocalLoss_gamma(), loss_l2=nn.MSELoss(), loss_ssim=SSIM(), criterion=nn.CrossEntropyLoss(),
-               SoftIoULoss=SoftIoULoss, log_losses_tensorboard=lambda *a, **k: None, writer=None)
+    env = train_env(off, en, de, img, mask, labels, theirs, optimizer)
     t0 = time.perf_counter()
-    exec(train_body, env)
+    exec(off["train"], env)
     t_theirs = time.perf_counter() - t0
     their_grads = {n: p.grad.clone() for n, p in theirs.named_parameters() if p.grad is not None}
     their_after = {k: v.clone() for k, v in theirs.state_dict().items()}
@@ -204,10 +222,9 @@ def main() -> None:
     # --- the evaluation map (after the step; eval mode) ------------------------------------------
     theirs.eval()
     ours.net.eval()
-    ev = dict(ns, img=img, dataloader=None, device="cpu", model=lambda x: (en, de), model_unet=theirs, lamda=0.05,
-              a__=0, nn=nn)
+    ev = eval_env(off, en, de, img, theirs)
     with torch.no_grad():
-        exec(eval_body, ev)
+        exec(off["eval"], ev)
         logits, _, base_map = ours.filter(view)
         mine = ours.output_map(logits, base_map, (size, size))
     report["eval_map_their_test_guidance"] = (mine - ev["anomaly_maps"][:, 0]).abs().max().item()

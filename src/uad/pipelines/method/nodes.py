@@ -165,8 +165,9 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
                  "synthesis": synthesis if aug is not None else None,
                  "base": None if base is None else [str(base.get("path") or ""), (base.get("meta") or {}).get("params_sha")]}
-        if _ddp_tags(1):  # several ranks: their own random draws (dropout, noise), so their own resume folder
-            parts["ddp_world_size"] = int(_ddp_tags(1)["ddp_world_size"])
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        if world > 1:  # several ranks: their own random draws (dropout, noise), so their own resume folder
+            parts["ddp_world_size"] = world
         metric = f"train_loss/{stage}" + (f"/{group}" if group else "")
         trainer = Trainer(cfg, key_parts=parts)
         trainer.prepare(method)
