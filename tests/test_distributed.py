@@ -31,12 +31,22 @@ def test_step_sampler_ranks_split_every_global_batch():
     assert distributed.shard_indices(7, 0, 2) == [0, 1, 2, 3] and distributed.shard_indices(7, 1, 2) == [4, 5, 6]
 
 
+_SINGLE: dict = {}
+
+
+def _single(name: str, stage: str) -> dict:
+    """One process's training (shared by the tests that compare with it)."""
+    if name not in _SINGLE:
+        _SINGLE[name] = train(name, stage, {}, iterations=4, batch=4)
+    return _SINGLE[name]
+
+
 @pytest.mark.parametrize("name,stage,params", [
     ("dinomaly", "train", {}),  # hard mining over the global batch (threshold from every rank)
     ("inpformer", "reconstruction", {}),  # soft-mining weights from the global batch mean
 ])
 def test_two_ranks_equal_one_process(name, stage, params):
-    single = train(name, stage, params, iterations=4, batch=4)
+    single = _single(name, stage)
     double = distributed.launch(train, (name, stage, params, 4, 4), world=2, backend="gloo")
     _close(single, double)
 
@@ -44,7 +54,7 @@ def test_two_ranks_equal_one_process(name, stage, params):
 def test_resume_under_ddp_is_exact(tmp_path):
     """A 2-rank run killed after step 2 and restarted resumes from rank 0's checkpoint (read by
     both ranks) and ends where an uninterrupted run ends (one process: equal, as shown above)."""
-    whole = train("dinomaly", "train", {}, 4, 4)
+    whole = _single("dinomaly", "train")
     with pytest.raises(Exception, match="stopped after step"):
         distributed.launch(train, ("dinomaly", "train", {}, 4, 4, str(tmp_path), 2), world=2, backend="gloo")
     assert len(list(tmp_path.glob("*/last.safetensors"))) == 1  # written once, by rank 0
