@@ -10,7 +10,8 @@ A base adapter turns a batch of images into a :class:`BaseView`:
 * ``base_map``: the base's map on the grid (the matching guidance when ``guidance_map: base``):
   the position-wise ``1 - cos`` of a reconstruction base; for an embedding base the mean of the
   volume's initial (min-over-matching) maps;
-* ``prediction``: the base's own scores and full-size maps (logged beside the filtered ones).
+* ``prediction``: the base's own scores and full-size maps (logged beside the filtered ones),
+  computed only when asked for (``with_prediction``): training never pays for it.
 
 Adapters exist for every method of the project:
 
@@ -52,7 +53,7 @@ class BaseView:
     guidance: list[torch.Tensor]
     grid: tuple[int, int]
     base_map: torch.Tensor | None  # (B, h, w); None: the mean of the volume's initial maps
-    prediction: Prediction  # on the device
+    prediction: Prediction | None  # on the device; only when asked for (evaluation), not in training
     aligned: bool  # templates are per-position reconstructions on the same grid
 
 
@@ -69,7 +70,7 @@ class FilterBase:
         self.method = method
 
     def view(self, images: torch.Tensor, class_ids: torch.Tensor | None = None,
-             exclude: torch.Tensor | None = None) -> BaseView:
+             exclude: torch.Tensor | None = None, with_prediction: bool = False) -> BaseView:
         raise NotImplementedError
 
     # embedding bases keep normal references; reconstruction bases have no state of their own
@@ -87,16 +88,19 @@ class FilterBase:
 class ReconstructionBase(FilterBase):
     """Dinomaly, INP-Former++, RLR and AGPNet: the template is the base's own reconstruction."""
 
-    def view(self, images, class_ids=None, exclude=None) -> BaseView:
+    def view(self, images, class_ids=None, exclude=None, with_prediction=False) -> BaseView:
         m = self.method
+        pred = None
         with torch.no_grad():
             if hasattr(m, "reconstruct_groups"):  # Dinomaly, INP-Former++
                 enc, inputs, recs = m.reconstruct_groups(images)
-                pred = m.prediction_from(images, enc, inputs, recs)
+                if with_prediction:
+                    pred = m.prediction_from(images, enc, inputs, recs)
                 grid = tuple(enc.grid)
             else:  # RLR (several grids), AGPNet (one)
                 inputs, recs = m.reconstruct(images)
-                pred = m.prediction_from(images, inputs, recs)
+                if with_prediction:
+                    pred = m.prediction_from(images, inputs, recs)
                 grids = list(m.grids)
                 grid = grids[len(grids) // 2]
                 inputs = self._on_grid(inputs, grids, grid)
@@ -137,10 +141,12 @@ class EmbeddingBase(FilterBase):
     # --- features --------------------------------------------------------------------------
     def layers(self, images: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
         """Per layer (B, h*w, C_l) tokens on the first stage's grid, locally averaged as the base does."""
-        m = self.method
-        maps = [local_average(x.float(), int(m.cfg.neighbourhood)) for x in m.stage_maps(images)]
-        grid = tuple(maps[0].shape[-2:])
-        return _tokens(to_common_grid(maps, grid)), grid
+        return self._layers_from_maps(self.method.stage_maps(images))
+
+    def _layers_from_maps(self, maps: list[torch.Tensor]) -> tuple[list[torch.Tensor], tuple[int, int]]:
+        pooled = [local_average(x.float(), int(self.method.cfg.neighbourhood)) for x in maps]
+        grid = tuple(pooled[0].shape[-2:])
+        return _tokens(to_common_grid(pooled, grid)), grid
 
     @staticmethod
     def global_feature(tokens: list[torch.Tensor]) -> torch.Tensor:
@@ -203,14 +209,12 @@ class EmbeddingBase(FilterBase):
         n = min(self.n, pool.shape[0])
         return sim.topk(n, dim=1).indices
 
-    def view(self, images, class_ids=None, exclude=None) -> BaseView:
+    def view(self, images, class_ids=None, exclude=None, with_prediction=False) -> BaseView:
         m = self.method
         with torch.no_grad():
-            maps = m.stage_maps(images)
-            pred = m.prediction_from_features(images, m.features_from_maps(maps))
-            pooled = [local_average(x.float(), int(m.cfg.neighbourhood)) for x in maps]
-            grid = tuple(pooled[0].shape[-2:])
-            queries = _tokens(to_common_grid(pooled, grid))
+            maps = m.stage_maps(images)  # one encoder pass: the base's own prediction and the queries
+            pred = m.prediction_from_features(images, m.features_from_maps(maps)) if with_prediction else None
+            queries, grid = self._layers_from_maps(maps)
             rows = self.nearest(self.global_feature(queries), class_ids, exclude)  # B, N
             b, n = rows.shape
             refs = self._normalise(self.ref_images[rows.flatten().cpu()], images.device)

@@ -95,8 +95,8 @@ class CostFilter(AnomalyMethod):
         self.base_method.eval_mode()
         if isinstance(self.base, EmbeddingBase) and self.base.ref_global.shape[0] == 0:
             tokens, grid = self.base.layers(x)
-            return BaseView(tokens, [t.repeat(1, self.cfg.templates, 1) for t in tokens], tokens, grid, None,
-                            Prediction(torch.zeros(1), torch.zeros(1, crop, crop)), aligned=False)
+            return BaseView(tokens, [t.repeat(1, self.cfg.templates, 1) for t in tokens], tokens, grid, None, None,
+                            aligned=False)
         return self.base.view(x)
 
     def matching_channels(self, view: BaseView) -> int:
@@ -247,7 +247,7 @@ class CostFilter(AnomalyMethod):
         if self.net is None:
             raise RuntimeError("costfilter: no filter network; train it or load a checkpoint first")
         self.eval_mode()
-        view = self.base.view(images, class_ids if self.wants_class_ids else None)
+        view = self.base.view(images, class_ids if self.wants_class_ids else None, with_prediction=True)
         logits, _, base_map = self.filter(view)
         maps = self.output_map(logits, base_map, tuple(images.shape[-2:]))
         scores = self.image_score(maps)
