@@ -116,3 +116,32 @@ def test_epoch_reaches_persistent_worker(tmp_path):
     it = make_loader(ds, 1, shuffle=False, num_workers=2, seed=0, infinite=True)
     seen = [(int(b["index"][0]), int(b["image"][0, 0, 0, 0])) for b in (next(it) for _ in range(6))]
     assert seen == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]  # (sample, epoch) in every worker
+
+
+def test_shared_decoded_cache_is_filled_by_workers_and_read_by_all(tmp_path):
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    (tmp_path / "img").mkdir()
+    df = _index(tmp_path / "img", n_normal=5)
+    plain = AnomalyImageDataset(df, resize=24, crop=20, mean=MEAN, std=STD, cache_decoded=False)
+    ds = AnomalyImageDataset(df, resize=24, crop=20, mean=MEAN, std=STD, shared_cache=str(tmp_path / "cache"))
+    assert ds.shared.filled() == 0
+    # two worker processes fill the one file (a worker gets a pickled copy that re-maps it)
+    first = list(DataLoader(ds, batch_size=2, num_workers=2))
+    assert ds.shared.filled() == len(df)
+    # every image deleted: all served from the shared file now, equal to the plain decode
+    expected = [plain[i] for i in range(len(df))]
+    for p in df.image_path:
+        (tmp_path / "img" / p.split("/")[-1]).unlink(missing_ok=True)
+    again = pickle.loads(pickle.dumps(ds))
+    for i in range(len(df)):
+        a, b = again[i], first[i // 2]
+        assert torch.equal(a["image"], b["image"][i % 2]) and torch.equal(a["mask"], b["mask"][i % 2])
+        assert torch.equal(a["image"], expected[i]["image"]) and torch.equal(a["mask"], expected[i]["mask"])
+    # the bad image's mask survived the round trip (row state: image + mask)
+    assert again[0]["mask"].sum() > 0 and again[1]["mask"].sum() == 0
+    # another crop, or a changed file, is another cache file: never a stale row
+    other = AnomalyImageDataset(df, resize=24, crop=16, mean=MEAN, std=STD, shared_cache=str(tmp_path / "cache"))
+    assert other.shared.path != ds.shared.path and other.shared.filled() == 0

@@ -120,6 +120,10 @@ class AnomalyImageDataset(Dataset):
         cache_decoded: keep the resized + cropped ``uint8`` image and mask in memory (LRU,
             bounded by ``cache_max_bytes``) so small datasets are decoded once, not every epoch.
             Each DataLoader worker holds its own cache; persistent workers keep it across epochs.
+        shared_cache: a folder for a :class:`~uad.data.cache.SharedDecodedCache`: one
+            memory-mapped file of prepared rows that every worker reads and fills (MVTec-size
+            training sets are decoded once per run instead of once per epoch per worker). Replaces
+            the per-worker LRU when given.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class AnomalyImageDataset(Dataset):
         class_names: Sequence[str] | None = None,
         cache_decoded: bool = True,
         cache_max_bytes: int = 512 * 2**20,
+        shared_cache: str | None = None,
     ):
         resize, crop = int(resize), int(crop)
         if crop <= 0 or resize <= 0 or crop > resize:
@@ -163,6 +168,12 @@ class AnomalyImageDataset(Dataset):
         self._cache: OrderedDict[int, tuple[np.ndarray, np.ndarray | None]] = OrderedDict()
         self._cache_bytes = 0
         self._epoch = 0
+        self.shared = None
+        if shared_cache:
+            from .cache import SharedDecodedCache, cache_key
+
+            key = cache_key(self.image_paths, self.mask_paths, resize, crop)
+            self.shared = SharedDecodedCache(shared_cache, key, len(self.image_paths), crop)
 
     # --- epoch ---------------------------------------------------------------------------
     @property
@@ -185,6 +196,10 @@ class AnomalyImageDataset(Dataset):
     def load_prepared(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Resized + cropped ``uint8 (crop, crop, 3)`` image and ``bool (crop, crop)`` mask (or
         ``None`` when the row has no mask) for row ``i``, through the cache."""
+        if self.shared is not None:
+            row = self.shared.get(i)
+            if row is not None:
+                return row
         hit = self._cache.get(i)
         if hit is not None:
             self._cache.move_to_end(i)
@@ -193,7 +208,9 @@ class AnomalyImageDataset(Dataset):
         mask = None
         if self.mask_paths[i]:
             mask = resize_and_crop(load_mask(self.mask_paths[i]), self.resize, self.crop, is_mask=True)
-        if self.cache_decoded:
+        if self.shared is not None:
+            self.shared.put(i, img, mask)
+        elif self.cache_decoded:
             nbytes = img.nbytes + (mask.nbytes if mask is not None else 0)
             if nbytes <= self.cache_max_bytes:
                 img.setflags(write=False)

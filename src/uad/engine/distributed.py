@@ -201,6 +201,16 @@ def mean_across(value: float | torch.Tensor) -> float:
     return float(t.item())
 
 
+def mean_across_all(values: torch.Tensor) -> torch.Tensor:
+    """Element-wise mean over ranks of a float tensor (one all-reduce), as float64 on the CPU."""
+    t = values.detach().to(torch.float64)
+    if world_size() > 1:
+        t = t.cuda() if dist.get_backend() == "nccl" else t.cpu()
+        dist.all_reduce(t)
+        t /= world_size()
+    return t.cpu()
+
+
 def shard_indices(n: int, rank_: int | None = None, world: int | None = None, batch: int = 1) -> list[int]:
     """The contiguous block of ``range(n)`` that ``rank`` scores in sharded inference: whole
     batches of ``batch`` (so every rank's batches are exactly the single process's batches and

@@ -36,6 +36,7 @@ from uad.errors import ConfigError, UadError
 from . import distributed
 from .checkpoint import flatten_optimizer_state, load_state, save_state, unflatten_optimizer_state
 from .device import autocast_dtype_for, pick_device, seed_everything
+from .speed import CompileSpec
 
 log = logging.getLogger("uad.engine")
 
@@ -65,6 +66,17 @@ class EngineConfig:
     resume: bool = True
     log_every: int = 10
     progress: bool = True
+    # The training loop reads the loss on the host (the non-finite guard, the progress bar, the
+    # logged history) every ``sync_every`` steps, not at every step, so the CPU keeps queuing GPU
+    # work; None: every ``log_every`` steps. A non-finite loss is still reported with its step.
+    sync_every: int | None = None
+    # torch.compile of the method's hot functions (uad.engine.speed.CompileSpec): false, true or a
+    # mode ("reduce-overhead" = CUDA graphs); any compiler failure falls back to eager, one warning.
+    compile: Any = False
+    compile_backend: str = "inductor"
+    # a folder for the training set's decoded-image cache shared by all loader workers
+    # (uad.data.cache.SharedDecodedCache); None: each worker keeps its own small LRU
+    decoded_cache: str | None = None
     # data-parallel training (uad.engine.distributed): "single" | "ddp"; with ddp, ``devices`` local
     # processes are started by the node itself (default: every GPU, else 2 CPU processes), or the
     # ranks ``torchrun`` started are used. ``batch_size`` stays the global batch (split over ranks).
@@ -83,7 +95,14 @@ class EngineConfig:
         cfg = cls(**params)
         if cfg.strategy not in ("single", "ddp"):
             raise ConfigError(f"engine.strategy must be 'single' or 'ddp', got {cfg.strategy!r}")
+        CompileSpec.parse(cfg.compile, cfg.compile_backend)  # a bad value fails here, not mid-run
+        if cfg.sync_every is not None and int(cfg.sync_every) < 1:
+            raise ConfigError(f"engine.sync_every must be >= 1, got {cfg.sync_every!r}")
         return cfg
+
+    @property
+    def compile_spec(self) -> CompileSpec:
+        return CompileSpec.parse(self.compile, self.compile_backend)
 
 
 class StepSampler(Sampler[int]):
@@ -206,9 +225,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def prepare(self, method) -> None:
-        """Seed and move ``method`` to the engine's device with its autocast dtype."""
+        """Seed and move ``method`` to the engine's device with its autocast dtype (its frozen
+        encoder held in that dtype where the method allows it); with ``compile`` on, route its hot
+        functions through ``torch.compile``."""
         seed_everything(self.config.seed, self.config.deterministic)
         method.to(self.device, self.autocast_dtype)
+        spec = self.config.compile_spec
+        if spec.enabled and not getattr(method, "_uad_compile_logged", False):
+            names = method.enable_compile(spec)
+            log.info("%s: %s for %s", method.name, spec.describe(), ", ".join(names) if names else
+                     "nothing (this method has no compiled path; it runs eagerly)")
+            method._uad_compile_logged = True
 
     def checkpoint_path(self, method, stage: str) -> Path | None:
         if not self.config.checkpoint_dir:
@@ -282,46 +309,82 @@ class Trainer:
         bar = _progress(total=iterations, initial=start, desc=f"{method.name}:{stage}", enabled=cfg.progress and main)
         running = None
         step = start
+        every = int(cfg.sync_every or cfg.log_every or 1)
+        pending: list[tuple[int, torch.Tensor]] = []  # (step, loss on the device) not yet read on the host
+        first_compiled = bool(getattr(method, "compiled", False))
+
+        def settle() -> None:
+            """Read the pending losses on the host (one sync): non-finite guard, running mean."""
+            nonlocal last_loss, running
+            if not pending:
+                return
+            losses = torch.stack([v.float().reshape(()) for _, v in pending])
+            values = (distributed.mean_across_all(losses) if world > 1 else losses.double().cpu()).tolist()
+            steps = [s for s, _ in pending]
+            pending.clear()
+            for s, value in zip(steps, values):  # every rank sees the same values: all stop together
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"{method.name}/{stage}: loss became {value} at step {s}; "
+                        "lower the learning rate, check the input data for NaNs, or use precision: fp32"
+                    )
+                last_loss = value
+                running = value if running is None else 0.9 * running + 0.1 * value
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+
         try:
             for step, batch in enumerate(stream, start=start):
                 batch = to_device(batch, self.device)
-                method.train_mode(stage)
-                with method.autocast():
-                    loss = method.training_step(stage, batch, step)
-                value = distributed.mean_across(loss.detach()) if world > 1 else float(loss.detach())
-                if not math.isfinite(value):  # every rank sees the same value: all stop together
-                    raise NonFiniteLossError(
-                        f"{method.name}/{stage}: loss became {value} at step {step}; "
-                        "lower the learning rate, check the input data for NaNs, or use precision: fp32"
-                    )
-                setup.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if world > 1:
-                    distributed.average_gradients(params)
-                if setup.grad_clip_norm:
-                    torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
-                setup.optimizer.step()
-                if setup.scheduler is not None:
-                    setup.scheduler.step()
-                method.after_optimizer_step(stage, step)
-                last_loss = value
-                running = last_loss if running is None else 0.9 * running + 0.1 * last_loss
+                if first_compiled:  # the first compiled step also compiles the backward: may fail there
+                    first_compiled = False
+                    rng = _rng_state()
+                    try:
+                        loss = self._step(method, stage, setup, params, batch, step, world)
+                    except Exception as e:  # noqa: BLE001 - retried eagerly; a real error recurs there
+                        method.compile_fallback(e)
+                        _set_rng_state(rng)  # the eager retry draws the same dropout masks
+                        setup.optimizer.zero_grad(set_to_none=True)
+                        loss = self._step(method, stage, setup, params, batch, step, world)
+                else:
+                    loss = self._step(method, stage, setup, params, batch, step, world)
+                pending.append((step, loss))
                 bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}", refresh=False)
                 done = step + 1
-                if done % cfg.log_every == 0 or done == iterations:
+                logged = done % cfg.log_every == 0 or done == iterations
+                saving = ckpt is not None and (done % cfg.checkpoint_every == 0 or done == iterations)
+                if logged or saving or done % every == 0:
+                    settle()  # before a checkpoint is written: a non-finite step is never saved
+                if logged:
                     history.append((done, last_loss))
                     if self.on_log and main:
                         self.on_log(stage, done, last_loss)
-                if ckpt is not None and (done % cfg.checkpoint_every == 0 or done == iterations):
+                if saving:
                     if main:  # one writer; the others wait until the file is complete
                         self._save(ckpt, method, setup, done, stage)
                     distributed.barrier()
+            settle()
         finally:
             bar.close()
         if ckpt is not None and step + 1 >= iterations and main:
             self._prune(ckpt, method, stage)
         return FitResult(stage, iterations, start, last_loss, time.perf_counter() - t0, history).as_dict()
+
+    def _step(self, method, stage: str, setup, params, batch, step: int, world: int) -> torch.Tensor:
+        """One optimisation step; returns the loss, detached, still on the device (no host sync)."""
+        method.train_mode(stage)
+        with method.autocast():
+            loss = method.training_step(stage, batch, step)
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            distributed.average_gradients(params)
+        if setup.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
+        setup.optimizer.step()
+        if setup.scheduler is not None:
+            setup.scheduler.step()
+        method.after_optimizer_step(stage, step)
+        return loss.detach()
 
     # ------------------------------------------------------------------ resume folders and checkpoints
     def _siblings(self, ckpt: Path, method, stage: str) -> list[Path]:
@@ -428,6 +491,16 @@ class Trainer:
         if meta.get("cuda_rng") and torch.cuda.is_available():  # dropout / noise drawn on the GPU
             torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in meta["cuda_rng"]])
         return int(meta["step"])
+
+
+def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+
+
+def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def pid_alive(pid: Any) -> bool:

@@ -94,6 +94,10 @@ class AnomalyMethod(abc.ABC):
     #: perturbs, and implements ``features(images)`` and ``fit_from_features(features)``: the
     #: ``features`` pipeline then computes them once and caches them through the catalog.
     cacheable_features: bool = False
+    #: True when every use of the frozen ``encoder`` runs under :meth:`autocast`: its Linear / Conv
+    #: weights are then held in the autocast dtype once (:func:`uad.engine.speed.hold_frozen_weights`)
+    #: instead of being cast at every call; same output, bit for bit.
+    hold_frozen_encoder: bool = False
 
     @classmethod
     def uses_feature_cache(cls) -> bool:
@@ -136,11 +140,29 @@ class AnomalyMethod(abc.ABC):
         return {k: m for k, m in self.modules().items() if k != "encoder"}
 
     def to(self, device: torch.device | str, autocast_dtype: torch.dtype | None = None) -> "AnomalyMethod":
+        """Move every module to ``device``; ``autocast_dtype`` (bf16 on CUDA, from the engine's
+        ``precision``) turns :meth:`autocast` on, and with :attr:`hold_frozen_encoder` holds the
+        frozen encoder's matmul weights in that dtype (``None`` restores their fp32 values)."""
+        from uad.engine.speed import hold_frozen_weights
+
         self.device = torch.device(device)
         self.autocast_dtype = autocast_dtype
         for m in self.modules().values():
             m.to(self.device)
+        enc = self.modules().get("encoder")
+        if enc is not None and self.hold_frozen_encoder:
+            hold_frozen_weights(enc, autocast_dtype)
         return self
+
+    def enable_compile(self, spec: Any) -> list[str]:
+        """Route the method's hot functions through ``torch.compile`` (a
+        :class:`uad.engine.speed.CompileSpec`) with an eager fallback; returns what was compiled
+        (empty: this method has no compiled path and stays eager)."""
+        return []
+
+    def compile_fallback(self, error: BaseException) -> None:
+        """A compiled training or inference step failed outside the compiled functions themselves
+        (a lazily compiled backward, say): switch everything back to eager, with one warning."""
 
     def train_mode(self, stage: str) -> None:
         """Put modules in train/eval mode for ``stage``; the frozen encoder always stays in eval."""
@@ -204,6 +226,11 @@ class AnomalyMethod(abc.ABC):
     @abc.abstractmethod
     def predict(self, images: torch.Tensor) -> Prediction:
         """Scores and maps for a normalised batch (B, 3, H, W) already on ``self.device``."""
+
+    def predict_on_device(self, images: torch.Tensor) -> Prediction:
+        """:meth:`predict` with scores and maps allowed to stay on ``self.device`` (the scoring
+        loop then reduces and copies them to the host asynchronously). Default: :meth:`predict`."""
+        return self.predict(images)
 
     # --- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -286,7 +313,8 @@ class AnomalyMethod(abc.ABC):
                 "weights_path": info.path or "", "layers": ",".join(str(i) for i in self.encoder.layers)}
 
     def autocast(self):
-        """Context manager: bf16 autocast on CUDA when enabled, a no-op otherwise."""
-        if self.autocast_dtype is not None and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=self.autocast_dtype)
+        """Context manager: autocast to ``autocast_dtype`` when set (the engine sets bf16 on CUDA
+        only; the CPU tests set it to check the bf16 paths), a no-op otherwise."""
+        if self.autocast_dtype is not None:
+            return torch.autocast(self.device.type, dtype=self.autocast_dtype)
         return torch.autocast(self.device.type, enabled=False)

@@ -110,16 +110,20 @@ class StableAdamW(Optimizer):
         torch._foreach_div_(denom, bc2_sqrt)
         torch._foreach_add_(denom, eps)  # sqrt(v_hat) + eps
 
-        # update clipping: RMS over each tensor of g / (sqrt(v_hat) + eps)
+        # update clipping: RMS over each tensor of g / (sqrt(v_hat) + eps). Everything below stays
+        # on the device as lists of 0-d tensors with Python-scalar factors: no host <-> device copy,
+        # so the step never waits for the GPU.
         ratio = torch._foreach_div(grads, denom)
-        norms = torch.stack(torch._foreach_norm(ratio)).float()
-        numel = torch.tensor([float(p.numel()) for p in params], device=norms.device)
-        rms = norms / numel.sqrt()
-        clip = torch.clamp(rms / group["clip_threshold"], min=1.0)
-        step_size = lr / (torch.tensor(bc1, device=norms.device) * clip)  # (P,)
+        clip = torch._foreach_norm(ratio)  # per tensor ||.||_2
+        torch._foreach_div_(clip, [math.sqrt(float(p.numel())) for p in params])  # RMS
+        torch._foreach_div_(clip, float(group["clip_threshold"]))
+        torch._foreach_clamp_min_(clip, 1.0)  # the clip factor max(1, RMS / threshold)
+        torch._foreach_mul_(clip, bc1)
+        torch._foreach_reciprocal_(clip)
+        torch._foreach_mul_(clip, float(lr))  # step size lr / (bias_correction1 * clip factor)
 
         update = torch._foreach_div(exp_avg, denom)  # m / (sqrt(v_hat) + eps)
-        torch._foreach_mul_(update, list(step_size.to(params[0].dtype).unbind(0)))
+        torch._foreach_mul_(update, clip)
         torch._foreach_sub_(params, update)
 
 

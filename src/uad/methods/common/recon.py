@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping, Sequence
@@ -22,10 +23,14 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 from torch import nn
 
+from uad.engine.speed import CompiledFn, CompileSpec, describe_error
+
 from ..base import AnomalyMethod, OptimSetup, Prediction, check_param_names
 from .groups import resolve_groups
 from .optim import StableAdamW, WarmCosineSchedule
 from .scoring import anomaly_map_from_pairs, topk_mean_score
+
+log = logging.getLogger("uad.engine")
 
 __all__ = ["Encoded", "ReconConfig", "ViTReconstructionMethod", "default_layers", "backbone_depth", "init_trunc_normal"]
 
@@ -133,6 +138,8 @@ class ViTReconstructionMethod(AnomalyMethod):
 
     config_class: ClassVar[type[ReconConfig]] = ReconConfig
     stages = ("train",)
+    # the frozen encoder only ever runs in :meth:`encode`, under autocast
+    hold_frozen_encoder = True
 
     def __init__(self, params: Mapping[str, Any] | None = None):
         super().__init__(params)
@@ -149,6 +156,8 @@ class ViTReconstructionMethod(AnomalyMethod):
         n = len(self.layers)
         self.groups: list[list[int]] = resolve_groups(cfg.groups, n)
         self._ramp_scale = 1.0  # set by rescale_schedule when the engine shortens the run
+        self._compiled: dict[str, CompiledFn] = {}  # enable_compile: encoder / model / map
+        self._static_batch = 0  # with compile on: the largest inference batch seen (smaller ones are padded)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             self.model = self.build_model()
@@ -187,12 +196,54 @@ class ViTReconstructionMethod(AnomalyMethod):
     def modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "model": self.model}
 
+    def _encoder_forward(self, images: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """The frozen encoder under autocast, tensors only (what :meth:`enable_compile` compiles)."""
+        with self.autocast():
+            out = self.encoder(images)
+        prefix = tuple(out.prefix) if getattr(out, "prefix", None) is not None else ()
+        return tuple(out.tokens), prefix
+
     def encode(self, images: torch.Tensor) -> Encoded:
         """Frozen-encoder features of a normalised batch (no_grad, autocast)."""
-        with torch.no_grad(), self.autocast():
-            out = self.encoder(images)
-        prefix = list(out.prefix) if getattr(out, "prefix", None) is not None else []
-        return Encoded(tokens=list(out.tokens), prefix=prefix, grid=tuple(out.grid))
+        fn = self._compiled.get("encoder", self._encoder_forward)
+        with torch.no_grad():
+            tokens, prefix = fn(images)
+        p = self.encoder.patch_size
+        return Encoded(tokens=list(tokens), prefix=list(prefix), grid=(images.shape[-2] // p, images.shape[-1] // p))
+
+    def run_model(self, *args: Any) -> Any:
+        """``self.model(*args)``, compiled when :meth:`enable_compile` was called."""
+        fn = self._compiled.get("model")
+        return fn(*args) if fn is not None else self.model(*args)
+
+    def enable_compile(self, spec: CompileSpec) -> list[str]:
+        """Compile the encoder forward, the trainable model's forward and the map + score
+        (:class:`~uad.engine.speed.CompiledFn`: static shapes, eager after a failure with one
+        warning). The losses stay eager (their hard / soft mining reduces over data-parallel ranks)."""
+        if not spec.enabled:
+            self._compiled = {}
+            return []
+        fail = self.compile_fallback
+        self._compiled = {
+            "encoder": CompiledFn(self._encoder_forward, f"{self.name} encoder", spec, on_fail=fail),
+            "model": CompiledFn(self.model, f"{self.name} model", spec, on_fail=fail),
+            "map": CompiledFn(self._map_and_score, f"{self.name} anomaly map", spec, on_fail=fail),
+        }
+        return list(self._compiled)
+
+    def compile_fallback(self, error: BaseException) -> None:
+        """Any compiled function failing switches all of them to eager, with one warning."""
+        if not self.compiled:
+            return
+        log.warning("torch.compile failed for %s (%s); %s runs eagerly from now on", self.name,
+                    describe_error(error), self.name)
+        for fn in self._compiled.values():
+            fn.fall_back(error, warn=False)
+
+    @property
+    def compiled(self) -> bool:
+        """True while any compiled function is in use."""
+        return any(fn.active for fn in self._compiled.values())
 
     def training_step(self, stage: str, batch: Mapping[str, Any], step: int) -> torch.Tensor:
         images = batch["image"] if isinstance(batch, Mapping) else batch
@@ -222,16 +273,35 @@ class ViTReconstructionMethod(AnomalyMethod):
                 enc_groups, dec_groups = self.decode(enc)
         return enc, [e.float() for e in enc_groups], [d.float() for d in dec_groups]
 
+    def _map_and_score(self, images: torch.Tensor, enc: Encoded, enc_groups, dec_groups) -> tuple[torch.Tensor, torch.Tensor]:
+        maps = self.anomaly_map(images, enc, enc_groups, dec_groups).float()
+        return maps, topk_mean_score(maps, self.cfg.top_k_ratio).float()
+
     def prediction_from(self, images: torch.Tensor, enc: Encoded, enc_groups, dec_groups) -> Prediction:
         """Maps and scores from :meth:`reconstruct_groups`' output (on the device)."""
+        fn = self._compiled.get("map", self._map_and_score)
         with torch.no_grad():
-            maps = self.anomaly_map(images, enc, enc_groups, dec_groups).float()
-            scores = topk_mean_score(maps, self.cfg.top_k_ratio)
-        return Prediction(scores=scores.float(), maps=maps)
+            maps, scores = fn(images, enc, enc_groups, dec_groups)
+        return Prediction(scores=scores, maps=maps)
+
+    def predict_on_device(self, images: torch.Tensor) -> Prediction:
+        """:meth:`predict` with the results left on the device (float32): the scoring loop
+        reduces and copies them asynchronously. With compile on, a batch smaller than the largest
+        one seen is padded to it (repeating its last image; samples are independent in
+        inference), so the compiled graphs keep one static shape."""
+        self.eval_mode()
+        n = images.shape[0]
+        if self.compiled:
+            self._static_batch = max(self._static_batch, n)
+            if n < self._static_batch:
+                images = torch.cat([images, images[-1:].expand(self._static_batch - n, *images.shape[1:])])
+        out = self.prediction_from(images, *self.reconstruct_groups(images))
+        if out.maps.shape[0] != n:
+            out = Prediction(scores=out.scores[:n], maps=out.maps[:n])
+        return out
 
     def predict(self, images: torch.Tensor) -> Prediction:
-        self.eval_mode()
-        out = self.prediction_from(images, *self.reconstruct_groups(images))
+        out = self.predict_on_device(images)
         return Prediction(scores=out.scores.cpu(), maps=out.maps.cpu())
 
     # --- optimisation -------------------------------------------------------------------------

@@ -73,7 +73,7 @@ class Dinomaly(ViTReconstructionMethod):
         if self.cfg.decoder_prefix_tokens and enc.prefix and enc.prefix[0].shape[1] > 0:
             n_prefix = enc.prefix[0].shape[1]
             seqs = [torch.cat([p, t], dim=1) for p, t in zip(enc.prefix, enc.tokens)]  # B, P + N, C
-        dec = [d[:, n_prefix:] for d in self.model(seqs)]  # drop prefix tokens: B, N, C
+        dec = [d[:, n_prefix:] for d in self.run_model(seqs)]  # drop prefix tokens: B, N, C
         return fuse_groups(enc.tokens, self.groups), fuse_groups(dec, self.groups)
 
     def hard_mining_ratio(self, step: int) -> float:

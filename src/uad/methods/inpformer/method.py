@@ -115,7 +115,7 @@ class INPFormer(ViTReconstructionMethod):
 
     # --- forward pieces --------------------------------------------------------------------
     def _forward(self, enc: Encoded):
-        dec, inps, fused = self.model(enc.tokens)
+        dec, inps, fused = self.run_model(enc.tokens)
         return fuse_groups(enc.tokens, self.groups), fuse_groups(dec, self.groups), fused, inps
 
     def decode(self, enc: Encoded) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

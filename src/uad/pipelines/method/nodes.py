@@ -44,10 +44,11 @@ def _groups(train_df: pd.DataFrame, data: dict[str, Any]) -> list[str | None]:
     return [None]
 
 
-def _dataset(method, df: pd.DataFrame, classes: list[str], augment=None) -> AnomalyImageDataset:
+def _dataset(method, df: pd.DataFrame, classes: list[str], augment=None, shared_cache: str | None = None) -> AnomalyImageDataset:
     spec = method.input_spec
     return AnomalyImageDataset(df.reset_index(drop=True), resize=spec["resize"], crop=spec["crop"],
-                               mean=spec["mean"], std=spec["std"], augment=augment, class_names=classes)
+                               mean=spec["mean"], std=spec["std"], augment=augment, class_names=classes,
+                               shared_cache=shared_cache)
 
 
 def _split_state(state: dict[str, torch.Tensor], group: str | None) -> dict[str, torch.Tensor]:
@@ -159,7 +160,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
             from uad.data.augment import ChainAugment
 
             aug = fold if aug is None else ChainAugment(fold, aug)
-        ds = _dataset(method, df, classes, augment=aug)
+        ds = _dataset(method, df, classes, augment=aug, shared_cache=cfg.decoded_cache)
         # resolved parameters: a changed code default must not resume an older training
         parts = {"method": method_name, "stage": stage, "group": group, "params": method.resolved_params(), "data": fingerprint,
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
@@ -281,24 +282,89 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
         part = _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size)
         return _gather_shards(part, errors, base)
     loader = trainer.loader(ds, batch_size=batch_size)
-    scores, maps, masks = [], [], []
+    host = HostResults(len(ds), trainer.device)
     for batch in tqdm(loader, desc=desc, disable=not cfg.progress, mininterval=1.0):
         if errors is not None:
             errors.extend(batch.get("error") or [""] * len(batch["image"]))
         images = batch["image"].to(trainer.device, non_blocking=True)
         if getattr(method, "wants_class_ids", False):
             out = method.predict(images, class_ids=batch["class_id"].to(trainer.device))
-        else:
+        elif on_batch is not None:  # pictures need the maps on the host now
             out = method.predict(images)
+        else:  # results stay on the device; HostResults copies them behind the next batch
+            out = getattr(method, "predict_on_device", method.predict)(images)
         if base is not None and out.base is not None:
             base.setdefault("scores", []).append(out.base.scores.float().cpu().numpy())
             base.setdefault("maps", []).append(out.base.maps.float().cpu().numpy().astype(np.float16))
         if on_batch is not None:
             on_batch(batch, out)
-        scores.append(out.scores.float().cpu().numpy())
-        maps.append(out.maps.float().cpu().numpy().astype(np.float16))
-        masks.append(batch["mask"][:, 0].numpy().astype(np.uint8))
-    return np.concatenate(scores).astype(np.float32), np.concatenate(maps), np.concatenate(masks)
+        host.add(out.scores, out.maps, batch["mask"])
+    return host.result()
+
+
+class HostResults:
+    """Scores (float32), maps (float16) and masks (uint8) of a scoring pass, gathered on the host
+    into arrays allocated once. On CUDA each batch's maps are cast to float16 on the device and
+    copied into one of two pinned buffers asynchronously; a batch is read into the arrays only
+    after the next one has been queued, so the copy overlaps the model instead of stalling it.
+    The float16 values are those ``numpy.astype(float16)`` gives (both round to nearest even)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.n, self.cuda = int(n), device.type == "cuda"
+        self.scores: np.ndarray | None = None
+        self.maps: np.ndarray | None = None
+        self.masks: np.ndarray | None = None
+        self.filled = 0
+        self._pinned: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._flip = 0
+        self._inflight: tuple[Any, torch.Tensor, torch.Tensor, int, int] | None = None
+
+    def _alloc(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        h, w = maps.shape[-2:]
+        self.scores = np.empty(self.n, np.float32)
+        self.maps = np.empty((self.n, h, w), np.float16)
+        self.masks = np.empty((self.n, *masks.shape[-2:]), np.uint8)
+
+    def add(self, scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        b = int(maps.shape[0])
+        if self.maps is None:
+            self._alloc(maps, masks)
+        lo, hi = self.filled, self.filled + b
+        if hi > self.n:
+            raise ValueError(f"more results ({hi}) than samples ({self.n})")
+        self.masks[lo:hi] = masks[:, 0].numpy().astype(np.uint8)
+        self.filled = hi
+        if not (self.cuda and maps.is_cuda):
+            self.scores[lo:hi] = scores.float().cpu().numpy()
+            self.maps[lo:hi] = maps.float().cpu().numpy().astype(np.float16)
+            return
+        if not self._pinned or self._pinned[0][1].shape[0] < b:
+            self._pinned = [(torch.empty(b, dtype=torch.float32, pin_memory=True),
+                             torch.empty((b, *maps.shape[1:]), dtype=torch.float16, pin_memory=True)) for _ in range(2)]
+            self._drain()  # the old buffers may still be in flight
+        hs, hm = self._pinned[self._flip]
+        self._flip ^= 1
+        hs[:b].copy_(scores.float(), non_blocking=True)
+        hm[:b].copy_(maps.to(torch.float16), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._drain()  # the previous batch: its copy has had this batch's compute to finish
+        self._inflight = (event, hs, hm, lo, hi)
+
+    def _drain(self) -> None:
+        if self._inflight is None:
+            return
+        event, hs, hm, lo, hi = self._inflight
+        self._inflight = None
+        event.synchronize()
+        self.scores[lo:hi] = hs[: hi - lo].numpy()
+        self.maps[lo:hi] = hm[: hi - lo].numpy()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._drain()
+        if self.maps is None or self.filled != self.n:
+            raise ValueError(f"scored {self.filled} of {self.n} samples")
+        return self.scores, self.maps, self.masks
 
 
 def _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size):
