@@ -77,12 +77,23 @@ def load_avg() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 
-def rate(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device) -> float:
-    """Calls of ``fn(i)`` per second: 1 / the median time of ``iters`` timed calls, after ``warmup``
-    untimed ones. Each timed call is bracketed by a device synchronisation, so queued GPU work is
-    counted in the call that queued it."""
+def rate(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device, pipelined: bool = False) -> float:
+    """Calls of ``fn(i)`` per second after ``warmup`` untimed calls.
+
+    ``pipelined=False``: 1 / the median time of ``iters`` calls, each bracketed by a device
+    synchronisation (robust to bursts of other work on a shared CPU machine). ``pipelined=True``:
+    ``iters`` calls back to back with one synchronisation at each end, as a training loop or the
+    scoring loop runs them (the CPU queues call ``i + 1`` while the GPU runs call ``i``): the
+    throughput a run gets on a GPU."""
     for i in range(warmup):
         fn(i)
+    if pipelined:
+        sync(device)
+        t0 = time.perf_counter()
+        for i in range(iters):
+            fn(warmup + i)
+        sync(device)
+        return iters / (time.perf_counter() - t0)
     times = []
     for i in range(iters):
         sync(device)
@@ -94,28 +105,29 @@ def rate(fn: Callable[[int], Any], warmup: int, iters: int, device: torch.device
     return 1.0 / statistics.median(times)
 
 
-def train_step(method, stage: str, setup, batch: Mapping[str, torch.Tensor], step: int) -> float:
-    """One step as the engine does it: train mode, autocast, loss, backward, clip, optimiser and
-    schedule step, the method's post-step hook. Returns the loss."""
-    method.train_mode(stage)
-    with method.autocast():
-        loss = method.training_step(stage, batch, step)
-    setup.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if setup.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(setup.parameters, setup.grad_clip_norm)
-    setup.optimizer.step()
-    if setup.scheduler is not None:
-        setup.scheduler.step()
-    method.after_optimizer_step(stage, step)  # a mean teacher's EMA update, as the engine does
-    return float(loss.detach())
+def train_step(method, stage: str, setup, batch: Mapping[str, torch.Tensor], step: int, sync: bool = True):
+    """One step exactly as the engine runs it (:func:`uad.engine.trainer.optimisation_step`).
+    Returns the loss as a float (``sync=False``: the device tensor, no host sync)."""
+    from uad.engine.trainer import optimisation_step
+
+    loss = optimisation_step(method, stage, setup, batch, step)
+    return float(loss) if sync else loss
 
 
 def build(method_cls: type, backbone: str, crop: int, run: "RunSettings"):
     """``method_cls`` (a :class:`uad.methods` method) with random weights, resize = crop, on the
-    run's device; parameters in bf16 on CUDA (the engine's autocast dtype)."""
+    run's device with the engine's autocast dtype (bf16 on CUDA): its frozen encoder held in bf16
+    unless ``--no-hold``, its hot functions compiled when ``--compile`` says so."""
+    from uad.engine.speed import CompileSpec
+
     m = method_cls({"backbone": backbone, "weights": "random", "allow_random": True, "resize": crop, "crop": crop})
-    return m.to(run.device, run.autocast_dtype)
+    if not run.hold:
+        m.hold_frozen_encoder = False
+    m.to(run.device, run.autocast_dtype)
+    spec = CompileSpec.parse(run.compile)
+    if spec.enabled:
+        m.enable_compile(spec)
+    return m
 
 
 def release(run: "RunSettings") -> None:
@@ -134,6 +146,13 @@ def common_parser(doc: str | None) -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 5 CUDA, 1 CPU)")
     ap.add_argument("--iters", type=int, default=None, help="timed iterations (default 20 CUDA, 3 CPU)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--infer-batches", default=None,
+                    help="comma list of inference batches to time (default: --infer-batch); e.g. 16,64")
+    ap.add_argument("--compile", default="false", help="engine.compile: false, true, reduce-overhead, max-autotune")
+    ap.add_argument("--no-hold", action="store_true",
+                    help="keep the frozen encoder in fp32 under autocast (the path before the bf16-held encoder)")
+    ap.add_argument("--timing", choices=["auto", "median", "pipelined"], default="auto",
+                    help="median of synchronised calls, or back-to-back calls (auto: pipelined on CUDA)")
     return ap
 
 
@@ -148,6 +167,9 @@ class RunSettings:
     backbones: list[str]
     crops: list[int]
     started: float = 0.0  # time.perf_counter() when the run was set up
+    compile: str = "false"
+    hold: bool = True
+    pipelined: bool = False
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -175,6 +197,9 @@ def setup_run(args: argparse.Namespace) -> RunSettings:
         backbones=[BACKBONES.get(b.strip(), b.strip()) for b in args.backbones.split(",") if b.strip()],
         crops=[int(c) for c in args.crops.split(",") if c.strip()],
         started=time.perf_counter(),
+        compile=str(getattr(args, "compile", "false")),
+        hold=not getattr(args, "no_hold", False),
+        pipelined=getattr(args, "timing", "auto") == "pipelined" or (getattr(args, "timing", "auto") == "auto" and cuda),
     )
 
 
@@ -183,7 +208,9 @@ def header(run: RunSettings, script: str, argv: list[str] | None) -> str:
     args = " ".join(argv if argv is not None else sys.argv[1:])
     return (
         f"device: {device_name(run.device)}; torch {torch.__version__}; "
-        f"{'bf16 autocast' if run.cuda else 'fp32'}; {run.warmup} warm-up + {run.iters} timed iterations (median); "
+        f"{'bf16 autocast' if run.cuda else 'fp32'}{'' if not run.cuda else (', encoder held in bf16' if run.hold else ', encoder fp32 cast per call')}; "
+        f"compile: {run.compile}; {run.warmup} warm-up + {run.iters} timed iterations "
+        f"({'back to back' if run.pipelined else 'median'}); "
         f"{_dt.date.today().isoformat()}\ncommand: python benchmarks/{script} {args}".rstrip()
     )
 
@@ -194,6 +221,25 @@ def footer(run: RunSettings) -> str:
     spread = f"{(max(_spreads) - 1) * 100:.0f} %" if _spreads else "n/a"
     return (f"total wall time: {time.perf_counter() - run.started:.0f} s; load avg at end: {load_avg():.2f}; "
             f"largest spread of the timed iterations of one figure (slowest / fastest - 1): {spread}")
+
+
+def infer_rate(m, b: int, crop: int, run: "RunSettings") -> float:
+    """Images per second of the scoring loop's path at batch ``b``: ``predict_on_device`` (maps and
+    scores left on the device), then :class:`uad.engine.speed.HostResults` (float16 on the device,
+    pinned asynchronous copy, read behind the next batch)."""
+    from uad.engine.speed import HostResults
+
+    test = torch.randn(b, 3, crop, crop, device=run.device)
+    masks = torch.zeros(b, 1, crop, crop)
+    host = HostResults(b * (run.warmup + run.iters), run.device)
+    predict = getattr(m, "predict_on_device", m.predict)
+    r = rate(lambda i: host.add(*_scores_maps(predict(test)), masks), run.warmup, run.iters, run.device, run.pipelined)
+    host.result()
+    return r * b
+
+
+def _scores_maps(out) -> tuple[torch.Tensor, torch.Tensor]:
+    return out.scores, out.maps
 
 
 def bench_method(method_cls: type, script: str, doc: str | None, argv: list[str] | None,
@@ -210,14 +256,16 @@ def bench_method(method_cls: type, script: str, doc: str | None, argv: list[str]
     print(header(run, script, argv))
     print()
     labels = None
+    infer_batches = [int(b) for b in str(args.infer_batches or run.infer_batch).split(",") if b.strip()]
     for name in run.backbones:
         for crop in run.crops:
             m = build(method_cls, name, crop, run)
             if labels is None:
                 labels = [(stage_labels or {}).get(s, s) for s in m.stages]
                 cols = "".join(f" {lab} it/s | {lab} img/s |" for lab in labels)
-                print(f"| backbone | crop | tokens | train batch |{cols} infer batch | infer img/s | load avg |")
-                print("|" + " --- |" * (7 + 2 * len(labels)))
+                inf_cols = "".join(f" infer img/s @{b} |" for b in infer_batches)
+                print(f"| backbone | crop | tokens | train batch |{cols}{inf_cols} encoder alone img/s @{infer_batches[0]} | load avg |")
+                print("|" + " --- |" * (6 + 2 * len(labels) + len(infer_batches)))
             load = load_avg()
             mask = torch.zeros(run.batch, 1, crop, crop, device=run.device)
             mask[:, :, crop // 4: crop // 2, crop // 4: crop // 2] = 1
@@ -225,15 +273,20 @@ def bench_method(method_cls: type, script: str, doc: str | None, argv: list[str]
             cells = ""
             for stage in m.stages:
                 setup = m.configure_optimization(stage, 1000)
-                r = rate(lambda i: train_step(m, stage, setup, batch, 1000 + i), run.warmup, run.iters, run.device)
+                r = rate(lambda i: train_step(m, stage, setup, batch, 1000 + i, sync=not run.pipelined),
+                         run.warmup, run.iters, run.device, run.pipelined)
                 cells += f" {r:.3f} | {r * run.batch:.2f} |"
                 del setup
-            test = torch.randn(run.infer_batch, 3, crop, crop, device=run.device)
-            inf = rate(lambda i: m.predict(test), run.warmup, run.iters, run.device) * run.infer_batch
+            for b in infer_batches:
+                cells += f" {infer_rate(m, b, crop, run):.2f} |"
+            enc = "n/a"
+            if hasattr(m, "_encoder_forward"):  # the frozen ViT alone, as the method runs it
+                test = torch.randn(infer_batches[0], 3, crop, crop, device=run.device)
+                m.eval_mode()
+                enc = f"{rate(lambda i: m.encode(test), run.warmup, run.iters, run.device, run.pipelined) * infer_batches[0]:.2f}"
             grid = getattr(m, "grid", None)  # a method that knows its token grid says it
             n = grid[0] * grid[1] if isinstance(grid, tuple) else (crop // m.encoder.patch_size) ** 2
-            print(f"| {name} | {crop} | {n} | {run.batch} |{cells} {run.infer_batch} | {inf:.2f} | {load:.2f} |",
-                  flush=True)
+            print(f"| {name} | {crop} | {n} | {run.batch} |{cells} {enc} | {load:.2f} |", flush=True)
             del m
             release(run)
     print()

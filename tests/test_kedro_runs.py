@@ -7,6 +7,7 @@ does.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -82,6 +83,13 @@ def test_dinomaly_smoke_run_detects_defects(project):
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_metrics(run, "dinomaly", 0.6)
     assert any(k.startswith("train_loss/train") for k in run.data.metrics)
+    # where the minutes went: every node's wall time, in MLflow and in data/08_reporting
+    times = json.loads((project / "data/08_reporting/node_times.json").read_text())
+    nodes = times["nodes"]
+    assert times["pipeline"] == "dinomaly" and any(n.endswith("train") for n in nodes) and any("predict" in n for n in nodes)
+    assert run.data.metrics["node_seconds/total"] >= max(nodes.values()) > 0
+    assert all(f"node_seconds/{n}" in run.data.metrics for n in nodes)
+    assert run.data.metrics["train_it_per_s/train"] > 0
 
 
 def _check_plugin_run(run, base: str) -> dict[str, float]:

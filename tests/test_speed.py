@@ -28,7 +28,7 @@ from uad.engine import EngineConfig, NonFiniteLossError, Trainer
 from uad.engine.speed import CompiledFn, CompileSpec, hold_frozen_weights
 from uad.errors import ConfigError
 from uad.methods.registry import build_method
-from uad.pipelines.method.nodes import HostResults
+from uad.engine.speed import HostResults
 
 TINY = dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=64, crop=56)
 AOT = CompileSpec(True, None, "aot_eager")

@@ -11,13 +11,13 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from uad.hooks import RankZeroWritesHook, RunTagsHook
+from uad.hooks import NodeTimesHook, RankZeroWritesHook, RunTagsHook
 
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
 
-HOOKS = (RunTagsHook(), RankZeroWritesHook())
+HOOKS = (RunTagsHook(), RankZeroWritesHook(), NodeTimesHook())
 
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
 

@@ -11,6 +11,8 @@ Both are exact or bounded rewrites of the eager path, never a different computat
   bit-for-bit that of the autocast path (tested on CPU). Norms, position embeddings, class /
   register tokens and layer-scale stay in fp32, as autocast leaves them. The fp32 values are kept
   on the CPU, so moving the method back to fp32 restores them exactly.
+* :class:`HostResults`: the scoring loop's results gathered on the host behind the computation
+  (maps cast to float16 on the device, copied through pinned buffers asynchronously).
 * :class:`CompiledFn`. A callable compiled with ``torch.compile`` on its first call; if compiling
   or running the compiled graph raises (no C++ compiler, an unsupported op, a backend bug), one
   warning names the function and the error and the eager function is used from then on. Never a
@@ -25,12 +27,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 log = logging.getLogger("uad.engine")
 
-__all__ = ["CompileSpec", "CompiledFn", "HELD_LAYERS", "hold_frozen_weights", "held_dtype"]
+__all__ = ["CompileSpec", "CompiledFn", "GpuUtilisation", "HELD_LAYERS", "HostResults", "hold_frozen_weights",
+           "held_dtype"]
 
 #: module types whose weight and bias autocast casts to the lower precision at every call
 HELD_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -163,3 +167,123 @@ def describe_error(error: BaseException) -> str:
         root = root.__cause__
     text = " ".join(line.strip() for line in str(root).strip().splitlines() if line.strip())[:300]
     return f"{type(root).__name__}: {text}" if text else type(root).__name__
+
+
+class GpuUtilisation:
+    """Samples the GPU's utilisation (percent of time a kernel ran, as ``nvidia-smi`` reports it)
+    every ``every`` seconds in a background thread while training runs; :meth:`stop` returns the
+    mean, or None off CUDA or where neither NVML (``torch.cuda.utilization``) nor ``nvidia-smi``
+    answers. A context manager."""
+
+    def __init__(self, device: torch.device, every: float = 1.0):
+        self.device, self.every = device, float(every)
+        self.samples: list[float] = []
+        self._stop = None
+        self._thread = None
+
+    def _read(self) -> float | None:
+        try:
+            return float(torch.cuda.utilization(self.device))
+        except Exception:  # noqa: BLE001 - no NVML bindings: ask nvidia-smi
+            import subprocess
+
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                                      "-i", str(index)], capture_output=True, text=True, timeout=5)
+                return float(out.stdout.strip().splitlines()[0]) if out.returncode == 0 else None
+            except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+                return None
+
+    def __enter__(self) -> "GpuUtilisation":
+        if self.device.type != "cuda" or self._read() is None:
+            return self
+        import threading
+
+        self._stop = threading.Event()
+
+        def loop() -> None:
+            while not self._stop.wait(self.every):
+                value = self._read()
+                if value is None:
+                    return
+                self.samples.append(value)
+
+        self._thread = threading.Thread(target=loop, name="uad-gpu-utilisation", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> float | None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            self._thread = None
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+class HostResults:
+    """Scores (float32), maps (float16) and masks (uint8) of a scoring pass, gathered on the host
+    into arrays allocated once. On CUDA each batch's maps are cast to float16 on the device and
+    copied into one of two pinned buffers asynchronously; a batch is read into the arrays only
+    after the next one has been queued, so the copy overlaps the model instead of stalling it.
+    The float16 values are those ``numpy.astype(float16)`` gives (both round to nearest even)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.n, self.cuda = int(n), device.type == "cuda"
+        self.scores: np.ndarray | None = None
+        self.maps: np.ndarray | None = None
+        self.masks: np.ndarray | None = None
+        self.filled = 0
+        self._pinned: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._flip = 0
+        self._inflight: tuple[Any, torch.Tensor, torch.Tensor, int, int] | None = None
+
+    def _alloc(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        h, w = maps.shape[-2:]
+        self.scores = np.empty(self.n, np.float32)
+        self.maps = np.empty((self.n, h, w), np.float16)
+        self.masks = np.empty((self.n, *masks.shape[-2:]), np.uint8)
+
+    def add(self, scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> None:
+        b = int(maps.shape[0])
+        if self.maps is None:
+            self._alloc(maps, masks)
+        lo, hi = self.filled, self.filled + b
+        if hi > self.n:
+            raise ValueError(f"more results ({hi}) than samples ({self.n})")
+        self.masks[lo:hi] = masks[:, 0].numpy().astype(np.uint8)
+        self.filled = hi
+        if not (self.cuda and maps.is_cuda):
+            self.scores[lo:hi] = scores.float().cpu().numpy()
+            self.maps[lo:hi] = maps.float().cpu().numpy().astype(np.float16)
+            return
+        if not self._pinned or self._pinned[0][1].shape[0] < b:
+            self._pinned = [(torch.empty(b, dtype=torch.float32, pin_memory=True),
+                             torch.empty((b, *maps.shape[1:]), dtype=torch.float16, pin_memory=True)) for _ in range(2)]
+            self._drain()  # the old buffers may still be in flight
+        hs, hm = self._pinned[self._flip]
+        self._flip ^= 1
+        hs[:b].copy_(scores.float(), non_blocking=True)
+        hm[:b].copy_(maps.to(torch.float16), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._drain()  # the previous batch: its copy has had this batch's compute to finish
+        self._inflight = (event, hs, hm, lo, hi)
+
+    def _drain(self) -> None:
+        if self._inflight is None:
+            return
+        event, hs, hm, lo, hi = self._inflight
+        self._inflight = None
+        event.synchronize()
+        self.scores[lo:hi] = hs[: hi - lo].numpy()
+        self.maps[lo:hi] = hm[: hi - lo].numpy()
+
+    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self._drain()
+        if self.maps is None or self.filled != self.n:
+            raise ValueError(f"scored {self.filled} of {self.n} samples")
+        return self.scores, self.maps, self.masks

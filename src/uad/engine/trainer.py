@@ -36,7 +36,7 @@ from uad.errors import ConfigError, UadError
 from . import distributed
 from .checkpoint import flatten_optimizer_state, load_state, save_state, unflatten_optimizer_state
 from .device import autocast_dtype_for, pick_device, seed_everything
-from .speed import CompileSpec
+from .speed import CompileSpec, GpuUtilisation
 
 log = logging.getLogger("uad.engine")
 
@@ -202,6 +202,10 @@ class FitResult:
     final_loss: float
     seconds: float
     history: list[tuple[int, float]] = field(default_factory=list)
+    #: optimisation steps per second of this run (steps run / seconds)
+    it_per_s: float | None = None
+    #: mean GPU utilisation (%) while training, sampled every second; None off CUDA
+    gpu_utilisation: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -332,6 +336,7 @@ class Trainer:
                 running = value if running is None else 0.9 * running + 0.1 * value
             bar.set_postfix(loss=f"{running:.4f}", refresh=False)
 
+        gpu = GpuUtilisation(self.device).__enter__()
         try:
             for step, batch in enumerate(stream, start=start):
                 batch = to_device(batch, self.device)
@@ -365,26 +370,18 @@ class Trainer:
             settle()
         finally:
             bar.close()
+            utilisation = gpu.stop()
         if ckpt is not None and step + 1 >= iterations and main:
             self._prune(ckpt, method, stage)
-        return FitResult(stage, iterations, start, last_loss, time.perf_counter() - t0, history).as_dict()
+        seconds = time.perf_counter() - t0
+        rate = (iterations - start) / seconds if seconds > 0 else None
+        if utilisation is not None:
+            log.info("%s/%s: %.2f it/s, GPU utilisation %.0f %% (mean of %d samples)", method.name, stage, rate or 0.0,
+                     utilisation, len(gpu.samples))
+        return FitResult(stage, iterations, start, last_loss, seconds, history, rate, utilisation).as_dict()
 
     def _step(self, method, stage: str, setup, params, batch, step: int, world: int) -> torch.Tensor:
-        """One optimisation step; returns the loss, detached, still on the device (no host sync)."""
-        method.train_mode(stage)
-        with method.autocast():
-            loss = method.training_step(stage, batch, step)
-        setup.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            distributed.average_gradients(params)
-        if setup.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
-        setup.optimizer.step()
-        if setup.scheduler is not None:
-            setup.scheduler.step()
-        method.after_optimizer_step(stage, step)
-        return loss.detach()
+        return optimisation_step(method, stage, setup, batch, step, params, world)
 
     # ------------------------------------------------------------------ resume folders and checkpoints
     def _siblings(self, ckpt: Path, method, stage: str) -> list[Path]:
@@ -491,6 +488,28 @@ class Trainer:
         if meta.get("cuda_rng") and torch.cuda.is_available():  # dropout / noise drawn on the GPU
             torch.cuda.set_rng_state_all([torch.tensor(t, dtype=torch.uint8) for t in meta["cuda_rng"]])
         return int(meta["step"])
+
+
+def optimisation_step(method, stage: str, setup, batch, step: int, params=None, world: int = 1) -> torch.Tensor:
+    """One optimisation step as the engine runs it: train mode, autocast, the method's loss,
+    backward, (data-parallel gradient averaging), gradient-norm clip, optimiser and schedule
+    step, the method's post-step hook. Returns the loss, detached and still on the device: no
+    host sync (the benchmarks time exactly this)."""
+    params = setup.parameters if params is None else params
+    method.train_mode(stage)
+    with method.autocast():
+        loss = method.training_step(stage, batch, step)
+    setup.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if world > 1:
+        distributed.average_gradients(params)
+    if setup.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
+    setup.optimizer.step()
+    if setup.scheduler is not None:
+        setup.scheduler.step()
+    method.after_optimizer_step(stage, step)
+    return loss.detach()
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:

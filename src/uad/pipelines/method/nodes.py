@@ -22,6 +22,7 @@ from uad.data.index import content_fingerprint, index_fingerprint
 from uad.data.images import load_image
 from uad.data.torch_data import AnomalyImageDataset
 from uad.engine import EngineConfig, Trainer
+from uad.engine.speed import HostResults
 from uad.methods.registry import build_method
 from uad.metrics import METRIC_NAMES, compute_metrics
 from uad.metrics.plots import anomaly_overlay_grid, figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
@@ -181,6 +182,10 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
             result = method.fit_stage(stage, loader, trainer)
         for step, loss in (result or {}).get("history", []):
             history.setdefault(metric, []).append({"step": int(step), "value": float(loss)})
+        suffix = f"{stage}" + (f"/{group}" if group else "")
+        for key, name in (("it_per_s", "train_it_per_s"), ("gpu_utilisation", "gpu_utilisation")):
+            if (result or {}).get(key) is not None:
+                history.setdefault(f"{name}/{suffix}", []).append({"step": 0, "value": float(result[key])})
         state = method.state_dict()
         prefix = "" if group is None else f"{group}{_SEP}"
         tensors.update({prefix + k: v for k, v in state.items()})
@@ -300,71 +305,6 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
             on_batch(batch, out)
         host.add(out.scores, out.maps, batch["mask"])
     return host.result()
-
-
-class HostResults:
-    """Scores (float32), maps (float16) and masks (uint8) of a scoring pass, gathered on the host
-    into arrays allocated once. On CUDA each batch's maps are cast to float16 on the device and
-    copied into one of two pinned buffers asynchronously; a batch is read into the arrays only
-    after the next one has been queued, so the copy overlaps the model instead of stalling it.
-    The float16 values are those ``numpy.astype(float16)`` gives (both round to nearest even)."""
-
-    def __init__(self, n: int, device: torch.device):
-        self.n, self.cuda = int(n), device.type == "cuda"
-        self.scores: np.ndarray | None = None
-        self.maps: np.ndarray | None = None
-        self.masks: np.ndarray | None = None
-        self.filled = 0
-        self._pinned: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._flip = 0
-        self._inflight: tuple[Any, torch.Tensor, torch.Tensor, int, int] | None = None
-
-    def _alloc(self, maps: torch.Tensor, masks: torch.Tensor) -> None:
-        h, w = maps.shape[-2:]
-        self.scores = np.empty(self.n, np.float32)
-        self.maps = np.empty((self.n, h, w), np.float16)
-        self.masks = np.empty((self.n, *masks.shape[-2:]), np.uint8)
-
-    def add(self, scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor) -> None:
-        b = int(maps.shape[0])
-        if self.maps is None:
-            self._alloc(maps, masks)
-        lo, hi = self.filled, self.filled + b
-        if hi > self.n:
-            raise ValueError(f"more results ({hi}) than samples ({self.n})")
-        self.masks[lo:hi] = masks[:, 0].numpy().astype(np.uint8)
-        self.filled = hi
-        if not (self.cuda and maps.is_cuda):
-            self.scores[lo:hi] = scores.float().cpu().numpy()
-            self.maps[lo:hi] = maps.float().cpu().numpy().astype(np.float16)
-            return
-        if not self._pinned or self._pinned[0][1].shape[0] < b:
-            self._pinned = [(torch.empty(b, dtype=torch.float32, pin_memory=True),
-                             torch.empty((b, *maps.shape[1:]), dtype=torch.float16, pin_memory=True)) for _ in range(2)]
-            self._drain()  # the old buffers may still be in flight
-        hs, hm = self._pinned[self._flip]
-        self._flip ^= 1
-        hs[:b].copy_(scores.float(), non_blocking=True)
-        hm[:b].copy_(maps.to(torch.float16), non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._drain()  # the previous batch: its copy has had this batch's compute to finish
-        self._inflight = (event, hs, hm, lo, hi)
-
-    def _drain(self) -> None:
-        if self._inflight is None:
-            return
-        event, hs, hm, lo, hi = self._inflight
-        self._inflight = None
-        event.synchronize()
-        self.scores[lo:hi] = hs[: hi - lo].numpy()
-        self.maps[lo:hi] = hm[: hi - lo].numpy()
-
-    def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        self._drain()
-        if self.maps is None or self.filled != self.n:
-            raise ValueError(f"scored {self.filled} of {self.n} samples")
-        return self.scores, self.maps, self.masks
 
 
 def _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size):
