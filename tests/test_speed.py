@@ -40,6 +40,14 @@ def methods():
     return {name: build_method(name, {**TINY, "seed": 3}) for name in ("dinomaly", "inpformer")}
 
 
+@pytest.fixture(scope="module")
+def small():
+    """Two encoder layers and two decoder blocks: the same code paths, a quarter of the graph to
+    trace (compiling is what these tests pay for)."""
+    return {name: build_method(name, {**TINY, "seed": 3, "layers": [0, 1], "decoder_depth": 2})
+            for name in ("dinomaly", "inpformer")}
+
+
 def _images(n=3, seed=0):
     return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
 
@@ -90,8 +98,8 @@ def test_holding_refuses_a_trainable_module():
 
 
 @pytest.mark.parametrize("name", ["dinomaly", "inpformer"])
-def test_compiled_paths_equal_eager(methods, name):
-    ref = methods[name]
+def test_compiled_paths_equal_eager(small, name):
+    ref = small[name]
     comp = copy.deepcopy(ref)
     assert comp.enable_compile(AOT) == ["encoder", "model", "map"] and comp.compiled
     x = _images()
@@ -115,8 +123,8 @@ def _broken_backend(gm, example_inputs):
     raise RuntimeError("no compiler here")
 
 
-def test_a_compile_failure_falls_back_to_eager_with_one_warning(methods, caplog):
-    ref = methods["dinomaly"]
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(small, caplog):
+    ref = small["dinomaly"]
     comp = copy.deepcopy(ref)
     comp.enable_compile(CompileSpec(True, None, _broken_backend))
     x = _images()
@@ -167,12 +175,12 @@ def _fit(method, tmp_path, **engine):
     return Trainer(cfg, key="speed").fit(method, method.stages[0], _Toy())
 
 
-def test_training_falls_back_when_only_the_backward_fails_to_compile(methods, tmp_path, caplog):
+def test_training_falls_back_when_only_the_backward_fails_to_compile(small, tmp_path, caplog):
     from torch._dynamo.backends.common import aot_autograd
 
     backend = aot_autograd(fw_compiler=lambda gm, _: gm, bw_compiler=_broken_backend)
-    eager = copy.deepcopy(methods["dinomaly"])
-    comp = copy.deepcopy(methods["dinomaly"])
+    eager = copy.deepcopy(small["dinomaly"])
+    comp = copy.deepcopy(small["dinomaly"])
     a = _fit(eager, tmp_path / "eager")
     with caplog.at_level(logging.WARNING, logger="uad.engine"):
         b = _fit(comp, tmp_path / "comp", compile=True, compile_backend=backend)

@@ -60,6 +60,9 @@ class EngineConfig:
     deterministic: bool = True
     iterations: int | None = None
     batch_size: int | None = None
+    #: the batch of predict / infer (scoring); None: ``batch_size``, else 8. Any value gives the
+    #: same maps and scores (inference treats samples independently); larger ones keep a GPU busier.
+    infer_batch_size: int | None = None
     num_workers: int = 0
     checkpoint_dir: str | None = None
     checkpoint_every: int = 500

@@ -282,7 +282,7 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
 
     from uad.engine import distributed
 
-    batch_size = cfg.batch_size or 8
+    batch_size = cfg.infer_batch_size or cfg.batch_size or 8
     if shard and distributed.world_size() > 1 and on_batch is None:  # sharded: whole batches per rank
         part = _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size)
         return _gather_shards(part, errors, base)
