@@ -145,3 +145,21 @@ def test_shared_decoded_cache_is_filled_by_workers_and_read_by_all(tmp_path):
     # another crop, or a changed file, is another cache file: never a stale row
     other = AnomalyImageDataset(df, resize=24, crop=16, mean=MEAN, std=STD, shared_cache=str(tmp_path / "cache"))
     assert other.shared.path != ds.shared.path and other.shared.filled() == 0
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_float_samples(tmp_path):
+    from torch.utils.data import Subset
+
+    from uad.data.torch_data import SkipUnreadable, finish_batch, uint8_twin
+
+    df = _index(tmp_path)
+    ds = AnomalyImageDataset(df, resize=24, crop=20, mean=MEAN, std=STD)
+    wrapped = Subset(SkipUnreadable(ds), [0, 2, 3])
+    twin, leaf = uint8_twin(wrapped)
+    assert not ds.uint8_output and leaf.uint8_output  # the caller's dataset is left as it was
+    for j, i in enumerate([0, 2, 3]):
+        raw, ref = twin[j], ds[i]
+        assert raw["image"].dtype == torch.uint8 and raw["mask"].dtype == torch.uint8
+        done = finish_batch({k: v[None] if isinstance(v, torch.Tensor) else v for k, v in raw.items()}, leaf.normalise)
+        assert torch.equal(done["image"][0], ref["image"]) and torch.equal(done["mask"][0], ref["mask"])
+    assert uint8_twin(torch.utils.data.TensorDataset(torch.zeros(2))) is None

@@ -253,3 +253,32 @@ def test_host_results_equal_the_plain_copy():
     np.testing.assert_array_equal(k, np.concatenate([x[:, 0].numpy().astype(np.uint8) for x in masks]))
     with pytest.raises(ValueError, match="more results"):
         host.add(scores[1], maps[1], masks[1])
+
+
+def test_uint8_batches_train_and_score_exactly_as_float_batches(small, synthetic_root, tmp_path):
+    from uad.data.layouts import scan_dataset
+    from uad.data.torch_data import AnomalyImageDataset
+    from uad.pipelines.method.nodes import score_dataset
+
+    df = scan_dataset(synthetic_root, layout="mvtec")
+    train = df[df["split"] == "train"].head(4).reset_index(drop=True)
+    test = df[df["split"] == "test"].head(5).reset_index(drop=True)
+    spec = small["dinomaly"].input_spec
+
+    def ds(rows):
+        return AnomalyImageDataset(rows, spec["resize"], spec["crop"], spec["mean"], spec["std"])
+
+    results = {}
+    for flag in (False, True):
+        m = copy.deepcopy(small["dinomaly"])
+        cfg = EngineConfig(device="cpu", iterations=2, batch_size=2, progress=False, log_every=1,
+                           checkpoint_dir=str(tmp_path / str(flag)), uint8_batches=flag)
+        trainer = Trainer(cfg, key="u8")
+        assert (trainer.loader(ds(test), 2, uint8=True).uad_normalise is not None) is flag
+        fit = trainer.fit(m, "train", ds(train))
+        scored = score_dataset(m, ds(test), trainer, cfg, "score")
+        results[flag] = (fit["history"], [p.detach().clone() for p in m.model.parameters()], scored)
+    (h0, p0, s0), (h1, p1, s1) = results[False], results[True]
+    assert h0 == h1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
+    for a, b in zip(s0, s1):
+        np.testing.assert_array_equal(a, b)

@@ -77,6 +77,9 @@ class EngineConfig:
     # mode ("reduce-overhead" = CUDA graphs); any compiler failure falls back to eager, one warning.
     compile: Any = False
     compile_backend: str = "inductor"
+    # batches of uint8 images through the loader, normalised on the device (4x fewer bytes through
+    # workers, pinned memory and the copy; identical values): "auto" (on CUDA), true, false
+    uint8_batches: Any = "auto"
     # a folder for the training set's decoded-image cache shared by all loader workers
     # (uad.data.cache.SharedDecodedCache); None: each worker keeps its own small LRU
     decoded_cache: str | None = None
@@ -99,6 +102,8 @@ class EngineConfig:
         if cfg.strategy not in ("single", "ddp"):
             raise ConfigError(f"engine.strategy must be 'single' or 'ddp', got {cfg.strategy!r}")
         CompileSpec.parse(cfg.compile, cfg.compile_backend)  # a bad value fails here, not mid-run
+        if cfg.uint8_batches not in ("auto", True, False):
+            raise ConfigError(f"engine.uint8_batches must be auto, true or false, got {cfg.uint8_batches!r}")
         if cfg.sync_every is not None and int(cfg.sync_every) < 1:
             raise ConfigError(f"engine.sync_every must be >= 1, got {cfg.sync_every!r}")
         return cfg
@@ -250,12 +255,20 @@ class Trainer:
         return Path(self.config.checkpoint_dir) / f"{method.name}-{stage}-{self.key or 'run'}" / "last.safetensors"
 
     def loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, num_steps: int | None = None,
-               start_step: int = 0) -> DataLoader:
+               start_step: int = 0, uint8: bool = False) -> DataLoader:
         """A DataLoader over ``dataset``: a deterministic step stream when ``num_steps`` is set
         (``batch_size`` is then the global batch: each rank of a data-parallel run loads its slice
-        of every batch), one ordered pass otherwise."""
+        of every batch), one ordered pass otherwise. ``uint8=True`` (for a consumer that calls
+        :meth:`finish`) lets images travel as uint8 when ``engine.uint8_batches`` allows it."""
         world, rank = distributed.world_size(), distributed.rank()
         cfg = self.config
+        normalise = None
+        if uint8 and (cfg.uint8_batches is True or (cfg.uint8_batches == "auto" and self.device.type == "cuda")):
+            from uad.data.torch_data import uint8_twin  # the data layer imports the engine: import here
+
+            twin = uint8_twin(dataset)
+            if twin is not None:
+                dataset, normalise = twin[0], twin[1].normalise
         common: dict[str, Any] = dict(
             batch_size=batch_size if num_steps is None else batch_size // world,
             num_workers=cfg.num_workers,
@@ -269,9 +282,22 @@ class Trainer:
         if cfg.num_workers > 0:
             common["prefetch_factor"] = 4
         if num_steps is None:
-            return DataLoader(dataset, shuffle=False, drop_last=False, **common)
-        sampler = StepSampler(len(dataset), batch_size, num_steps, cfg.seed, start_step, shuffle, rank, world)
-        return DataLoader(EpochAwareDataset(dataset), sampler=sampler, drop_last=False, **common)
+            out = DataLoader(dataset, shuffle=False, drop_last=False, **common)
+        else:
+            sampler = StepSampler(len(dataset), batch_size, num_steps, cfg.seed, start_step, shuffle, rank, world)
+            out = DataLoader(EpochAwareDataset(dataset), sampler=sampler, drop_last=False, **common)
+        out.uad_normalise = normalise  # what finish() applies to this loader's batches
+        return out
+
+    def finish(self, batch: Any, loader: Any) -> Any:
+        """A batch of ``loader`` moved to the device, uint8 images normalised there."""
+        batch = to_device(batch, self.device)
+        normalise = getattr(loader, "uad_normalise", None)
+        if normalise is None:
+            return batch
+        from uad.data.torch_data import finish_batch
+
+        return finish_batch(batch, normalise)
 
     # ------------------------------------------------------------------ main loop
     def fit(self, method, stage: str, loader: DataLoader | Dataset) -> dict[str, Any]:
@@ -312,7 +338,7 @@ class Trainer:
         if world > 1:
             log.info("%s/%s: data-parallel over %d ranks, global batch %d (%d per rank)", method.name, stage, world,
                      batch_size, batch_size // world)
-        stream = self.loader(dataset, batch_size, shuffle=True, num_steps=iterations, start_step=start)
+        stream = self.loader(dataset, batch_size, shuffle=True, num_steps=iterations, start_step=start, uint8=True)
         bar = _progress(total=iterations, initial=start, desc=f"{method.name}:{stage}", enabled=cfg.progress and main)
         running = None
         step = start
@@ -342,7 +368,7 @@ class Trainer:
         gpu = GpuUtilisation(self.device).__enter__()
         try:
             for step, batch in enumerate(stream, start=start):
-                batch = to_device(batch, self.device)
+                batch = self.finish(batch, stream)
                 if first_compiled:  # the first compiled step also compiles the backward: may fail there
                     first_compiled = False
                     rng = _rng_state()

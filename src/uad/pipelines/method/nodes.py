@@ -286,12 +286,16 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
     if shard and distributed.world_size() > 1 and on_batch is None:  # sharded: whole batches per rank
         part = _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size)
         return _gather_shards(part, errors, base)
-    loader = trainer.loader(ds, batch_size=batch_size)
+    # pictures (on_batch) read the normalised images of the batch: uint8 transfer only without them
+    loader = trainer.loader(ds, batch_size=batch_size, uint8=on_batch is None)
+    normalise = getattr(loader, "uad_normalise", None)
     host = HostResults(len(ds), trainer.device)
     for batch in tqdm(loader, desc=desc, disable=not cfg.progress, mininterval=1.0):
         if errors is not None:
             errors.extend(batch.get("error") or [""] * len(batch["image"]))
         images = batch["image"].to(trainer.device, non_blocking=True)
+        if normalise is not None and images.dtype == torch.uint8:
+            images = normalise(images)
         if getattr(method, "wants_class_ids", False):
             out = method.predict(images, class_ids=batch["class_id"].to(trainer.device))
         elif on_batch is not None:  # pictures need the maps on the host now
