@@ -260,7 +260,7 @@ class HostResults:
             self.scores[lo:hi] = scores.float().cpu().numpy()
             self.maps[lo:hi] = maps.float().cpu().numpy().astype(np.float16)
             return
-        if not self._pinned or self._pinned[0][1].shape[0] < b:
+        if not self._pinned or self._pinned[0][1].shape[0] < b or self._pinned[0][1].shape[1:] != maps.shape[1:]:
             self._pinned = [(torch.empty(b, dtype=torch.float32, pin_memory=True),
                              torch.empty((b, *maps.shape[1:]), dtype=torch.float16, pin_memory=True)) for _ in range(2)]
             self._drain()  # the old buffers may still be in flight
