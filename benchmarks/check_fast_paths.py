@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=None, help="default 392 on CUDA, 112 on CPU")
     ap.add_argument("--modes", default="default", help="compile modes for the bf16 rows (comma list)")
     ap.add_argument("--no-compile", action="store_true", help="only the bf16 held / cast rows")
+    ap.add_argument("--fp32-compile", choices=["auto", "yes", "no"], default="auto",
+                    help="the fp32 compiled row (auto: on CPU only; on a GPU each compile costs a minute)")
     args = ap.parse_args(argv)
     run = bc.setup_run(args)
     crop = args.crop or (392 if run.cuda else 112)
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = [("fp32 eager", None, True, None), ("bf16, cast per call", low, False, None), ("bf16, held", low, True, None)]
         if not args.no_compile:
             paths += [(f"bf16, held, compiled ({mode})", low, True, mode) for mode in args.modes.split(",") if mode]
-            paths += [("fp32, compiled (default)", None, True, "default")]
+            if args.fp32_compile == "yes" or (args.fp32_compile == "auto" and not run.cuda):
+                paths += [("fp32, compiled (default)", None, True, "default")]
         ref: dict[str, tuple] = {}
         for label, dtype, hold, mode in paths:
             m = copy.deepcopy(base)

@@ -67,11 +67,13 @@ def test_decision_overlay_is_a_png_with_both_panels():
 def test_inpformer_onnx_export_equals_torch():
     """The whole path (encoder, INP extractor, decoder, residual head, maps, blur, score) in one
     ONNX graph with a dynamic batch: onnxruntime equals torch to 1e-4 on a batch size other than
-    the traced one."""
+    the traced one. Two encoder layers and two decoder blocks: every piece of the path, a quarter
+    of the graph to export."""
     from uad.export import export_onnx, onnx_predict, preprocessing_spec
     from uad.methods.registry import build_method
 
-    m = build_method("inpformer", dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=64, crop=56))
+    m = build_method("inpformer", dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=64, crop=56,
+                                       layers=[0, 1], decoder_depth=2))
     data, info = export_onnx(m, batch=2)
     assert info["batch"] == "dynamic" and info["bytes"] == len(data)
     x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(0))
