@@ -373,14 +373,14 @@ class Trainer:
                     first_compiled = False
                     rng = _rng_state()
                     try:
-                        loss = self._step(method, stage, setup, params, batch, step, world)
+                        loss = optimisation_step(method, stage, setup, batch, step, params, world)
                     except Exception as e:  # noqa: BLE001 - retried eagerly; a real error recurs there
                         method.compile_fallback(e)
                         _set_rng_state(rng)  # the eager retry draws the same dropout masks
                         setup.optimizer.zero_grad(set_to_none=True)
-                        loss = self._step(method, stage, setup, params, batch, step, world)
+                        loss = optimisation_step(method, stage, setup, batch, step, params, world)
                 else:
-                    loss = self._step(method, stage, setup, params, batch, step, world)
+                    loss = optimisation_step(method, stage, setup, batch, step, params, world)
                 pending.append((step, loss))
                 bar.update(1)
                 done = step + 1
@@ -408,9 +408,6 @@ class Trainer:
             log.info("%s/%s: %.2f it/s, GPU utilisation %.0f %% (mean of %d samples)", method.name, stage, rate or 0.0,
                      utilisation, len(gpu.samples))
         return FitResult(stage, iterations, start, last_loss, seconds, history, rate, utilisation).as_dict()
-
-    def _step(self, method, stage: str, setup, params, batch, step: int, world: int) -> torch.Tensor:
-        return optimisation_step(method, stage, setup, batch, step, params, world)
 
     # ------------------------------------------------------------------ resume folders and checkpoints
     def _siblings(self, ckpt: Path, method, stage: str) -> list[Path]:
