@@ -9,6 +9,8 @@ preprocessing), no model. For each worker count it times, in one process:
   shared cache; with it, only the first);
 * ``cached``: a second pass served by the shared decoded-image cache (``engine.decoded_cache``:
   one memory-mapped file all workers fill and read);
+* ``samples``: float32 (normalised in the workers, as on CPU) or uint8 (normalised on the device
+  after the copy, what runs on CUDA: ``engine.uint8_batches``);
 * ``per-worker LRU``: the second epoch with the per-worker in-memory cache instead (what runs when
   no ``decoded_cache`` folder is set): each worker caches only what it decoded itself, and the
   next epoch's permutation sends most images to another worker.
@@ -79,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--limit", type=int, default=400, help="training images to read (0: all)")
     ap.add_argument("--cache-dir", default=None, help="where the shared cache goes (default: a temporary folder)")
+    ap.add_argument("--uint8", choices=["no", "yes", "both"], default="both",
+                    help="samples as float32 (no), as uint8 for normalisation on the device (yes, what runs on CUDA), or both")
     args = ap.parse_args(argv)
     df = scan_dataset(args.root, layout="mvtec")
     df = df[df["split"] == "train"].reset_index(drop=True)
@@ -97,23 +101,28 @@ def main(argv: list[str] | None = None) -> int:
           f"row (normalise to float32, tensors) {sample_ms:.1f} ms. Estimate for W workers on W free cores: "
           f"W x {1000 / (decode_ms + sample_ms):.0f} img/s decoding, W x {1000 / sample_ms:.0f} img/s cached.")
     print()
-    print("| workers | epoch 1: decode img/s | epoch 2: shared cache img/s | epoch 2: per-worker LRU img/s |")
-    print("| ---: | ---: | ---: | ---: |")
+    print("| workers | samples | epoch 1: decode img/s | epoch 2: shared cache img/s | epoch 2: per-worker LRU img/s |")
+    print("| ---: | --- | ---: | ---: | ---: |")
+    kinds = {"no": [False], "yes": [True], "both": [False, True]}[args.uint8]
     for w in [int(v) for v in args.workers.split(",") if v.strip()]:
-        folder = Path(args.cache_dir or tempfile.mkdtemp(prefix="uad-decoded-"))
-        try:
-            trainer = Trainer(EngineConfig(device="cpu", num_workers=w, progress=False))
-            steps = len(df) // args.batch
-            # the training loader: a fresh permutation every epoch, as the engine streams batches
-            shared = AnomalyImageDataset(df, args.resize, args.crop, shared_cache=str(folder))
-            (n, t_decode), (n2, t_cached) = _epochs(trainer.loader(shared, args.batch, shuffle=True, num_steps=2 * steps),
-                                                    steps)
-            lru = AnomalyImageDataset(df, args.resize, args.crop)  # the per-worker in-memory cache
-            _, (n3, t_lru) = _epochs(trainer.loader(lru, args.batch, shuffle=True, num_steps=2 * steps), steps)
-            print(f"| {w} | {n / t_decode:.1f} | {n2 / t_cached:.1f} | {n3 / t_lru:.1f} |", flush=True)
-        finally:
-            if not args.cache_dir:
-                shutil.rmtree(folder, ignore_errors=True)
+        for u8 in kinds:
+            folder = Path(args.cache_dir or tempfile.mkdtemp(prefix="uad-decoded-"))
+            try:
+                # uint8_batches forced on, as on CUDA: the loader's samples are uint8, normalised later
+                trainer = Trainer(EngineConfig(device="cpu", num_workers=w, progress=False, uint8_batches=u8))
+                steps = len(df) // args.batch
+                # the training loader: a fresh permutation every epoch, as the engine streams batches
+                shared = AnomalyImageDataset(df, args.resize, args.crop, shared_cache=str(folder))
+                (n, t_decode), (n2, t_cached) = _epochs(
+                    trainer.loader(shared, args.batch, shuffle=True, num_steps=2 * steps, uint8=True), steps)
+                lru = AnomalyImageDataset(df, args.resize, args.crop)  # the per-worker in-memory cache
+                _, (n3, t_lru) = _epochs(trainer.loader(lru, args.batch, shuffle=True, num_steps=2 * steps, uint8=True),
+                                         steps)
+                label = "uint8" if u8 else "float32"
+                print(f"| {w} | {label} | {n / t_decode:.1f} | {n2 / t_cached:.1f} | {n3 / t_lru:.1f} |", flush=True)
+            finally:
+                if not args.cache_dir:
+                    shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
