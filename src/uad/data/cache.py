@@ -79,16 +79,18 @@ class SharedDecodedCache:
         return self.n * self._row + i
 
     def get(self, i: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """The prepared image and mask (``None`` when the row has no mask) of row ``i``, copied out
-        of the mapping, or ``None`` when the row is not filled yet."""
+        """The prepared image (a read-only view of the mapping: the dataset's next step copies it
+        anyway) and mask (a copy; ``None`` when the row has no mask) of row ``i``, or ``None`` when
+        the row is not filled yet."""
         mm = self._map()
         state = int(mm[self._state_at(i)])
         if state == 0:
             return None
         c = self.crop
         row = mm[i * self._row:(i + 1) * self._row]
-        img = np.array(row[: c * c * 3]).reshape(c, c, 3)
-        mask = np.array(row[c * c * 3:]).reshape(c, c).astype(bool) if state == 2 else None
+        img = np.asarray(row[: c * c * 3]).reshape(c, c, 3)
+        img.flags.writeable = False
+        mask = row[c * c * 3:].reshape(c, c).astype(bool) if state == 2 else None
         return img, mask
 
     def put(self, i: int, img: np.ndarray, mask: np.ndarray | None) -> None:

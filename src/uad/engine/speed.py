@@ -119,9 +119,7 @@ class CompileSpec:
 
 
 class CompiledFn:
-    """``fn`` compiled on first call, eager after a failure (one warning). See the module docstring.
-
-    ``fallback_on_error=False`` re-raises errors of the compiled call instead (for tests)."""
+    """``fn`` compiled on first call, eager after a failure (one warning). See the module docstring."""
 
     def __init__(self, fn: Callable[..., Any], name: str, spec: CompileSpec, dynamic: bool | None = False,
                  on_fail: Callable[[BaseException], None] | None = None):

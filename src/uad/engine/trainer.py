@@ -243,11 +243,11 @@ class Trainer:
         seed_everything(self.config.seed, self.config.deterministic)
         method.to(self.device, self.autocast_dtype)
         spec = self.config.compile_spec
-        if spec.enabled and not getattr(method, "_uad_compile_logged", False):
+        if spec.enabled and not getattr(method, "_uad_compile_set_up", False):
             names = method.enable_compile(spec)
             log.info("%s: %s for %s", method.name, spec.describe(), ", ".join(names) if names else
                      "nothing (this method has no compiled path; it runs eagerly)")
-            method._uad_compile_logged = True
+            method._uad_compile_set_up = True
 
     def checkpoint_path(self, method, stage: str) -> Path | None:
         if not self.config.checkpoint_dir:
