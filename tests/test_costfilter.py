@@ -413,3 +413,100 @@ def test_every_reconstruction_base_plugs_in(base, params, size):
     assert net.depth == len(view.queries) and view.aligned
     ref = m.base_method.predict(batch["image"])
     torch.testing.assert_close(out.base.scores, ref.scores)
+
+
+# ------------------------------------------------------------------------------------ the base's own map
+_BASES = [
+    ("dinomaly", DINO_SMOKE, 56),
+    ("inpformer", DINO_SMOKE, 56),
+    ("rlr", {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "resize": 96, "crop": 96}, 96),
+    ("agpnet", {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "layers": [1, 2, 3], "cnn_stride": 8,
+                "decoder_dim": 96, "resize": 64, "crop": 64}, 64),
+    ("patchcore", {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "layers": [2, 3], "resize": 64,
+                   "crop": 64, "target_dim": 64}, 64),
+]
+
+
+def _over(base, params, **kw):
+    m = build_method("costfilter", {"base": base, "base_params": params, "volume_size": 16, "base_width": 8,
+                                    "templates": 2, "reference_pool": 2, **kw}).to("cpu")
+    if base == "patchcore":
+        torch.manual_seed(5)
+        m.base_method.memory_bank = torch.randn(40, 64)
+        m.base.ref_global = F.normalize(torch.randn(2, m.base.global_feature(m.base.layers(torch.zeros(1, 3, 64, 64))[0]).shape[1]), dim=-1)
+        m.base.ref_images = torch.randint(0, 255, (2, 3, 64, 64), dtype=torch.uint8)
+        m.base.ref_class = torch.tensor([0, 1])
+        m.base.ref_index = torch.tensor([0, 1])
+    return m
+
+
+@pytest.mark.parametrize("base,params,size", _BASES, ids=[b[0] for b in _BASES])
+def test_the_official_blend_reads_the_base_own_map_and_score(base, params, size):
+    """``base_map: own``: the map guiding the filter and blended into its output is the base's own
+    evaluation map, its score the base's own score; with blend 0 the output *is* the base."""
+    m = _over(base, params, preset="official", base_map="own", blend=0.0)
+    m.build_net(2)
+    x = _batch(2, size)["image"]
+    ref = m.base_method.predict(x)
+    out = m.predict(x)
+    torch.testing.assert_close(out.maps, ref.maps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.scores, ref.scores, rtol=0, atol=1e-6)
+    # the matching guidance in training: the same map, resized to the volume, in every channel
+    seen = {}
+    forward = m.net.forward
+
+    def spy(volume, guidance, gmap, grid):
+        seen["gmap"] = gmap.detach().clone()
+        return forward(volume, guidance, gmap, grid)
+
+    m.net.forward = spy
+    m.cfg.blend = 0.05
+    batch = _batch(2, size)
+    m.training_step("filter", batch, 0)
+    own = m.base_method.predict(batch["image"]).maps
+    want = F.interpolate(own[:, None], size=(16, 16), mode="bilinear", align_corners=True)
+    torch.testing.assert_close(seen["gmap"], want.expand_as(seen["gmap"]), rtol=0, atol=1e-6)
+    # blend 0.05: lambda P + (1 - lambda) M_base and lambda s(P) + (1 - lambda) s_base
+    m.eval_mode()
+    view = m.base.view(x, with_prediction=True)
+    logits, _ = m.filter(view)
+    prob = m.probability(logits, (size, size))
+    maps, scores = m.output(logits, view, (size, size))
+    torch.testing.assert_close(maps, 0.05 * prob + 0.95 * ref.maps, rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores, 0.05 * m.image_score(prob) + 0.95 * ref.scores, rtol=0, atol=1e-6)
+
+
+def test_base_map_presets_and_the_cosine_path():
+    assert CostFilterConfig(preset="official", base="dinomaly").base_map == "cosine"  # the released code
+    assert CostFilterConfig(preset="official", base="rlr").base_map == "own"
+    assert CostFilterConfig(preset="paper", base="dinomaly").base_map == "own"
+    with pytest.raises(ConfigError, match="base_map"):
+        CostFilterConfig(base_map="mean")
+    with pytest.raises(ConfigError, match="embedding base"):
+        _over("patchcore", _BASES[-1][1], preset="official", base_map="cosine")
+    # cosine (Dinomaly): the grid map of 1 - cos between input and reconstruction, upsampled, and
+    # the score read from the blended map (the released evaluation)
+    m = _over("dinomaly", DINO_SMOKE, preset="official")
+    m.build_net(2)
+    x = _batch(2, 56)["image"]
+    view = m.base.view(x, with_prediction=True)
+    enc, inputs, recs = m.base_method.reconstruct_groups(x)
+    grid_map = torch.stack([1 - F.cosine_similarity(a, b, dim=-1) for a, b in zip(inputs, recs)]).mean(0).reshape(2, 4, 4)
+    torch.testing.assert_close(view.base_map, grid_map, rtol=0, atol=1e-6)
+    out = m.predict(x)
+    logits, _ = m.filter(view)
+    up = F.interpolate(grid_map[:, None], size=(56, 56), mode="bilinear", align_corners=True)[:, 0]
+    torch.testing.assert_close(out.maps, 0.05 * m.probability(logits, (56, 56)) + 0.95 * up, rtol=0, atol=1e-6)
+
+
+def test_training_reads_the_base_prediction_only_when_it_guides():
+    calls = []
+    m = _over("rlr", _BASES[2][1])  # paper preset: guidance from the volume's minima
+    m.build_net(2)
+    original = m.base_method.prediction_from
+    m.base_method.prediction_from = lambda *a, **k: calls.append(1) or original(*a, **k)
+    m.training_step("filter", _batch(2, 96), 0)
+    assert calls == []
+    m.cfg.guidance_map, m.cfg.base_map = "base", "own"
+    m.training_step("filter", _batch(2, 96), 0)
+    assert calls == [1]

@@ -1,17 +1,23 @@
 """The plug-in contract: what CostFilter-AD reads from a trained, frozen base detector.
 
-A base adapter turns a batch of images into a :class:`BaseView`:
+A base adapter turns a batch of images into a :class:`BaseView`, all from **one** forward of the
+base:
 
 * ``queries``: per layer, the input's features (B, h*w, C_l) on the query grid;
 * ``templates``: per layer, the template features (B, m, C_l): the base's reconstruction
   (reconstruction bases, N = 1, position-aligned), or the N nearest normal training images by
   global feature concatenated on the token axis (embedding bases, m = N*h*w);
 * ``guidance``: the input's features the filter's spatial guidance reads (SG stream);
-* ``base_map``: the base's map on the grid (the matching guidance when ``guidance_map: base``):
-  the position-wise ``1 - cos`` of a reconstruction base; for an embedding base the mean of the
-  volume's initial (min-over-matching) maps;
-* ``prediction``: the base's own scores and full-size maps (logged beside the filtered ones),
-  computed only when asked for (``with_prediction``): training never pays for it.
+* ``prediction``: the base's own evaluation output for the same images (its full-size map and its
+  image score, exactly what the base's own evaluation scores: RLR's squared error + cosine map and
+  smoothed-max score, AGPNet's L2 map and pooled-max score, INP-Former++'s ``(A_rec + M_pred) / 2``,
+  PatchCore's memory-bank distance, Dinomaly's smoothed cosine map), computed only when asked for
+  (``with_prediction``: evaluation, and training when the matching guidance reads it);
+* ``base_map``: the map the matching guidance (``guidance_map: base``) and the output blend read.
+  With ``base_map: own`` it is ``prediction.maps``; with ``base_map: cosine`` (the released
+  ``Costfilter_Dinomaly`` code, reconstruction bases only) the position-wise ``1 - cos`` of the
+  input and its reconstruction on the grid, averaged over layers: Dinomaly's map before its
+  upsampling and smoothing.
 
 Adapters exist for every method of the project:
 
@@ -39,11 +45,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uad.errors import ConfigError
+
 from ..base import AnomalyMethod, Prediction
 from ..common.features import local_average, to_common_grid
 from .volume import aligned_distance_map
 
-__all__ = ["BaseView", "FilterBase", "ReconstructionBase", "EmbeddingBase", "make_base"]
+__all__ = ["BASE_MAPS", "BaseView", "FilterBase", "ReconstructionBase", "EmbeddingBase", "make_base"]
 
 
 @dataclass
@@ -52,8 +60,8 @@ class BaseView:
     templates: list[torch.Tensor]
     guidance: list[torch.Tensor]
     grid: tuple[int, int]
-    base_map: torch.Tensor | None  # (B, h, w); None: the mean of the volume's initial maps
-    prediction: Prediction | None  # on the device; only when asked for (evaluation), not in training
+    base_map: torch.Tensor | None  # (B, h', w') at any size: the map MG and the blend read; None: not computed
+    prediction: Prediction | None  # the base's own evaluation output (on the device); only when asked for
     aligned: bool  # templates are per-position reconstructions on the same grid
 
 
@@ -61,13 +69,23 @@ def _tokens(maps: list[torch.Tensor]) -> list[torch.Tensor]:
     return [m.flatten(2).transpose(1, 2).float() for m in maps]  # B, C, h, w -> B, h*w, C
 
 
+BASE_MAPS = ("own", "cosine")
+
+
 class FilterBase:
-    """A frozen base method seen through the plug-in contract."""
+    """A frozen base method seen through the plug-in contract. ``base_map``: ``own`` (the base's
+    evaluation map) or ``cosine`` (the aligned ``1 - cos`` on the grid, reconstruction bases)."""
 
     aligned = True
 
-    def __init__(self, method: AnomalyMethod):
+    def __init__(self, method: AnomalyMethod, base_map: str = "own"):
+        if base_map not in BASE_MAPS:
+            raise ConfigError(f"costfilter: base_map must be one of {BASE_MAPS}, got {base_map!r}")
+        if base_map == "cosine" and not self.aligned:
+            raise ConfigError("costfilter: base_map 'cosine' compares each position with its reconstruction; an "
+                              "embedding base has N normal images as templates: use base_map 'own'")
         self.method = method
+        self.base_map = base_map
 
     def view(self, images: torch.Tensor, class_ids: torch.Tensor | None = None,
              exclude: torch.Tensor | None = None, with_prediction: bool = False) -> BaseView:
@@ -107,7 +125,10 @@ class ReconstructionBase(FilterBase):
                 recs = self._on_grid(recs, grids, grid)
             inputs = [t.float() for t in inputs]
             recs = [t.float() for t in recs]
-            base_map = aligned_distance_map(inputs, recs, grid)
+            if self.base_map == "cosine":
+                base_map = aligned_distance_map(inputs, recs, grid)
+            else:
+                base_map = pred.maps.float() if pred is not None else None
         return BaseView(inputs, recs, inputs, grid, base_map, pred, aligned=True)
 
     @staticmethod
@@ -128,8 +149,9 @@ class EmbeddingBase(FilterBase):
 
     aligned = False
 
-    def __init__(self, method: AnomalyMethod, templates: int = 3, pool: int | None = 48, class_identity: bool = False):
-        super().__init__(method)
+    def __init__(self, method: AnomalyMethod, templates: int = 3, pool: int | None = 48, class_identity: bool = False,
+                 base_map: str = "own"):
+        super().__init__(method, base_map)
         self.n = int(templates)
         self.pool = pool
         self.class_identity = bool(class_identity)
@@ -220,12 +242,12 @@ class EmbeddingBase(FilterBase):
             refs = self._normalise(self.ref_images[rows.flatten().cpu()], images.device)
             ref_tokens, _ = self.layers(refs)  # L x (B*N, h*w, C)
             templates = [t.reshape(b, n * t.shape[1], t.shape[2]) for t in ref_tokens]
-        # the base map of an embedding base is the mean of the initial maps (the volume's row minima)
-        return BaseView(queries, templates, queries, grid, None, pred, aligned=False)
+        base_map = pred.maps.float() if pred is not None else None  # PatchCore's memory-bank distance map
+        return BaseView(queries, templates, queries, grid, base_map, pred, aligned=False)
 
 
 def make_base(name: str, method: AnomalyMethod, templates: int = 3, pool: int | None = 48,
-              class_identity: bool = False) -> FilterBase:
+              class_identity: bool = False, base_map: str = "own") -> FilterBase:
     if name == "patchcore":
-        return EmbeddingBase(method, templates, pool, class_identity)
-    return ReconstructionBase(method)
+        return EmbeddingBase(method, templates, pool, class_identity, base_map)
+    return ReconstructionBase(method, base_map)

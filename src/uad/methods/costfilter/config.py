@@ -10,21 +10,36 @@ field                    paper                           official (Dinomaly base
 =======================  ==============================  =====================================
 query_side               input (sec. 3.2)                template (``zip(en, de)`` swap)
 guidance_map             min (initial map, eq. 2)        base (the base's map, per channel)
+base_map                 own (the base's evaluation      auto: cosine for Dinomaly (the released
+                         map and score)                  code), own for every other base
 loss weights             focal 1, CE 1, SSIM 0.1,        focal 1, CE 0.5, SSIM 0.1,
                          soft-IoU 0.1, MSE 0 (eq. 5)     soft-IoU 0.1, MSE 1
 gamma rule               gamma0 - sigmoid(max logit)     clamp(3 - max logit, 1.5); 3.5 if wrong
                          if correct, else gamma0
-optimiser                Adam lr 1e-3, betas .9/.999     Adam lr 1e-4, betas (0.9, 0.98)
+optimiser                Adam lr 1e-3 (betas: not        Adam lr 1e-4, betas (0.9, 0.98)
+                         named; torch's .9/.999)
 batch / epochs           8 / 40                          12 / 17 (MVTec loop)
 matching channels D      one template's grid (h*w)       768 (of Dinomaly's 784; at most h*w)
 output map               P (softmax, anomaly channel)    lambda P + (1 - lambda) base map, 0.05
-image score              mean of the top 250 pixels      mean of the top max(1 %, 250) pixels
+image score              mean of the top 250 pixels      own: lambda s(P) + (1 - lambda) base score;
+                                                         cosine: the top max(1 %, 250) of the map
 =======================  ==============================  =====================================
 
+``base_map`` (what ``guidance_map: base`` and the blend read): ``own`` is the base's own
+evaluation output from the same base forward: its full-size map (resized to the volume for the
+guidance) and its image score, so with ``blend`` 0 the output *is* the base; ``cosine`` is the
+position-wise ``1 - cos`` of input and reconstruction on the grid (reconstruction bases only):
+what the released ``Costfilter_Dinomaly`` code blends, Dinomaly's map before its smoothing, with
+the score read from the blended map. s(P) is the mean of the top ``max(score_topk, score_ratio *
+H * W)`` pixels of P.
+
 Both: per-layer cost volume 1 - cos, top-D matching channels kept in template order, 3D U-Net
-with base width 48, RCSA fusion at levels 1, 3, 4, 6, class-aware adaptor, Adam, ReduceLROnPlateau
-(factor 0.5, patience 5) stepped once per epoch on the last batch loss, the last epoch reported
-(the official README reports the best epoch on the test set: never done here).
+with base width 48, RCSA fusion at levels 1, 3, 4, 6, the released class-aware adaptor (the
+paper's "spatial average pooling + FC" on the finest decoder level, after channel attention and a
+3x3x3 conv, as the code), Adam with ReduceLROnPlateau halving the rate (the paper's appendix names
+the scheduler and the halving; patience 5, stepped once per epoch on the last batch loss, from the
+code), the last epoch reported (the official README reports the best epoch on the test set: never
+done here).
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ __all__ = ["CostFilterConfig", "PRESETS", "QUERY_SIDES", "GUIDANCE_MAPS", "GAMMA
 QUERY_SIDES = ("input", "template")
 GUIDANCE_MAPS = ("min", "base")
 GAMMA_RULES = ("paper", "official", "fixed")
+BASE_MAP_CHOICES = ("own", "cosine", "auto")
 #: methods that can serve as a base, and how their templates are made
 BASES = ("dinomaly", "inpformer", "rlr", "agpnet", "patchcore")
 
@@ -50,13 +66,13 @@ PRESETS: dict[str, dict[str, Any]] = {
         "query_side": "input", "guidance_map": "min",
         "focal_weight": 1.0, "ce_weight": 1.0, "ssim_weight": 0.1, "iou_weight": 0.1, "mse_weight": 0.0,
         "gamma_rule": "paper", "lr": 1e-3, "betas": (0.9, 0.999), "batch_size": 8, "epochs": 40,
-        "blend": 1.0, "score_topk": 250, "score_ratio": 0.0,
+        "blend": 1.0, "score_topk": 250, "score_ratio": 0.0, "base_map": "own",
     },
     "official": {
         "query_side": "template", "guidance_map": "base",
         "focal_weight": 1.0, "ce_weight": 0.5, "ssim_weight": 0.1, "iou_weight": 0.1, "mse_weight": 1.0,
         "gamma_rule": "official", "lr": 1e-4, "betas": (0.9, 0.98), "batch_size": 12, "epochs": 17,
-        "blend": 0.05, "score_topk": 250, "score_ratio": 0.01, "matching_channels": 768,
+        "blend": 0.05, "score_topk": 250, "score_ratio": 0.01, "matching_channels": 768, "base_map": "auto",
     },
 }
 
@@ -85,6 +101,9 @@ class CostFilterConfig:
     base_width: int = 48
     squeeze: list[int] = field(default_factory=lambda: [4, 2])  # 1x1x1 input squeeze widths, x base_width
     guidance_map: str | None = None  # min: per-layer min-over-matching maps (eq. 2); base: the base's map
+    # the base's map for MG and the blend: own (its evaluation map and score) | cosine (aligned 1 - cos on
+    # the grid, the released Dinomaly path) | auto (cosine over Dinomaly, own otherwise)
+    base_map: str | None = None
     # --- losses (eq. 5) ---------------------------------------------------------------------------
     focal_weight: float | None = None
     ce_weight: float | None = None
@@ -120,7 +139,7 @@ class CostFilterConfig:
                 self._from_preset.add(key)
         self.betas = tuple(float(b) for b in self.betas)
         checks = (("base", BASES), ("query_side", QUERY_SIDES), ("guidance_map", GUIDANCE_MAPS),
-                  ("gamma_rule", GAMMA_RULES))
+                  ("gamma_rule", GAMMA_RULES), ("base_map", BASE_MAP_CHOICES))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"costfilter: {name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -128,6 +147,8 @@ class CostFilterConfig:
             raise ConfigError(f"costfilter: volume_size must be a multiple of 16 (four 2x poolings), got {self.volume_size}")
         if len(self.squeeze) != 2:
             raise ConfigError(f"costfilter: squeeze needs two widths (x base_width), got {self.squeeze}")
+        if self.base_map == "auto":
+            self.base_map = "cosine" if self.base == "dinomaly" else "own"
         if not 0.0 <= float(self.blend) <= 1.0:
             raise ConfigError(f"costfilter: blend must be in [0, 1], got {self.blend}")
         if int(self.templates) < 1:

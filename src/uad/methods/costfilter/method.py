@@ -3,13 +3,16 @@
 The method wraps a trained base detector (``base`` + ``base_params``: any method of the project),
 kept frozen; only the filter network learns. Per batch:
 
-1. the base adapter (:mod:`.bases`) gives the input's features, the templates and the base map;
+1. the base adapter (:mod:`.bases`) gives, from one base forward, the input's features, the
+   templates and (when needed) the base's own evaluation map and score;
 2. the cost volume (:mod:`.volume`, eq. 1-2) and the guidance map (per-layer minima, or the base
    map as the released code feeds it);
 3. the 3D U-Net filter (:mod:`.network`, sec. 3.3) -> 2 logits per volume pixel + class logits;
 4. training: eq. 5 on pseudo anomalies from the synthesis stage (GLAD's recipe: ``synthesis_recipe``);
    inference: ``P = softmax(.)[anomaly]`` resized to the image, optionally blended with the base
-   map (``blend`` < 1), image score = mean of the top ``max(k, ratio * HW)`` pixels.
+   (``blend`` < 1: ``lambda P + (1 - lambda) M_base``; the score ``lambda s(P) + (1 - lambda)
+   s_base`` with the base's own map and score, or read from the blended map with ``base_map:
+   cosine``), s(P) = mean of the top ``max(k, ratio * HW)`` pixels.
 
 The checkpoint holds the filter, the base's own learned state and (embedding bases) the reference
 pool, so prediction, inference and export need nothing else. ``predict`` also returns the base's
@@ -51,7 +54,8 @@ class CostFilter(AnomalyMethod):
         if cfg.base == "costfilter":
             raise ConfigError("costfilter: the base cannot be costfilter itself")
         self.base_method = build_method(cfg.base, cfg.base_params)
-        self.base = make_base(cfg.base, self.base_method, cfg.templates, cfg.reference_pool, cfg.class_identity)
+        self.base = make_base(cfg.base, self.base_method, cfg.templates, cfg.reference_pool, cfg.class_identity,
+                              cfg.base_map)
         if cfg.query_side == "template" and not self.base.aligned and cfg.from_preset("query_side"):
             # the released embedding-base variants (GLAD's decoded templates, AnomalyDINO) query
             # with the input; the swap belongs to the Dinomaly variant only
@@ -148,26 +152,38 @@ class CostFilter(AnomalyMethod):
             self.net.eval()
 
     # --- forward --------------------------------------------------------------------------------
-    def volume_inputs(self, view: BaseView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(volume (B, D, L, S, S), or on the grid (B, D, L, h, w) with ``squeeze_at_grid``,
-        guidance map (B, L, S, S), base map on the grid (B, h, w))."""
+    @property
+    def guided_by_base(self) -> bool:
+        """True when the matching guidance reads the base's map (``guidance_map: base``)."""
+        return self.cfg.guidance_map == "base"
+
+    @property
+    def needs_base_prediction_in_training(self) -> bool:
+        """The base's own evaluation output is needed in training only when it guides the filter."""
+        return self.guided_by_base and self.cfg.base_map == "own"
+
+    def volume_inputs(self, view: BaseView) -> tuple[torch.Tensor, torch.Tensor]:
+        """(volume (B, D, L, S, S), or on the grid (B, D, L, h, w) with ``squeeze_at_grid``;
+        guidance map (B, L, S, S): the per-layer minima, or the base map resized to S x S in every
+        channel)."""
         cfg = self.cfg
         q, t = (view.templates, view.queries) if cfg.query_side == "template" else (view.queries, view.templates)
         size = None if cfg.squeeze_at_grid else cfg.volume_size
         volume, initial = build_volume(q, t, view.grid, self.matching_channels(view), size, cfg.cost_eps)
-        base_map = view.base_map if view.base_map is not None else initial.mean(dim=1)
         if cfg.guidance_map == "min":
             gmap = initial
         else:
-            gmap = base_map[:, None].expand(-1, initial.shape[1], -1, -1)
-        return volume, resize_maps(gmap.float(), cfg.volume_size), base_map
+            if view.base_map is None:
+                raise RuntimeError("costfilter: guidance_map 'base' needs the base map; the view was built without it")
+            gmap = view.base_map[:, None].expand(-1, initial.shape[1], -1, -1)
+        return volume, resize_maps(gmap.float(), cfg.volume_size)
 
-    def filter(self, view: BaseView) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits (B, 2, S, S), class logits (B, K), base map (B, h, w))."""
-        volume, gmap, base_map = self.volume_inputs(view)
+    def filter(self, view: BaseView) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, 2, S, S), class logits (B, K))."""
+        volume, gmap = self.volume_inputs(view)
         with self.autocast():
             logits, cls = self.net(volume, view.guidance, gmap, view.grid)
-        return logits.float(), cls.float(), base_map
+        return logits.float(), cls.float()
 
     # --- training -------------------------------------------------------------------------------
     def fit_stage(self, stage: str, loader: Iterable, trainer: Any) -> dict[str, float]:
@@ -216,8 +232,8 @@ class CostFilter(AnomalyMethod):
         images = batch["image"]
         class_ids = batch["class_id"].long()
         exclude = batch.get("index") if not self.base.aligned else None
-        view = self.base.view(images, class_ids, exclude=exclude)
-        logits, cls, _ = self.filter(view)
+        view = self.base.view(images, class_ids, exclude=exclude, with_prediction=self.needs_base_prediction_in_training)
+        logits, cls = self.filter(view)
         loss, terms = costfilter_loss(logits, cls, batch["mask"].float(), class_ids, self.loss_weights(),
                                       self.cfg.gamma_rule, self.cfg.gamma0)
         self._last_loss = float(loss.detach())
@@ -225,16 +241,33 @@ class CostFilter(AnomalyMethod):
         return loss
 
     # --- inference ------------------------------------------------------------------------------
-    def output_map(self, logits: torch.Tensor, base_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Sec. 3.4: the anomaly probability at the image size, blended with the base map when
-        ``blend`` < 1 (the released code's ``lambda P + (1 - lambda) M_base``). (B, H, W)."""
+    def probability(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Sec. 3.4: P, the anomaly channel of the softmax, bilinearly resized to ``size``. (B, H, W)."""
         prob = torch.softmax(logits, dim=1)[:, 1:2]
-        prob = F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
+        return F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
+
+    def output(self, logits: torch.Tensor, view: BaseView, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(maps (B, H, W), scores (B,)): P alone (``blend`` 1), or blended with the base (the
+        released code's ``lambda P + (1 - lambda) M_base``). With ``base_map: own`` M_base is the
+        base's evaluation map and the score ``lambda s(P) + (1 - lambda) s_base`` (its own score);
+        with ``cosine`` M_base is the grid map bilinearly resized and the score is read from the
+        blended map (the released evaluation)."""
+        prob = self.probability(logits, size)
         lam = float(self.cfg.blend)
         if lam >= 1.0:
-            return prob
-        base = F.interpolate(base_map[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
-        return lam * prob + (1.0 - lam) * base
+            return prob, self.image_score(prob)
+        if view.base_map is None:
+            raise RuntimeError("costfilter: blend < 1 needs the base map; the view was built without it")
+        if self.cfg.base_map == "own":
+            pred = view.prediction
+            base = view.base_map.float()
+            if tuple(base.shape[-2:]) != tuple(size):
+                base = F.interpolate(base[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+            maps = lam * prob + (1.0 - lam) * base
+            return maps, lam * self.image_score(prob) + (1.0 - lam) * pred.scores.float()
+        base = F.interpolate(view.base_map[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
+        maps = lam * prob + (1.0 - lam) * base
+        return maps, self.image_score(maps)
 
     def image_score(self, maps: torch.Tensor) -> torch.Tensor:
         """Mean of the top ``max(score_topk, score_ratio * H * W)`` pixels (paper: 250; code: 1 %, at least 250)."""
@@ -248,9 +281,8 @@ class CostFilter(AnomalyMethod):
             raise RuntimeError("costfilter: no filter network; train it or load a checkpoint first")
         self.eval_mode()
         view = self.base.view(images, class_ids if self.wants_class_ids else None, with_prediction=True)
-        logits, _, base_map = self.filter(view)
-        maps = self.output_map(logits, base_map, tuple(images.shape[-2:]))
-        scores = self.image_score(maps)
+        logits, _ = self.filter(view)
+        maps, scores = self.output(logits, view, tuple(images.shape[-2:]))
         base = Prediction(scores=view.prediction.scores.float().cpu(), maps=view.prediction.maps.float().cpu())
         return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu(), base=base)
 
@@ -290,4 +322,4 @@ class CostFilter(AnomalyMethod):
         cfg = self.cfg
         base_tags = {f"base_{k}": v for k, v in self.base_method.tags().items() if k != "method"}
         return {"method": self.name, "base": cfg.base, "costfilter_preset": cfg.preset, "query_side": cfg.query_side,
-                "guidance_map": cfg.guidance_map, "blend": str(cfg.blend), **base_tags}
+                "guidance_map": cfg.guidance_map, "base_map": cfg.base_map, "blend": str(cfg.blend), **base_tags}
