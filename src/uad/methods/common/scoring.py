@@ -46,13 +46,15 @@ def cosine_distance_maps(
     return dist.reshape(-1, 1, h, w)  # B, N -> B, 1, h, w
 
 
-def gaussian_kernel1d(sigma: float, kernel_size: int | None = None, device=None) -> torch.Tensor:
-    """Normalised 1-D Gaussian taps; odd ``kernel_size`` (default rule: 2 * int(4 sigma + 0.5) + 1)."""
+def gaussian_kernel1d(sigma: float, kernel_size: int | None = None, device=None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps; odd ``kernel_size`` (default rule: 2 * int(4 sigma + 0.5) + 1),
+    computed in ``dtype``."""
     if kernel_size is None:
         kernel_size = 2 * int(4.0 * sigma + 0.5) + 1
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
-    x = torch.arange(kernel_size, dtype=torch.float32, device=device) - (kernel_size - 1) / 2.0
+    x = torch.arange(kernel_size, dtype=dtype, device=device) - (kernel_size - 1) / 2.0
     k = torch.exp(-(x**2) / (2.0 * sigma**2))
     return k / k.sum()
 
@@ -73,7 +75,9 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, kernel_size: int | Non
     ``kernel_size=None`` the result equals ``gaussian_filter(map, sigma)`` (RLR's image score)."""
     if sigma <= 0:
         return maps
-    k = gaussian_kernel1d(sigma, kernel_size, device=maps.device).to(maps.dtype)
+    # float32 taps for every float32 / bf16 map (as always); float64 maps get float64 taps
+    taps = torch.float64 if maps.dtype == torch.float64 else torch.float32
+    k = gaussian_kernel1d(sigma, kernel_size, device=maps.device, dtype=taps).to(maps.dtype)
     pad = k.numel() // 2
     if padding == "zeros":
         x = F.conv2d(maps, k.view(1, 1, 1, -1), padding=(0, pad))  # along W
