@@ -300,3 +300,48 @@ def test_one_class_setting_trains_one_model_per_class(tmp_path):
     assert refs == ["fabric::model.levels.0.reference", "wood::model.levels.0.reference"]
     assert not torch.equal(ckpt["tensors"][refs[0]], ckpt["tensors"][refs[1]])  # trained apart
     assert tags["setting"] == "one_class" and ckpt["meta"]["method"] == "rlr"
+
+
+def _stepping(mode: str, steps: int, resume_at: int | None = None) -> dict[str, torch.Tensor]:
+    """Parameters after ``steps`` engine steps of a tiny RLR in stepping ``mode``; ``resume_at``:
+    the gradients are dropped before that step (what a resumed run starts with)."""
+    from uad.engine.trainer import optimisation_step
+
+    m = build_method("rlr", {**LITE, "noise_scale": 0.0, "optimizer_steps": mode}).to("cpu")
+    setup = m.configure_optimization("train", 10)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for s in range(steps):
+        if s == resume_at:
+            for p in setup.parameters:
+                p.grad = None
+        optimisation_step(m, "train", setup, {"image": x}, s)
+    return {k: v.clone() for k, v in m.model.state_dict().items()}
+
+
+def test_per_level_stepping_is_the_released_loop_on_old_torch():
+    """``optimizer_steps: per_level``: per level zero_grad(set_to_none=False), backward, Adam
+    step (the released loop as it ran on torch < 2.0: a level with a zero-filled gradient still
+    moves); ``summed`` is one step on the summed loss. A direct loop is the oracle."""
+    m = build_method("rlr", {**LITE, "noise_scale": 0.0}).to("cpu")
+    opt = torch.optim.Adam(m.model.parameters(), lr=m.cfg.lr)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        targets = m.encode(x)
+        for lvl, t in zip(m.model.levels, targets):  # each level's forward after the previous step
+            opt.zero_grad(set_to_none=False)
+            reconstruction_loss(lvl(t), t).backward()
+            opt.step()
+    direct = m.model.state_dict()
+    per_level = _stepping("per_level", 2)
+    for k, v in direct.items():
+        torch.testing.assert_close(per_level[k], v, rtol=1e-5, atol=1e-7)
+    summed = _stepping("summed", 2)
+    moved = max((summed[k] - per_level[k]).abs().max().item() for k in summed)
+    assert moved > 1e-5  # level 0 takes two zero-gradient Adam steps more per iteration
+    # a resumed run (no gradients kept) continues exactly as the uninterrupted one
+    resumed = _stepping("per_level", 3, resume_at=2)
+    uninterrupted = _stepping("per_level", 3)
+    for k in uninterrupted:
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+    with pytest.raises(Exception, match="optimizer_steps"):
+        RLRConfig(optimizer_steps="each")

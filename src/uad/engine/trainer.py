@@ -520,22 +520,50 @@ def optimisation_step(method, stage: str, setup, batch, step: int, params=None, 
     """One optimisation step as the engine runs it: train mode, autocast, the method's loss,
     backward, (data-parallel gradient averaging), gradient-norm clip, optimiser and schedule
     step, the method's post-step hook. Returns the loss, detached and still on the device: no
-    host sync (the benchmarks time exactly this)."""
+    host sync (the benchmarks time exactly this).
+
+    A method whose ``training_step`` returns a list of loss *functions* is stepped once per
+    function, in order: ``zero_grad(set_to_none=False)``, the function's forward and loss,
+    backward, step. Each forward runs after the previous steps, as in the released RLR loop on
+    torch < 2.0 (every parameter that has had a gradient keeps a zero-filled one, so Adam moves it
+    at every step, and a later level's forward sees it moved). The schedule steps once; the
+    returned loss is the sum."""
     params = setup.parameters if params is None else params
     method.train_mode(stage)
     with method.autocast():
         loss = method.training_step(stage, batch, step)
-    setup.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if world > 1:
-        distributed.average_gradients(params)
-    if setup.grad_clip_norm:
-        torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
-    setup.optimizer.step()
+    if isinstance(loss, (list, tuple)):
+        if step > 0:
+            # exactly the state an uninterrupted run has here (a resumed one starts without grads)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        parts = []
+        for fn in loss:
+            setup.optimizer.zero_grad(set_to_none=False)
+            with method.autocast():
+                part = fn()
+            part.backward()
+            _finish_gradients(setup, params, world)
+            setup.optimizer.step()
+            parts.append(part.detach())
+        loss = torch.stack(parts).sum()
+    else:
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _finish_gradients(setup, params, world)
+        setup.optimizer.step()
     if setup.scheduler is not None:
         setup.scheduler.step()
     method.after_optimizer_step(stage, step)
     return loss.detach()
+
+
+def _finish_gradients(setup, params, world: int) -> None:
+    if world > 1:
+        distributed.average_gradients(params)
+    if setup.grad_clip_norm:
+        torch.nn.utils.clip_grad_norm_(params, setup.grad_clip_norm)
 
 
 def _rng_state() -> tuple[torch.Tensor, list[torch.Tensor] | None]:

@@ -76,6 +76,11 @@ class RLRConfig:
     map_sigma: float = 0.0  # the pixel map is not smoothed (code)
     score_sigma: float = 4.0  # image score = max of the sigma-4 smoothed map (scipy's gaussian_filter)
     # optimisation: Adam, constant lr, 200 epochs
+    # summed: one Adam step on the sum of the levels' losses (eq. 14's total). per_level: the
+    # released loop, one zero_grad + backward + step per level with one shared Adam, as it ran on
+    # torch < 2.0 (zero-filled gradients: every level moves at every level's step); its numbers
+    # came from that
+    optimizer_steps: str = "summed"
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -101,6 +106,8 @@ class RLRConfig:
             raise ConfigError(f"rlr: window_order must be 'code' or 'paper', got {self.window_order!r}")
         if self.io_projection not in ("code", "ffn"):
             raise ConfigError(f"rlr: io_projection must be 'code' or 'ffn', got {self.io_projection!r}")
+        if self.optimizer_steps not in ("summed", "per_level"):
+            raise ConfigError(f"rlr: optimizer_steps must be 'summed' or 'per_level', got {self.optimizer_steps!r}")
         if self.distance not in ("mse", "l2"):
             raise ConfigError(f"rlr: distance must be 'mse' or 'l2', got {self.distance!r}")
         for name in ("hidden_dims", "windows"):

@@ -11,6 +11,7 @@ sigma-4 smoothed map. Adam lr 1e-4, 200 epochs, one model for all classes.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping
 
@@ -111,11 +112,22 @@ class RLR(AnomalyMethod):
         return OptimSetup(optimizer=optimizer, scheduler=None, iterations=self.iterations_for(num_train_samples),
                           grad_clip_norm=None, parameters=params)
 
-    def training_step(self, stage: str, batch: Mapping[str, Any], step: int) -> torch.Tensor:
-        """Eq. 14: sum over levels of (MSE + cosine) between reconstruction and clean features."""
+    def training_step(self, stage: str, batch: Mapping[str, Any], step: int) -> torch.Tensor | list:
+        """Eq. 14: sum over levels of (MSE + cosine) between reconstruction and clean features.
+        With ``optimizer_steps: per_level``: one loss function per level, which the engine calls and
+        steps one after the other (each level's jitter, forward and loss after the previous level's
+        Adam step, as the released loop)."""
         images = batch["image"] if isinstance(batch, Mapping) else batch
+        if self.cfg.optimizer_steps == "per_level":
+            targets = self.encode(images)
+            return [functools.partial(self._level_loss, j, t) for j, t in enumerate(targets)]
         targets, outputs = self.reconstruct(images, perturb=True)
         return sum(reconstruction_loss(o, t, self.cfg.distance) for o, t in zip(outputs, targets))
+
+    def _level_loss(self, level: int, target: torch.Tensor) -> torch.Tensor:
+        """Level ``level``'s jitter, reconstruction and loss (eq. 3, 13-14)."""
+        x = feature_jitter(target, self.cfg.noise_scale, self.cfg.noise_prob)
+        return reconstruction_loss(self.model.levels[level](x), target, self.cfg.distance)
 
     # --- inference --------------------------------------------------------------------------
     def anomaly_maps(self, images: torch.Tensor, targets=None, outputs=None) -> torch.Tensor:
