@@ -37,7 +37,7 @@ from uad.methods.agpnet import AGPNet
 #: Table 5's backbone variants (the method README's recipes); any other name: the ViT defaults
 VARIANTS = {
     "wide_resnet50_2": {"layers": [2, 3], "decoder_dim": 384},  # SimpleNet's stages, 3x3 averaged, stride 8
-    "tf_efficientnet_b4": {"layers": [1, 2, 3, 4], "cnn_stride": 16, "decoder_dim": 384},  # UniAD's MFCN grid
+    "tf_efficientnet_b4": {"layers": [0, 1, 2, 3], "cnn_stride": 16, "cnn_pool": 0, "decoder_dim": 384},  # UniAD's MFCN: 24+32+56+160 = 272 ch, strides 2-16
     "tf_efficientnet_lite0": {"layers": [1, 2, 3], "cnn_stride": 8, "decoder_dim": 192},  # the quick profile
 }
 

@@ -299,13 +299,40 @@ def test_cnn_variant_takes_its_dimensions_from_the_backbone():
     assert m.teacher is not None
     x = _images()
     clean, prior = m.encode(x)
-    torch.testing.assert_close(prior, clean.abs().mean(-1))
+    # the energy of each stage before eq. 1's normalisation, as a spatial distribution, averaged
+    from uad.methods.common.features import local_average, to_common_grid
+
+    with torch.no_grad():
+        maps = to_common_grid([local_average(f.float(), 3) for f in m.encoder(x).maps], (8, 8))
+    want = torch.stack([(e := f.abs().mean(1).flatten(1)) / e.sum(1, keepdim=True) for f in maps]).mean(0)
+    torch.testing.assert_close(prior, want)
     loss = m.training_step("train", {"image": x}, 0)
     assert torch.isfinite(loss) and m.predict(x).maps.shape == (2, 64, 64)
     from uad.errors import ConfigError
 
     with pytest.raises(ConfigError, match="CNN"):
         build_method("agpnet", dict(backbone="tf_efficientnet_lite0", weights="bundled", layers=[1, 2], prior="cls"))
+
+
+def test_cnn_energy_prior_is_not_flat_on_one_strong_structure():
+    """A flat grey part with one high-contrast patch: the CNN prior (feature energy) must peak on
+    the patch. Read after eq. 1's per-token normalisation, every token has unit variance and the
+    energy is nearly flat; this test fails on that reading."""
+    m = build_method("agpnet", dict(backbone="tf_efficientnet_lite0", weights="bundled", layers=[1, 2, 3],
+                                    cnn_stride=8, decoder_dim=96, resize=128, crop=128))
+    img = torch.full((1, 3, 128, 128), 0.5)
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    img[:, :, 80:112, 16:48] = ((yy // 4 + xx // 4) % 2).float()  # a checkerboard patch
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    _, prior = m.encode((img - mean) / std)
+    a = minmax(prior).reshape(16, 16)  # the grid at stride 8
+    inside = a[10:14, 2:6]  # the patch's tokens
+    outside = torch.ones_like(a, dtype=torch.bool)
+    outside[8:16, 0:8] = False  # away from the patch and its receptive field
+    assert prior.std() / prior.mean() > 0.15, "the prior is flat"  # after the normalisation: 0.02
+    assert inside.mean() > 0.6 and a[outside].mean() < 0.35
+    assert int(a.argmax()) in {r * 16 + c for r in range(9, 15) for c in range(1, 7)}
 
 
 # ---------------------------------------------------------------------------------- few-shot

@@ -83,3 +83,20 @@ def test_thresholds_without_anomalies_hold_the_false_positive_rate(fpr):
     assert t["image_source"] == "fpr_normal" and t["fpr"] == fpr
     flagged = (scores >= t["image"]).mean()
     assert flagged <= fpr and flagged >= fpr - 0.06  # at most fpr; ties may cost a few
+
+
+def test_per_class_few_shot_trains_one_model_per_class():
+    """``data.per_class: true`` in the few_shot setting: one model per class (Table 9's protocol);
+    elsewhere it is refused with the fix in the message."""
+    import pandas as pd
+    import pytest
+
+    from uad.pipelines.method.nodes import _groups, per_class_models
+
+    df = pd.DataFrame({"class_name": ["b", "a", "b"]})
+    assert _groups(df, {"setting": "few_shot", "per_class": True}) == ["a", "b"]
+    assert _groups(df, {"setting": "few_shot"}) == [None]
+    assert _groups(df, {"setting": "one_class"}) == ["a", "b"]
+    assert per_class_models({"setting": "few_shot", "per_class": True}) and not per_class_models({"setting": "few_shot"})
+    with pytest.raises(ValueError, match="data.setting=few_shot"):
+        _groups(df, {"setting": "multi_class", "per_class": True})

@@ -132,7 +132,7 @@ class AGPNet(AnomalyMethod):
         """``(F_clean (B, N, C) float32, A_prior (B, N) or None)`` from one frozen encoder pass
         (no_grad). ViT: the tapped blocks' patch tokens and, when ``prior``, their attention (only
         the class-token rows for ``prior: cls``). CNN: each stage p x p averaged and resized to one
-        grid, flattened to tokens; the prior is the fused features' energy."""
+        grid, flattened to tokens; the prior is the layers' feature energy before normalisation."""
         cfg = self.cfg
         with torch.no_grad():
             if self.is_vit:
@@ -152,7 +152,7 @@ class AGPNet(AnomalyMethod):
             a_prior = None
             if prior and self.prior != "none":
                 if self.prior == "energy":
-                    a_prior = energy_map(fused)
+                    a_prior = energy_map(feats)  # the tapped layers before eq. 1's normalisation
                 else:
                     a_prior = aggregate_encoder_attention(out.attn, self.encoder.num_prefix_tokens, self.prior)
         return fused, a_prior

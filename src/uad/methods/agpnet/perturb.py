@@ -106,9 +106,20 @@ def aggregate_decoder_attention(attn: Sequence[torch.Tensor], kind: str = "recei
     return torch.stack(maps).mean(dim=0)
 
 
-def energy_map(features: torch.Tensor) -> torch.Tensor:
-    """What stands in for A_l on a CNN (no attention): mean_c |F| per location, (B, N, C) -> (B, N)."""
-    return features.float().abs().mean(dim=-1)
+def energy_map(features: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+    """What stands in for A_prior on a CNN (no attention): the feature energy, read **before** the
+    per-token normalisation of eq. 1 (after it every token has zero mean and unit variance, and
+    mean_c |F| is nearly flat). Per tapped layer ``A_l = mean_c |F_l|`` over its tokens
+    ``(B, N, C_l)``, scaled to sum to 1 over the N locations (a spatial distribution, as a row of
+    attention is, so no layer dominates by its scale), then averaged over the layers as eq. 2
+    aggregates attention maps. Returns (B, N) float32."""
+    if isinstance(features, torch.Tensor):
+        features = [features]
+    maps = []
+    for f in features:
+        e = f.float().abs().mean(dim=-1)  # B, N
+        maps.append(e / e.sum(dim=1, keepdim=True).clamp_min(1e-12))
+    return torch.stack(maps).mean(dim=0)
 
 
 def final_mask(prior: torch.Tensor | None, learn: torch.Tensor | None) -> torch.Tensor:

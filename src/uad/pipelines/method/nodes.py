@@ -5,7 +5,8 @@ core library; nothing here is specific to one method. Settings:
 
 - ``multi_class`` / ``few_shot`` / ``zero_shot``: one model for all training classes;
 - ``one_class``: one model per class; their states live in one checkpoint, keys prefixed
-  ``<class>::``.
+  ``<class>::``. ``data.per_class: true`` does the same in the ``few_shot`` setting (the per-class
+  few-shot protocol the papers' few-shot tables compare with).
 """
 
 from __future__ import annotations
@@ -39,8 +40,18 @@ def _engine_cfg(engine: dict | None, override: dict | None) -> EngineConfig:
     return EngineConfig.from_params(merged)
 
 
+def per_class_models(setting_or_meta: dict[str, Any]) -> bool:
+    """True when a run (its ``data`` parameters) or a checkpoint (its ``meta``) holds one model per
+    class: the ``one_class`` setting, or ``per_class: true`` (few-shot per class)."""
+    return setting_or_meta.get("setting") == ONE_CLASS or bool(setting_or_meta.get("per_class"))
+
+
 def _groups(train_df: pd.DataFrame, data: dict[str, Any]) -> list[str | None]:
-    if data.get("setting") == ONE_CLASS:
+    if data.get("per_class") and data.get("setting") not in (ONE_CLASS, "few_shot"):
+        raise ValueError(f"data.per_class trains one model per class in the few_shot setting (one_class always "
+                         f"does); the {data.get('setting')} setting trains one model for all classes: set "
+                         f"data.per_class=false or data.setting=few_shot")
+    if per_class_models(data):
         return sorted(train_df["class_name"].unique())
     return [None]
 
@@ -193,7 +204,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tags.update({"setting": str(data.get("setting", "multi_class")),
                  "dataset": ",".join(sorted(train_index["dataset"].astype(str).unique()))})
     meta = {**identity, "method": method_name, "stage": stage, "params": method_params, "classes": classes,
-            "setting": data.get("setting", "multi_class"), "train_data_sha256": fingerprint}
+            "setting": data.get("setting", "multi_class"), "per_class": per_class_models(data),
+            "train_data_sha256": fingerprint}
     return {"tensors": tensors, "meta": meta}, history, tags
 
 
@@ -226,11 +238,14 @@ def _ddp_tags(global_batch: int) -> dict[str, str]:
 
 
 def _check_base_setting(base: dict, data: dict) -> None:
-    made = (base.get("meta") or {}).get("setting", "multi_class")
+    meta = base.get("meta") or {}
+    made = meta.get("setting", "multi_class")
     want = data.get("setting", "multi_class")
-    if (made == ONE_CLASS) != (want == ONE_CLASS):
-        raise ValueError(f"the base checkpoint {base.get('path') or ''} was trained in the {made} setting, this run "
-                         f"is {want}: train the base in the same setting (or pick its checkpoint with --load-versions)")
+    if per_class_models(meta) != per_class_models(data):
+        raise ValueError(f"the base checkpoint {base.get('path') or ''} was trained in the {made} setting"
+                         f"{' (one model per class)' if per_class_models(meta) else ''}, this run is {want}"
+                         f"{' (one model per class)' if per_class_models(data) else ''}: train the base in the same "
+                         f"setting (or pick its checkpoint with --load-versions)")
 
 
 def _base_tags(base: dict) -> dict[str, str]:
@@ -354,7 +369,7 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
         return spawned
     # zero-shot tests on classes the model never saw: ids cover both sides
     classes = sorted(set(checkpoint["meta"].get("classes") or []) | set(test_index["class_name"].unique()))
-    one_class = checkpoint["meta"].get("setting") == ONE_CLASS
+    one_class = per_class_models(checkpoint["meta"])
     groups = sorted(test_index["class_name"].unique()) if one_class else [None]
     parts: list[dict[str, np.ndarray]] = []
     for group in groups:

@@ -22,7 +22,7 @@ from uad.engine import Trainer
 from uad.errors import ConfigError
 from uad.methods.registry import build_method
 
-from .nodes import ONE_CLASS, _dataset, _engine_cfg, _split_state, score_dataset
+from .nodes import _dataset, _engine_cfg, _split_state, per_class_models, score_dataset
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _load_method(method_name: str, method_params: dict, checkpoint: dict, class_
     method = build_method(method_name, method_params)
     method.check_checkpoint(meta, checkpoint.get("path"))
     group = None
-    if meta.get("setting") == ONE_CLASS:
+    if per_class_models(meta):
         classes = list(meta.get("classes") or [])
         if not class_name:
             raise ConfigError(f"{checkpoint.get('path')} holds one model per class ({', '.join(classes)}): "
