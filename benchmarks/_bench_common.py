@@ -20,6 +20,7 @@ the ``uad`` package is not installed (a bare checkout).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import logging
 import os
@@ -39,6 +40,7 @@ except ImportError:  # a bare checkout (the accelerator machine): use src/ direc
 import torch
 
 __all__ = [
+    "float64_everywhere",
     "BACKBONES",
     "RunSettings",
     "build",
@@ -55,6 +57,20 @@ __all__ = [
 ]
 
 BACKBONES = {"vits": "dinov2_vits14_reg", "vitb": "dinov2_vitb14_reg", "vitl": "dinov2_vitl14_reg"}
+
+
+@contextlib.contextmanager
+def float64_everywhere():
+    """For an equivalence check in float64: new tensors default to float64 and ``Tensor.float()``
+    keeps float64 (the released codes and ours call it), for the duration of the block."""
+    saved_float, saved_dtype = torch.Tensor.float, torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    torch.Tensor.float = lambda self, *a, **k: self.to(torch.float64)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.float = saved_float  # type: ignore[method-assign]
+        torch.set_default_dtype(saved_dtype)
 
 
 def device_name(device: torch.device) -> str:

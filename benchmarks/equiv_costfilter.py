@@ -47,11 +47,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+
+import _bench_common as bc  # puts src/ on sys.path for a bare checkout
 
 import torch
 import torch.nn.functional as F
@@ -140,20 +141,6 @@ def _feeds_batchnorm(net: nn.Module, bias_name: str) -> bool:
         return False
     i = names.index(conv)
     return i + 1 < len(names) and isinstance(getattr(parent, names[i + 1]), nn.modules.batchnorm._BatchNorm)
-
-
-@contextlib.contextmanager
-def float64_everywhere():
-    """New tensors default to float64 and ``Tensor.float()`` keeps float64 (the released loop and
-    ours both call ``.float()``), for the duration of the check."""
-    saved_float, saved_dtype = torch.Tensor.float, torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.Tensor.float = lambda self, *a, **k: self.to(torch.float64)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.float = saved_float  # type: ignore[method-assign]
-        torch.set_default_dtype(saved_dtype)
 
 
 class _Tempered(nn.Module):
@@ -366,7 +353,7 @@ def main() -> None:
     saved = torch.get_num_threads()
     for n in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(n)
-        with float64_everywhere():
+        with bc.float64_everywhere():
             reports.append(run_check(off, args))
     torch.set_num_threads(saved)
     out = {"pass": all(r["pass"] for r in reports), "runs": reports}

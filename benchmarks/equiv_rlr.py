@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import re
 import sys
 import tempfile
 import time
@@ -158,19 +157,6 @@ def _relmax(a: torch.Tensor, b: torch.Tensor) -> float:
     scale = float(b.detach().double().abs().max())
     d = _maxdiff(a, b)
     return d / scale if scale > 0 else d
-
-
-@contextlib.contextmanager
-def float64_everywhere():
-    """New tensors default to float64 and ``Tensor.float()`` keeps float64 (both codes call it)."""
-    saved_float, saved_dtype = torch.Tensor.float, torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    torch.Tensor.float = lambda self, *a, **k: self.to(torch.float64)  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        torch.Tensor.float = saved_float  # type: ignore[method-assign]
-        torch.set_default_dtype(saved_dtype)
 
 
 @contextlib.contextmanager
@@ -421,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads in [int(t) for t in args.threads.split(",")]:
         torch.set_num_threads(threads)
         for mode in ("summed", "per_level"):
-            with float64_everywhere():
+            with bc.float64_everywhere():
                 worst = compare(mdl, tr, args, device, layers, mode)
             print(f"### {mode} (theirs: torch {'>= 2.0' if mode == 'summed' else '< 2.0'} zero_grad), {threads} thread(s)\n")
             print("| check | value | within tolerance |")

@@ -1,0 +1,276 @@
+"""Image and pixel AUROC against training steps, measured in one training run of a pipeline's method.
+
+The method is built from the project's configuration (``--env``, plus ``--params`` overrides of
+its ``method`` block) exactly as ``kedro run --pipeline=<pipeline>`` builds it, trained by the
+engine on the same training set (pseudo anomalies included where the method trains on them), and
+scored on the test split at each budget of ``--budgets`` (optimisation steps). Scoring does not
+touch the training: it draws no random numbers, and both methods this is used for keep a schedule
+that does not depend on the total budget (RLR: constant-rate Adam; CostFilter-AD: the plateau
+scheduler stepped per natural epoch, ``epochs`` large enough for the last budget), so the point at
+``s`` steps is what a run of ``s`` steps gives.
+
+``--templates`` (RLR only) adds three training-free references on the same frozen features and the
+same map and score formula: the per-position mean of all training images' features, the
+per-position mean of the test image's own class (an oracle: it reads the class), and the nearest
+training token (any position, any image).
+
+A plug-in (``costfilter_<base>``) reads its base's latest checkpoint from the catalog, as the
+pipeline does; its base's own metrics are drawn as a horizontal line. Needs ``train_index`` and
+``test_index`` (run ``kedro run --pipeline=ingest`` with the same ``--env`` first).
+
+Usage::
+
+    python benchmarks/learning_curve.py --pipeline rlr --budgets 75,150,300,600,1200 --templates \\
+        --out docs/figures/rlr_steps_auroc
+    python benchmarks/learning_curve.py --pipeline costfilter_patchcore --params epochs=64 \\
+        --budgets 64,128,256,512,1024 --out docs/figures/costfilter_paper_steps_auroc
+
+Writes ``<out>.json`` (every figure, the machine, the command) and ``<out>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+
+def _session_params(env: str) -> tuple[dict, object]:
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(ROOT)
+    session = KedroSession.create(project_path=ROOT, env=env)
+    ctx = session.load_context()
+    return ctx.params, ctx.catalog
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def _metrics(labels, scores, masks, maps, classes) -> dict[str, float]:
+    from uad.metrics import compute_metrics
+
+    table = compute_metrics(labels, scores, masks.astype(bool), maps, classes, pixel=True)
+    mean = table.loc["mean"]
+    return {k: float(mean[k]) for k in ("image_auroc", "pixel_auroc", "pixel_aupro") if k in mean}
+
+
+def rlr_templates(method, train_ds, test_ds, test_df) -> dict[str, dict[str, float]]:
+    """Training-free templates through RLR's own map (eq. 15-16) and score (max of the sigma-4 map)."""
+    from uad.methods.common.scoring import gaussian_blur
+    from uad.methods.rlr.losses import anomaly_map, token_distance
+
+    def tokens(ds) -> tuple[list[torch.Tensor], np.ndarray]:
+        levels: list[list[torch.Tensor]] = []
+        ids = []
+        for i in range(0, len(ds), 16):
+            batch = [ds[j] for j in range(i, min(i + 16, len(ds)))]
+            imgs = torch.stack([torch.as_tensor(b["image"]) for b in batch])
+            ids += [int(b["class_id"]) for b in batch]
+            for lvl, t in enumerate(method.encode(imgs.to(method.device))):
+                if len(levels) <= lvl:
+                    levels.append([])
+                levels[lvl].append(t.float().cpu())
+        return [torch.cat(lv) for lv in levels], np.asarray(ids)
+
+    train_tok, train_cls = tokens(train_ds)
+    test_tok, test_cls = tokens(test_ds)
+    size = tuple(method.input_spec["crop"] for _ in range(2))
+
+    def evaluate(templates: list[torch.Tensor]) -> dict[str, float]:
+        maps = anomaly_map(templates, test_tok, method.grids, size, method.cfg.distance)
+        smooth = gaussian_blur(maps[:, None], method.cfg.score_sigma, None, padding="reflect")[:, 0]
+        scores = smooth.flatten(1).max(dim=1).values
+        masks = np.stack([np.asarray(test_ds[i]["mask"])[0] for i in range(len(test_ds))]) > 0.5
+        return _metrics(test_df["label"].to_numpy(), scores.numpy(), masks, maps.numpy(), test_df["class_name"].to_numpy())
+
+    out = {}
+    out["per-position mean, all classes"] = evaluate([t.mean(0, keepdim=True).expand_as(q) for t, q in zip(train_tok, test_tok)])
+    own = []
+    for t, q in zip(train_tok, test_tok):
+        means = {c: t[train_cls == c].mean(0) for c in np.unique(train_cls)}
+        own.append(torch.stack([means[int(c)] for c in test_cls]))
+    out["per-position mean, own class (oracle)"] = evaluate(own)
+    nearest = []
+    for t, q in zip(train_tok, test_tok):
+        bank = t.reshape(-1, t.shape[-1])  # every training token of the level
+        best = torch.empty_like(q)
+        for i in range(q.shape[0]):
+            qi = q[i]  # N, C
+            d2 = (qi.pow(2).sum(1, keepdim=True) + bank.pow(2).sum(1)[None] - 2 * qi @ bank.T) / qi.shape[1]
+            cos = torch.nn.functional.normalize(qi, dim=1) @ torch.nn.functional.normalize(bank, dim=1).T
+            best[i] = bank[(d2.clamp_min(0) + 1 - cos).argmin(dim=1)]
+        nearest.append(best)
+    out["nearest training token"] = evaluate(nearest)
+    # the same distance token_distance gives (checked on one level: the formula is shared)
+    d, c = token_distance(nearest[0][:1], test_tok[0][:1], method.cfg.distance)
+    assert torch.isfinite(d).all() and torch.isfinite(c).all()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pipeline", required=True, help="rlr, agpnet, ... or costfilter_<base>")
+    ap.add_argument("--env", default="quick")
+    ap.add_argument("--params", nargs="*", default=[], help="overrides of the method block: key=value")
+    ap.add_argument("--budgets", required=True, help="optimisation steps to score at, ascending")
+    ap.add_argument("--templates", action="store_true", help="RLR: the training-free template rows")
+    ap.add_argument("--out", required=True, type=Path, help="output stem (.json and .png are written)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    os.chdir(ROOT)
+    budgets = sorted(int(b) for b in args.budgets.split(","))
+
+    from uad.engine import EngineConfig, Trainer
+    from uad.methods.registry import build_method
+    from uad.pipelines.method.nodes import _dataset, _synthesis_augment, compose_plugin_params, score_dataset
+
+    params, catalog = _session_params(args.env)
+    ns = args.pipeline
+    base_name = ns.split("_", 1)[1] if ns.startswith("costfilter_") else None
+    method_name = "costfilter" if base_name else ns
+    method_params = {**dict(params[ns].get("method") or {}), **_parse_overrides(args.params)}
+    if base_name:
+        method_params = compose_plugin_params(method_params, base_name, params[base_name].get("method") or {})
+    engine = EngineConfig.from_params({**params["engine"], "checkpoint_dir": None, "resume": False,
+                                       "log_every": 1, "progress": True})
+    train_index, test_index = catalog.load("train_index"), catalog.load("test_index")
+    normal, labelled = train_index[train_index["label"] == 0], train_index[train_index["label"] == 1]
+    classes = sorted(train_index["class_name"].unique())
+
+    method = build_method(method_name, method_params)
+    base_info = {}
+    if base_name:
+        from uad.methods.registry import method_class
+
+        key = f"{base_name}.checkpoint_{method_class(base_name).stages[-1]}"
+        ckpt = catalog.load(key)
+        method.load_base(ckpt["tensors"], ckpt.get("meta"), ckpt.get("path"))
+        base_info = {"checkpoint": str(ckpt.get("path") or key)}
+    stage = method.stages[-1]
+    if len(method.stages) != 1:
+        raise SystemExit(f"{ns}: one training stage expected, got {method.stages}")
+    aug, _ = _synthesis_augment(method, stage, normal, labelled, params.get("synthesis") or {}, engine.seed)
+    train_ds = _dataset(method, normal, classes, augment=aug)
+    test_ds = _dataset(method, test_index, classes)
+    labels, test_classes = test_index["label"].to_numpy(), test_index["class_name"].to_numpy()
+
+    points: list[dict] = []
+    base_metrics: dict[str, float] | None = None
+    t_start = time.perf_counter()
+    train_seconds = [0.0]
+    last = [time.perf_counter()]
+
+    def on_log(stage_name: str, done: int, loss: float) -> None:
+        nonlocal base_metrics
+        if done not in budgets:
+            return
+        train_seconds[0] += time.perf_counter() - last[0]
+        base: dict[str, list] = {}
+        scores, maps, masks = score_dataset(method, test_ds, trainer, engine, f"{ns}@{done}", base=base)
+        row = {"steps": done, "loss": loss, "train_seconds": round(train_seconds[0], 1),
+               **_metrics(labels, scores, masks, maps, test_classes)}
+        if base and base_metrics is None:
+            base_metrics = _metrics(labels, np.concatenate(base["scores"]), masks,
+                                    np.concatenate(base["maps"]).astype(np.float32), test_classes)
+        points.append(row)
+        print(json.dumps(row), flush=True)
+        method.train_mode(stage_name)
+        last[0] = time.perf_counter()
+        if done >= budgets[-1]:
+            raise _Done
+
+    class _Done(Exception):
+        pass
+
+    trainer = Trainer(engine, on_log=on_log)
+    trainer.prepare(method)
+    loader = trainer.loader(train_ds, batch_size=engine.batch_size or int(method.config.batch_size))
+    total = method.iterations_for(len(train_ds)) if engine.iterations is None else engine.iterations
+    if total < budgets[-1]:
+        if method_name == "costfilter":
+            raise SystemExit(f"{ns}: {total} steps in {method.cfg.epochs} epochs < {budgets[-1]}; raise --params epochs=...")
+        engine.iterations = budgets[-1]  # a constant-rate method: the budget is only where it stops
+    try:
+        method.fit_stage(stage, loader, trainer)
+    except _Done:
+        pass
+
+    templates = None
+    if args.templates:
+        method.eval_mode()
+        templates = rlr_templates(method, _dataset(method, normal, classes), test_ds, test_index)
+        for k, v in templates.items():
+            print(json.dumps({"template": k, **v}), flush=True)
+
+    report = {
+        "pipeline": ns, "env": args.env, "method_params": {k: v for k, v in method_params.items() if k != "base_params"},
+        "budgets": budgets, "points": points, "base": base_metrics, "base_info": base_info, "templates": templates,
+        "n_train": len(train_ds), "n_test": len(test_ds), "batch_size": loader.batch_size,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
+                   f"torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'no GPU'}",
+        "date": time.strftime("%Y-%m-%d"), "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "command": "python benchmarks/learning_curve.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    plot(report, args.out.with_suffix(".png"))
+    print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = report["points"]
+    steps = [p["steps"] for p in pts]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.6), constrained_layout=True)
+    for ax, key, title in ((axes[0], "image_auroc", "image AUROC"), (axes[1], "pixel_auroc", "pixel AUROC")):
+        ax.plot(steps, [p[key] for p in pts], "o-", color="C0", lw=2, label=report["pipeline"])
+        for x, p in zip(steps, pts):
+            ax.annotate(f"{p[key]:.3f}", (x, p[key]), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+        if report.get("base"):
+            base_name = report["pipeline"].split("_", 1)[1]
+            ax.axhline(report["base"][key], color="C3", ls="--", label=f"its base ({base_name}): {report['base'][key]:.3f}")
+        for i, (name, vals) in enumerate((report.get("templates") or {}).items()):
+            ax.axhline(vals[key], color=f"C{i + 1}", ls=":", label=f"{name}: {vals[key]:.3f}")
+        ax.axhline(0.5, color="0.6", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel(f"optimisation steps (batch {report['batch_size']}, {report['n_train']} training images)")
+        ax.set_ylabel(title)
+        lows = [p[key] for p in pts] + [v[key] for v in (report.get("templates") or {}).values()]
+        ax.set_ylim(min(0.4, min(lows) - 0.05), 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+        ax.set_title(f"{title}, mean over classes")
+    fig.suptitle(f"{report['pipeline']} ({report['env']} profile, embedded dataset): AUROC against training steps\n"
+                 f"{report['machine']}, {report['date']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
