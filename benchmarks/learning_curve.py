@@ -9,6 +9,7 @@ that does not depend on the total budget (RLR: constant-rate Adam; CostFilter-AD
 scheduler stepped per natural epoch, ``epochs`` large enough for the last budget), so the point at
 ``s`` steps is what a run of ``s`` steps gives.
 
+A plug-in's curve also shows its filter's input as a detector (the volume's min-cost map).
 ``--templates`` (RLR only) adds three training-free references on the same frozen features and the
 same map and score formula: the per-position mean of all training images' features, the
 per-position mean of the test image's own class (an oracle: it reads the class), and the nearest
@@ -127,6 +128,31 @@ def rlr_templates(method, train_ds, test_ds, test_df) -> dict[str, dict[str, flo
     return out
 
 
+@torch.no_grad()
+def costfilter_input_map(method, test_ds, test_df) -> dict[str, float]:
+    """The filter's own input as a detector: the volume's initial map (eq. 2: per layer the minimum
+    cost over the matching axis, averaged over layers), bilinearly upsampled, scored with the
+    filter's image-score rule. What the paper preset's filter has to improve on: it never sees the
+    base's map."""
+    from uad.methods.costfilter.volume import cost_matrix
+
+    method.eval_mode()
+    maps, masks = [], []
+    for i in range(0, len(test_ds), 8):
+        items = [test_ds[j] for j in range(i, min(i + 8, len(test_ds)))]
+        x = torch.stack([b["image"] for b in items]).to(method.device)
+        view = method.base.view(x)
+        q, t = (view.templates, view.queries) if method.cfg.query_side == "template" else (view.queries, view.templates)
+        initial = torch.stack([cost_matrix(a, b, method.cfg.cost_eps).min(-1).values for a, b in zip(q, t)]).mean(0)
+        grid_map = initial.reshape(-1, 1, *view.grid)
+        maps.append(torch.nn.functional.interpolate(grid_map, size=x.shape[-2:], mode="bilinear", align_corners=True)[:, 0].cpu())
+        masks += [np.asarray(b["mask"])[0] > 0.5 for b in items]
+    maps_t = torch.cat(maps)
+    scores = method.image_score(maps_t)
+    return _metrics(test_df["label"].to_numpy(), scores.numpy(), np.stack(masks), maps_t.numpy(),
+                    test_df["class_name"].to_numpy())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pipeline", required=True, help="rlr, agpnet, ... or costfilter_<base>")
@@ -222,9 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in templates.items():
             print(json.dumps({"template": k, **v}), flush=True)
 
+    filter_input = None
+    if method_name == "costfilter":
+        filter_input = costfilter_input_map(method, test_ds, test_index)
+        print(json.dumps({"filter input (the volume's min-cost map)": filter_input}), flush=True)
+
     report = {
         "pipeline": ns, "env": args.env, "method_params": {k: v for k, v in method_params.items() if k != "base_params"},
         "budgets": budgets, "points": points, "base": base_metrics, "base_info": base_info, "templates": templates,
+        "filter_input": filter_input,
         "n_train": len(train_ds), "n_test": len(test_ds), "batch_size": loader.batch_size,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
                    f"torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'no GPU'}",
@@ -254,14 +286,17 @@ def plot(report: dict, path: Path) -> None:
         if report.get("base"):
             base_name = report["pipeline"].split("_", 1)[1]
             ax.axhline(report["base"][key], color="C3", ls="--", label=f"its base ({base_name}): {report['base'][key]:.3f}")
-        for i, (name, vals) in enumerate((report.get("templates") or {}).items()):
+        refs = dict(report.get("templates") or {})
+        if report.get("filter_input"):
+            refs["the filter's input: its volume's min-cost map"] = report["filter_input"]
+        for i, (name, vals) in enumerate(refs.items()):
             ax.axhline(vals[key], color=f"C{i + 1}", ls=":", label=f"{name}: {vals[key]:.3f}")
         ax.axhline(0.5, color="0.6", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.set_xlabel(f"optimisation steps (batch {report['batch_size']}, {report['n_train']} training images)")
         ax.set_ylabel(title)
-        lows = [p[key] for p in pts] + [v[key] for v in (report.get("templates") or {}).values()]
+        lows = [p[key] for p in pts] + [v[key] for v in refs.values()]
         ax.set_ylim(min(0.4, min(lows) - 0.05), 1.0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
