@@ -61,15 +61,20 @@ BACKBONES = {"vits": "dinov2_vits14_reg", "vitb": "dinov2_vitb14_reg", "vitl": "
 
 @contextlib.contextmanager
 def float64_everywhere():
-    """For an equivalence check in float64: new tensors default to float64 and ``Tensor.float()``
-    keeps float64 (the released codes and ours call it), for the duration of the block."""
-    saved_float, saved_dtype = torch.Tensor.float, torch.get_default_dtype()
+    """For an equivalence check in float64: new tensors default to float64, ``Tensor.float()``
+    keeps float64 and the legacy ``torch.FloatTensor(...)`` constructor makes float64 tensors (the
+    released codes and ours call them: CostFilter-AD's focal loss builds its one-hot target with
+    ``torch.FloatTensor``, whose float32 ``1 - 1e-5`` alone moves the loss by ~1e-9 of itself), for
+    the duration of the block."""
+    saved_float, saved_dtype, saved_ft = torch.Tensor.float, torch.get_default_dtype(), torch.FloatTensor
     torch.set_default_dtype(torch.float64)
     torch.Tensor.float = lambda self, *a, **k: self.to(torch.float64)  # type: ignore[method-assign]
+    torch.FloatTensor = torch.DoubleTensor  # type: ignore[misc]
     try:
         yield
     finally:
         torch.Tensor.float = saved_float  # type: ignore[method-assign]
+        torch.FloatTensor = saved_ft  # type: ignore[misc]
         torch.set_default_dtype(saved_dtype)
 
 
