@@ -12,6 +12,7 @@ CORE_MODULES = [
     "uad.methods.registry", "uad.methods.common", "uad.methods.patchcore.method", "uad.methods.dinomaly.method",
     "uad.methods.inpformer.method", "uad.methods.rlr.method", "uad.methods.agpnet.method", "uad.methods.common.ema",
     "uad.synthesis", "uad.data.folder", "uad.data.augment", "uad.metrics.thresholds", "uad.export",
+    "uad.inference", "uad.methods.costfilter.method",
 ]
 
 

@@ -165,7 +165,8 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
                     else preds["image_paths"][i], dst)
     (folder / "line0" / "corrupt.png").write_bytes(b"not an image")
 
-    run_pipeline(project, "infer", namespaces=["dinomaly"], params={"infer.images": str(folder)})
+    # the evaluation's centre crop: the same scores as the evaluate run
+    run_pipeline(project, "infer", namespaces=["dinomaly"], params={"infer.images": str(folder), "infer.frame": "crop"})
     client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     res = pd.read_csv(_latest(project / "data/07_model_output/dinomaly/infer/results.csv", "results.csv"),
                       keep_default_na=False).set_index("relative_path")
@@ -177,7 +178,7 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
         assert float(row["image_threshold"]) == pytest.approx(thresholds["image"], rel=1e-5)
     assert run.data.tags["trained_in_run"] == meta["mlflow_run_id"] and run.data.tags["n_unreadable"] == "1"
     overlays = list(_latest(project / "data/08_reporting/dinomaly/infer_overlays", "infer_overlays").glob("*.png"))
-    assert len(overlays) == 3
+    assert len(overlays) == 3 and set(res["overlay"][res["status"] == "ok"]) == {p.name for p in overlays}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "inference")} >= {"inference/results.csv"}
 
     run_pipeline(project, "export", namespaces=["dinomaly"])
@@ -196,6 +197,148 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-4, rtol=0)
     versions = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions("name='uad-dinomaly'")
     assert len(versions) >= 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_registered_model_serves_images(project, tmp_path):
+    """The registered ``uad-dinomaly`` is a pyfunc with a signature, an input example, a
+    description and tags; ``mlflow models serve`` on a free loopback port answers a JSON request
+    carrying a PNG (base64) with the score the ``infer`` pipeline gives the same file, the decision
+    at the stored threshold, and the map at the image's size."""
+    import base64
+    import shutil
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    client = MlflowClient(uri)
+    if not client.search_model_versions("name='uad-dinomaly'"):
+        if not (project / "data/06_models/dinomaly/train.safetensors").exists():
+            run_pipeline(project, "dinomaly")
+        run_pipeline(project, "export", namespaces=["dinomaly"])
+    version = max(client.search_model_versions("name='uad-dinomaly'"), key=lambda v: int(v.version))
+    assert "dinomaly" in version.description and "threshold" in version.description
+    assert version.tags["method"] == "dinomaly" and version.tags["image_threshold"]
+    assert version.tags["classes"] == ",".join(CLASSES) and "metric.image_auroc" in version.tags
+    import mlflow
+
+    info = mlflow.models.get_model_info(f"models:/uad-dinomaly/{version.version}")
+    assert [c.name for c in info.signature.inputs.inputs] == ["image"] and info.saved_input_example_info
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    src = sorted((project / "data/01_raw/synthetic/pcb/test").glob("*/*.png"))[-1]
+    from PIL import Image
+
+    Image.open(src).convert("RGB").resize((150, 100)).save(folder / "part.png")
+    run_pipeline(project, "infer", namespaces=["dinomaly"], params={"infer.images": str(folder)})
+    res = pd.read_csv(_latest(project / "data/07_model_output/dinomaly/infer/results.csv", "results.csv"),
+                      keep_default_na=False)
+    want = float(res["score"][0])
+
+    port = _free_port()
+    exe = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or "mlflow"
+    bindir = os.path.dirname(sys.executable)  # the server starts uvicorn from the environment's bin folder
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "UAD_SERVE_DEVICE": "cpu",
+           "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+    log_file = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([exe, "models", "serve", "-m", f"models:/uad-dinomaly/{version.version}", "--env-manager",
+                             "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env, cwd=project,
+                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert time.time() < deadline, "the model server did not answer /ping within 240 s"
+            time.sleep(1)
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(
+            (folder / "part.png").read_bytes()).decode()]]}, "params": {"return_map": True}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out = json.loads(r.read())["predictions"][0]
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+        log_file.close()
+    assert out["status"] == "ok" and out["score"] == pytest.approx(want, rel=1e-5, abs=1e-6)
+    assert out["decision"] == ("anomalous" if want >= out["image_threshold"] else "normal")
+    assert (out["height"], out["width"]) == (100, 150) and np.asarray(out["map"]).shape == (100, 150)
+
+
+def test_infer_scores_every_pixel_at_the_images_own_size(project, tmp_path):
+    """The default full frame: maps of exactly each image's size (300 x 200, 2000 x 1500),
+    overlays at that size capped at 1024 px, and a defect painted in the outermost 5 % of a
+    normal image flagged, where the evaluation's centre crop never sees it (its crop score does
+    not move at all). The thresholds applied are the full frame's own, set by the evaluation on
+    the test split scored the same way."""
+    import json as _json
+
+    from PIL import Image
+
+    if not (project / "data/06_models/patchcore/fit.safetensors").exists():
+        run_pipeline(project, "patchcore")
+    thresholds = _json.loads(_latest(project / "data/08_reporting/patchcore/thresholds.json", "thresholds.json").read_text())
+    assert thresholds["frame"] == "crop" and thresholds["full"]["frame"] == "full"
+    goods = sorted((project / "data/01_raw/synthetic/fabric/test/good").glob("*.png"))
+    from uad.inference import Inferencer
+
+    ckpt = _latest(project / "data/06_models/patchcore/fit.safetensors", "fit.safetensors")
+    full = Inferencer.from_checkpoint(ckpt, thresholds, device="cpu")
+    clean = min(goods, key=lambda p: full.predict(str(p))[0].score)  # the most normal-looking good image
+    img = np.asarray(Image.open(clean).convert("RGB")).copy()
+    h, w = img.shape[:2]
+    s = int(0.05 * w) - 1  # inside the outer 5 %
+    border = img.copy()
+    border[h // 2:h // 2 + 2 * s, w - s - 1:w - 1] = (255, 0, 255)
+    folder = tmp_path / "parts"
+    (folder / "line").mkdir(parents=True)
+    Image.fromarray(img).save(folder / "clean.png")
+    Image.fromarray(border).save(folder / "line" / "border.png")
+    Image.fromarray(img).resize((300, 200)).save(folder / "small.png")
+    Image.fromarray(img).resize((2000, 1500)).save(folder / "large.jpg", quality=95)
+
+    run_pipeline(project, "infer", namespaces=["patchcore"], params={"infer.images": str(folder)})
+    res = pd.read_csv(_latest(project / "data/07_model_output/patchcore/infer/results.csv", "results.csv"),
+                      keep_default_na=False).set_index("relative_path")
+    assert (res["frame"] == "full").all() and (res["threshold_frame"] == "full").all()
+    assert float(res.loc["clean.png", "image_threshold"]) == pytest.approx(thresholds["full"]["image"], rel=1e-6)
+    assert res.loc["clean.png", "decision"] == "normal" and res.loc["line/border.png", "decision"] == "anomalous"
+    maps = np.load(_latest(project / "data/07_model_output/patchcore/infer/anomaly_maps.npz", "anomaly_maps.npz"))
+    by_path = {Path(p).name: maps[k] for p, k in zip(maps["image_paths"], maps["map_keys"])}
+    assert by_path["small.png"].shape == (200, 300) and by_path["large.jpg"].shape == (1500, 2000)
+    assert by_path["border.png"].shape == (h, w)
+    peak = np.unravel_index(np.argmax(by_path["border.png"]), (h, w))
+    assert peak[1] >= w - 3 * s, peak  # the map peaks at the painted border defect
+    shots = _latest(project / "data/08_reporting/patchcore/infer_overlays", "infer_overlays")
+    sizes = {p.name: Image.open(p).size for p in shots.glob("*.png")}
+    assert sizes[res.loc["small.png", "overlay"]] == (300, 200) and sizes[res.loc["large.jpg", "overlay"]] == (1024, 768)
+    assert sizes[res.loc["line/border.png", "overlay"]] == (w, h)
+    # the evaluation's crop never sees the border: the painted image scores exactly as the clean one
+    run_pipeline(project, "infer", namespaces=["patchcore"], params={"infer.images": str(folder), "infer.frame": "crop"})
+    crop = pd.read_csv(_latest(project / "data/07_model_output/patchcore/infer/results.csv", "results.csv"),
+                       keep_default_na=False).set_index("relative_path")
+    assert float(crop.loc["line/border.png", "score"]) == float(crop.loc["clean.png", "score"])
+    assert crop.loc["line/border.png", "decision"] == "normal"
 
 
 def test_inpformer_smoke_run_multi_class(project):

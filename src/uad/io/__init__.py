@@ -6,11 +6,12 @@ from .datasets import (
     MlflowTagsDataset,
     NpzDataset,
     OnnxModelDataset,
+    ServedModelDataset,
     PngDataset,
     PngFolderDataset,
     SafetensorsDataset,
     ThresholdsDataset,
 )
 
-__all__ = ["CsvTableDataset", "JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "OnnxModelDataset", "PngDataset",
+__all__ = ["CsvTableDataset", "JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "OnnxModelDataset", "PngDataset", "ServedModelDataset",
            "PngFolderDataset", "SafetensorsDataset", "ThresholdsDataset"]

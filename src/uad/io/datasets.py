@@ -260,6 +260,44 @@ class OnnxModelDataset(_LocalVersionedDataset):
                               registered_model_name=self._registered_model_name)
 
 
+class ServedModelDataset(AbstractDataset):
+    """The servable MLflow model (:mod:`uad.mlflow_model`): saving logs it to the active run as a
+    pyfunc named ``model`` with the checkpoint, thresholds and frame settings as artifacts, and
+    registers it as ``registered_model_name`` (description and tags on the version). Outside an
+    MLflow run, nothing is logged (a log line says so); loading returns the last saved payload."""
+
+    def __init__(self, registered_model_name: str | None = None, metadata: dict[str, Any] | None = None):
+        self._registered_model_name = registered_model_name
+        self.metadata = metadata
+        self._last: dict[str, Any] = {}
+
+    def _describe(self) -> dict[str, Any]:
+        return {"registered_model_name": self._registered_model_name}
+
+    def load(self) -> dict[str, Any]:
+        return deepcopy(self._last)
+
+    def save(self, data: dict[str, Any]) -> None:
+        import logging
+
+        import mlflow
+
+        self._last = dict(data)
+        if mlflow.active_run() is None:
+            logging.getLogger(__name__).info("no active MLflow run: the servable model is not logged")
+            return
+        from uad.mlflow_model import log_served_model
+
+        info = log_served_model(data["checkpoint_path"], data["thresholds"], data["settings"], self._registered_model_name,
+                                data.get("description", ""), data.get("tags"))
+        logging.getLogger(__name__).info("servable model logged: %s%s", info.model_uri,
+                                         f" (registered {self._registered_model_name} version {info.registered_model_version})"
+                                         if info.registered_model_version is not None else "")
+
+    def _exists(self) -> bool:
+        return bool(self._last)
+
+
 def _active_run_id() -> str | None:
     try:
         import mlflow

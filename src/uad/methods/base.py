@@ -227,6 +227,13 @@ class AnomalyMethod(abc.ABC):
     def predict(self, images: torch.Tensor) -> Prediction:
         """Scores and maps for a normalised batch (B, 3, H, W) already on ``self.device``."""
 
+    def input_multiple(self) -> int | None:
+        """The inputs the method takes besides its training ``crop`` square: ``None`` (default)
+        when it is built for that one size (learned positional parts, a fixed cost volume), else
+        ``m`` when any height and width that are multiples of ``m`` work (full-frame inference,
+        :mod:`uad.inference`, then scores a whole non-square image at once instead of in tiles)."""
+        return None
+
     def predict_on_device(self, images: torch.Tensor) -> Prediction:
         """:meth:`predict` with scores and maps allowed to stay on ``self.device`` (the scoring
         loop then reduces and copies them to the host asynchronously). Default: :meth:`predict`."""

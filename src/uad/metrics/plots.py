@@ -242,3 +242,95 @@ def decision_overlay_png(image: np.ndarray, amap: np.ndarray, pixel_threshold: f
     buf = io.BytesIO()
     canvas.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """``text`` cut into lines no wider than ``width`` px (words kept whole where they fit; a
+    word longer than a line, a long path say, is cut at characters)."""
+    lines: list[str] = []
+    for para in text.split("\n"):
+        cur = ""
+        for word in para.split(" "):
+            trial = f"{cur} {word}" if cur else word
+            if draw.textlength(trial, font=font) <= width:
+                cur = trial
+                continue
+            if cur:
+                lines.append(cur)
+            cur = ""
+            for ch in word:
+                if draw.textlength(cur + ch, font=font) > width and cur:
+                    lines.append(cur)
+                    cur = ""
+                cur += ch
+        lines.append(cur)
+    return lines
+
+
+def image_overlay_png(image: np.ndarray, amap: np.ndarray, pixel_threshold: float | None, text: str,
+                      anomalous: bool, max_side: int | None = 1024) -> bytes:
+    """One inference picture at the image's own size (its longer side capped at ``max_side``,
+    aspect kept) as PNG bytes: the anomaly map blended over the image (jet; the colour scale puts
+    the pixel threshold at its middle; pixels the model did not score, NaN, stay uncoloured), the
+    region at or above the threshold outlined in white, and ``text`` in a banner across the top,
+    wrapped to the width (red when ``anomalous``, green otherwise). Without a pixel threshold
+    the map's 99th percentile stands in for the outline."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    img = np.asarray(image, dtype=np.uint8)
+    m = np.asarray(amap, dtype=np.float32)
+    h, w = img.shape[:2]
+    if m.shape != (h, w):
+        raise ValueError(f"map {m.shape} and image {(h, w)} differ in size")
+    scale = 1.0 if not max_side or max(h, w) <= int(max_side) else int(max_side) / max(h, w)
+    oh, ow = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+    if (oh, ow) != (h, w):
+        img = np.asarray(Image.fromarray(img).resize((ow, oh), Image.LANCZOS))
+        m = np.asarray(Image.fromarray(m, mode="F").resize((ow, oh), Image.BILINEAR))
+    valid = np.isfinite(m)
+    thr = pixel_threshold if pixel_threshold is not None else (float(np.quantile(m[valid], 0.99)) if valid.any() else 0.0)
+    top = 2.0 * thr if thr > 0 else float(np.nanmax(m) if valid.any() else 1.0) or 1.0
+    level = np.clip(np.nan_to_num(m, nan=0.0) / top, 0.0, 1.0)
+    heat = (colormaps["jet"](level)[..., :3] * 255).astype(np.float32)
+    # the heat shows where the map is high: normal regions keep most of their own colour
+    alpha = np.where(valid, 0.1 + 0.55 * level, 0.0)[..., None].astype(np.float32)
+    blend = ((1.0 - alpha) * img.astype(np.float32) + alpha * heat).astype(np.uint8)
+    hot = valid & (np.nan_to_num(m, nan=-np.inf) >= thr)
+    edge = hot & ~(np.roll(hot, 1, 0) & np.roll(hot, -1, 0) & np.roll(hot, 1, 1) & np.roll(hot, -1, 1))
+    if max(oh, ow) >= 400:  # a 2-px outline on large pictures
+        edge = edge | np.roll(edge, 1, 0) | np.roll(edge, 1, 1)
+    blend[edge] = (255, 255, 255)
+    canvas = Image.fromarray(blend).convert("RGBA")
+    band = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(band)
+    font = _font(max(8, min(22, ow // 28)))
+    pad = max(2, ow // 150)
+    lines = _wrap(draw, text, font, max(10, ow - 2 * pad))
+    line_h = int(round(font.size * 1.25)) if hasattr(font, "size") else 12
+    if (pad * 2 + line_h * len(lines)) > 0.3 * oh and "  " in text:
+        # a small picture: the verdict and score first, the rest (method, path) only as far as it
+        # fits in a third of the height; the results table names every overlay's input in full
+        head, _, rest = text.partition(")")
+        lines = _wrap(draw, head + ")", font, max(10, ow - 2 * pad))
+        room = max(0, int((0.3 * oh - pad * 2) // line_h) - len(lines))
+        tail = _wrap(draw, rest.strip(), font, max(10, ow - 2 * pad))
+        lines += tail[:room] if len(tail) <= room else tail[:max(0, room - 1)] + (["..." + tail[-1][-12:]] if room else [])
+    band_h = min(oh, pad * 2 + line_h * len(lines))
+    colour = (200, 30, 30, 200) if anomalous else (40, 120, 40, 200)
+    draw.rectangle((0, 0, ow, band_h), fill=colour)
+    for k, line in enumerate(lines):
+        draw.text((pad, pad + k * line_h), line, fill=(255, 255, 255, 255), font=font)
+    out = Image.alpha_composite(canvas, band).convert("RGB")
+    buf = io.BytesIO()
+    out.save(buf, format="PNG")
+    return buf.getvalue()

@@ -138,6 +138,10 @@ class ViTReconstructionMethod(AnomalyMethod):
 
     config_class: ClassVar[type[ReconConfig]] = ReconConfig
     stages = ("train",)
+
+    def input_multiple(self) -> int | None:
+        """Any multiple of the ViT patch: the position embeddings are interpolated to the grid."""
+        return int(self.encoder.patch_size)
     # the frozen encoder only ever runs in :meth:`encode`, under autocast
     hold_frozen_encoder = True
 

@@ -111,6 +111,11 @@ class PatchCore(AnomalyMethod):
         return {"patches": float(n_all), "memory_bank": float(bank.shape[0])}
 
     # --- inference --------------------------------------------------------------------------
+    def input_multiple(self) -> int | None:
+        """Any size whose sides are multiples of the deepest stage's stride (each stage halves
+        the first's grid), so every stage map aligns with the first's."""
+        return int(self.encoder.patch_size) * 2 ** (len(self.encoder.layers) - 1)
+
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> Prediction:
         """Nearest-neighbour patch distances (eq. 6) -> scores (B,) and maps (B, H, W) on CPU."""

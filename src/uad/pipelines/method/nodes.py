@@ -18,20 +18,23 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from uad.data.index import content_fingerprint, index_fingerprint
 from uad.data.images import load_image
 from uad.data.torch_data import AnomalyImageDataset
 from uad.engine import EngineConfig, Trainer
 from uad.engine.speed import HostResults
+from uad.inference import GROUP_SEP, split_group_state
 from uad.methods.registry import build_method
 from uad.metrics import METRIC_NAMES, compute_metrics
+from uad.metrics.metrics import auroc
 from uad.metrics.plots import anomaly_overlay_grid, figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
 
 log = logging.getLogger(__name__)
 
 ONE_CLASS = "one_class"
-_SEP = "::"
+_SEP = GROUP_SEP
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -63,11 +66,7 @@ def _dataset(method, df: pd.DataFrame, classes: list[str], augment=None, shared_
                                shared_cache=shared_cache)
 
 
-def _split_state(state: dict[str, torch.Tensor], group: str | None) -> dict[str, torch.Tensor]:
-    if group is None:
-        return dict(state)
-    prefix = f"{group}{_SEP}"
-    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+_split_state = split_group_state  # one class's model of a one-model-per-class checkpoint
 
 
 def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.DataFrame,
@@ -355,16 +354,47 @@ def _gather_shards(part, errors, base):
     return scores, maps, masks
 
 
+def _full_frame_part(method, df: pd.DataFrame, classes: list[str], cfg, infer: dict, method_name: str,
+                     group: str | None) -> dict[str, np.ndarray]:
+    """The same test images scored as ``infer`` scores new ones (:class:`uad.inference.Inferencer`,
+    ``infer.frame: full``: every pixel), so the evaluation can set the thresholds inference applies
+    on the scores inference produces. Maps and whole-image masks are brought to the crop square
+    (float16 / uint8) for the pixel threshold; the crop protocol's metrics do not read them."""
+    from uad.data.images import load_mask
+    from uad.inference import Inferencer
+
+    from .serving import _infer_options
+
+    opts = {**_infer_options(infer, cfg), "frame": "full"}
+    inf = Inferencer(method, None, classes=classes, engine=cfg, progress=False, workers=max(1, int(cfg.num_workers or 1)),
+                     **opts)
+    crop = int(method.input_spec["crop"])
+    res = inf.predict(list(df["image_path"]), class_names=list(df["class_name"]) if inf.wants_class else None, strict=True)
+    maps = np.stack([F.interpolate(torch.from_numpy(r.map)[None, None], size=(crop, crop), mode="bilinear",
+                                   align_corners=False)[0, 0].numpy() for r in res]).astype(np.float16)
+    masks = np.zeros((len(res), crop, crop), np.uint8)
+    for k, mp in enumerate(df["mask_path"].fillna("")):
+        if mp:
+            m = torch.from_numpy(load_mask(mp).astype(np.float32))[None, None]
+            masks[k] = (F.interpolate(m, size=(crop, crop), mode="nearest")[0, 0].numpy() > 0.5).astype(np.uint8)
+    log.info("%s: full-frame scores of %d test images%s (%s)", method_name, len(res), f" of {group}" if group else "",
+             "tiles" if any(r.pieces > 1 for r in res) else "whole frames")
+    return {"full_scores": np.array([r.score for r in res], np.float32), "full_maps": maps, "full_masks": masks}
+
+
 @torch.no_grad()
 def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
-            engine_override: dict, checkpoint: dict) -> dict[str, np.ndarray]:
-    """Anomaly maps and scores for every test image (maps float16 at the crop size). Under
+            engine_override: dict, checkpoint: dict, infer: dict | None = None,
+            evaluation: dict | None = None) -> dict[str, np.ndarray]:
+    """Anomaly maps and scores for every test image (maps float16 at the crop size), and the same
+    images scored in the full frame as ``infer`` scores new ones (``full_scores``, ``full_maps``:
+    for the thresholds inference applies; ``evaluation.full_frame: false`` skips them). Under
     ``engine.strategy: ddp`` the ranks score blocks of whole batches (sharded inference) and the
     results are gathered in order: equal to one process's."""
     cfg = _engine_cfg(engine, engine_override)
     spawned = _launch_ranks(cfg, predict, method_name=method_name, test_index=test_index, data=data,
                             method_params=method_params, engine=engine, engine_override=engine_override,
-                            checkpoint=checkpoint)
+                            checkpoint=checkpoint, infer=infer, evaluation=evaluation)
     if spawned is not None:
         return spawned
     # zero-shot tests on classes the model never saw: ids cover both sides
@@ -396,6 +426,8 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
         if base:  # a plug-in: its base's own scores and maps of the same images, evaluated beside
             part["base_scores"] = np.concatenate(base["scores"]).astype(np.float32)
             part["base_maps"] = np.concatenate(base["maps"])
+        if evaluation is None or evaluation.get("full_frame", True):
+            part.update(_full_frame_part(method, df, classes, cfg, infer or {}, method_name, group))
         parts.append(part)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     out["input_resize"] = np.asarray(method.input_spec["resize"], dtype=np.int64)
@@ -441,6 +473,26 @@ def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.D
                                     predictions["masks"] if has_masks else None,
                                     predictions["maps"] if has_masks else None,
                                     fpr=float(evaluation.get("threshold_fpr", 0.01)))
+    thresholds["frame"] = "crop"
+    if "full_scores" in predictions:  # the full frame inference scores: its own thresholds and headline metrics
+        full = compute_thresholds(predictions["labels"], predictions["full_scores"],
+                                  predictions["full_masks"] if has_masks else None,
+                                  predictions["full_maps"] if has_masks else None,
+                                  fpr=float(evaluation.get("threshold_fpr", 0.01)))
+        thresholds["full"] = {**full, "frame": "full"}
+        for key in ("image", "pixel"):
+            if key in full:
+                mlflow_metrics[f"full_frame/threshold_{key}"] = {"value": float(full[key]), "step": 0}
+        labels = np.asarray(predictions["labels"])
+        if 0 < labels.sum() < labels.size:
+            mlflow_metrics["full_frame/image_auroc"] = {"value": float(auroc(labels, predictions["full_scores"])), "step": 0}
+        if has_masks:
+            m, v = predictions["full_masks"].reshape(-1).astype(bool), predictions["full_maps"].reshape(-1).astype(np.float32)
+            step = max(1, v.size // 4_000_000)
+            mlflow_metrics["full_frame/pixel_auroc"] = {"value": float(auroc(m[::step], v[::step])), "step": 0}
+        log.info("full frame (what infer scores): %s; thresholds image %.6g%s", ", ".join(
+            f"{k.split('/')[1]}={v['value']:.4f}" for k, v in mlflow_metrics.items() if k.startswith("full_frame/") and "auroc" in k),
+            full["image"], f", pixel {full['pixel']:.6g}" if "pixel" in full else "")
     for key in ("image", "pixel"):
         if key in thresholds:
             mlflow_metrics[f"threshold_{key}"] = {"value": float(thresholds[key]), "step": 0}

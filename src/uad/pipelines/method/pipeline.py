@@ -16,7 +16,7 @@ from .nodes import compose_plugin_params, evaluate, extract_features, named, pre
 from .serving import export_model, infer_images, scan_images
 
 SHARED_INPUTS = {"train_index", "test_index"}
-SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting"}
+SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting", "params:infer"}
 
 
 def plugin_namespace(method: str, base: str) -> str:
@@ -101,7 +101,8 @@ def create_pipeline(method: str, base: str | None = None) -> Pipeline:
     trained ``base`` (its checkpoint read from the catalog), namespace ``<method>_<base>``."""
     train, final = _training_nodes(method, base)
     pred = node(named(predict, "predict", method_name=method),
-                {"test_index": "test_index", **_common(method, base), "checkpoint": final},
+                {"test_index": "test_index", **_common(method, base), "checkpoint": final, "infer": "params:infer",
+                 "evaluation": "params:evaluation"},
                 "predictions", name="predict", tags=["predict"])
     namespace = method if base is None else plugin_namespace(method, base)
     return _namespaced([*_compose_nodes(method, base), *train, pred, *_evaluation_nodes(method)], namespace, base)
@@ -132,13 +133,13 @@ def _served(nodes: list, method: str, base: str | None, shared: set[str]) -> Pip
 
 
 def export_pipeline(method: str, base: str | None = None) -> Pipeline:
-    """The method's inference path as an ONNX model (+ preprocessing / thresholds JSON), registered
-    in the MLflow model registry."""
+    """The method's inference path as an ONNX model (+ preprocessing / thresholds JSON) and as the
+    servable MLflow pyfunc registered in the model registry (``uad-<namespace>``)."""
     nodes = [*_compose_nodes(method, base),
              node(named(export_model, "export", method_name=method),
                   {"method_params": _params_input(base), "checkpoint": _final_checkpoint(method),
-                   "thresholds": "thresholds", "export": "params:export"},
-                  ["onnx_model", "export_spec", "export_tags"], name="export", tags=["export"])]
+                   "thresholds": "thresholds", "export": "params:export", "metrics_table": "metrics_table"},
+                  ["onnx_model", "export_spec", "served_model", "export_tags"], name="export", tags=["export"])]
     return _served(nodes, method, base, {"params:export"})
 
 

@@ -2,8 +2,10 @@
 
 Thin Kedro nodes over the core library, shared by every method through the namespaced template:
 the method is rebuilt from its parameters, its checkpoint (the latest catalog version unless
-``--load-versions`` names one) is checked and loaded, and the images go through the same dataset
-and loader as evaluation, so a score here equals the evaluate run's score for the same image.
+``--load-versions`` names one) is checked and loaded, and the images are scored by
+:class:`uad.inference.Inferencer`, the same class the notebooks and the MLflow model use: the
+whole frame by default (every pixel; maps and overlays at each image's own size), or, with
+``infer.frame: crop``, the evaluation's centre crop (a score then equals the evaluate run's).
 """
 
 from __future__ import annotations
@@ -17,12 +19,10 @@ import pandas as pd
 import torch
 
 from uad.data.folder import scan_image_folder
-from uad.data.torch_data import SkipUnreadable, denormalize
-from uad.engine import Trainer
 from uad.errors import ConfigError
-from uad.methods.registry import build_method
+from uad.inference import load_trained
 
-from .nodes import _dataset, _engine_cfg, _split_state, per_class_models, score_dataset
+from .nodes import _engine_cfg
 
 log = logging.getLogger(__name__)
 
@@ -34,33 +34,14 @@ def _checkpoint_version(checkpoint: dict) -> str:
 
 def _load_method(method_name: str, method_params: dict, checkpoint: dict, class_name: str | None, what: str):
     """The method with the checkpoint's weights; a one-class checkpoint needs the class to use."""
-    meta = checkpoint.get("meta") or {}
-    method = build_method(method_name, method_params)
-    method.check_checkpoint(meta, checkpoint.get("path"))
-    group = None
-    if per_class_models(meta):
-        classes = list(meta.get("classes") or [])
-        if not class_name:
-            raise ConfigError(f"{checkpoint.get('path')} holds one model per class ({', '.join(classes)}): "
-                              f"set {what}.class_name to the class of these images")
-        if class_name not in classes:
-            raise ConfigError(f"{what}.class_name {class_name!r} is not a class of {checkpoint.get('path')} ({', '.join(classes)})")
-        group = class_name
-    method.load_state_dict(_split_state(checkpoint["tensors"], group))
-    return method
+    return load_trained(method_name, method_params, checkpoint["tensors"], checkpoint.get("meta") or {},
+                        checkpoint.get("path"), class_name, what)
 
 
-def _thresholds(stored: dict, infer: dict, method_name: str) -> dict[str, Any]:
-    """The stored thresholds, each overridable; a clear error when there is none to use."""
-    out = {"image": stored.get("image"), "image_source": stored.get("image_source", "none"),
-           "pixel": stored.get("pixel"), "pixel_source": stored.get("pixel_source", "none")}
-    for key in ("image", "pixel"):
-        if infer.get(f"{key}_threshold") is not None:
-            out[key], out[f"{key}_source"] = float(infer[f"{key}_threshold"]), "user"
-    if out["image"] is None:
+def _require_image_threshold(thr: dict, method_name: str) -> None:
+    if thr.get("image") is None:
         raise ConfigError(f"no image threshold for {method_name}: run its evaluation first "
                           f"(kedro run --pipeline={method_name} stores one) or set infer.image_threshold")
-    return out
 
 
 def scan_images(infer: dict) -> pd.DataFrame:
@@ -74,117 +55,130 @@ def scan_images(infer: dict) -> pd.DataFrame:
     return df
 
 
-class _Overlays:
-    """Decision pictures made while scoring, from the decoded batch (no second decode). With a
-    cap, only the ``limit`` most anomalous are kept (a bounded heap) and named by rank; without
-    one, every image's picture, named after its path."""
+def _overlay_name(relative_path: str) -> str:
+    """A file name unique per input path: the relative path with its folders joined by ``__``
+    and its extension kept (``line1/a.png`` and ``line1/a.jpg`` do not collide)."""
+    stem, dot, ext = relative_path.rpartition(".")
+    base = (stem if dot else relative_path).replace("/", "__").replace("\\", "__")
+    return f"{base}{'_' + ext.lower() if dot else ''}.png"
 
-    def __init__(self, limit: int | None, thr: dict, spec: dict, rows: pd.DataFrame):
-        self.limit, self.thr, self.rows = limit, thr, rows
-        self.mean, self.std = spec["mean"], spec["std"]
-        self.kept: list[tuple[float, int, np.ndarray, np.ndarray]] = []  # heap of (score, index, image, map)
-        self.pngs: dict[str, bytes] = {}
-        self.px: float | None = thr["pixel"]
 
-    def _image(self, x: torch.Tensor) -> np.ndarray:
-        return denormalize(x, self.mean, self.std)[0]  # the decoded uint8 image, exactly
-
-    def _png(self, score: float, i: int, img: np.ndarray, amap: np.ndarray) -> bytes:
-        from uad.metrics.plots import decision_overlay_png
-
-        verdict = "ANOMALOUS" if score >= self.thr["image"] else "normal"
-        text = f"{verdict}  score {score:.4g} (threshold {self.thr['image']:.4g})  {self.rows.iloc[i]['relative_path']}"
-        px = self.px if self.px is not None else float(np.quantile(amap, 0.99))
-        return decision_overlay_png(img, amap, px, text, verdict != "normal")
-
-    def _stem(self, i: int) -> str:
-        return self.rows.iloc[i]["relative_path"].rsplit(".", 1)[0].replace("/", "__")
-
-    def add(self, batch: dict, out) -> None:
-        import heapq
-
-        errors = batch.get("error") or [""] * len(batch["image"])
-        for j, err in enumerate(errors):
-            if err:
-                continue
-            i, score = int(batch["index"][j]), float(out.scores[j])
-            amap = out.maps[j].float().cpu().numpy()
-            if self.limit is None:
-                self.pngs[f"{self._stem(i)}.png"] = self._png(score, i, self._image(batch["image"][j]), amap)
-            elif len(self.kept) < self.limit:
-                heapq.heappush(self.kept, (score, i, self._image(batch["image"][j]), amap))
-            elif score > self.kept[0][0]:
-                heapq.heapreplace(self.kept, (score, i, self._image(batch["image"][j]), amap))
-
-    def result(self) -> dict[str, bytes]:
-        if self.limit is None:
-            return self.pngs
-        ranked = sorted(self.kept, key=lambda t: -t[0])  # the most anomalous first
-        return {f"{rank:05d}_{self._stem(i)}.png": self._png(score, i, img, amap)
-                for rank, (score, i, img, amap) in enumerate(ranked)}
+def _infer_options(infer: dict, cfg) -> dict[str, Any]:
+    """The Inferencer's frame settings from ``params:infer`` (types checked there)."""
+    opts: dict[str, Any] = {"frame": infer.get("frame", "full") or "full",
+                            "short_side": infer.get("short_side"), "max_side": infer.get("max_side", 1024),
+                            "tile_overlap": infer.get("tile_overlap", 0.25),
+                            "batch_size": int(cfg.infer_batch_size or cfg.batch_size or 8)}
+    for key in ("short_side", "max_side"):
+        val = opts[key]
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ConfigError(f"infer.{key}: {val!r} is not a positive integer (or null)")
+    try:
+        opts["tile_overlap"] = float(opts["tile_overlap"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"infer.tile_overlap: {opts['tile_overlap']!r} is not a number in [0, 1)") from None
+    return opts
 
 
 @torch.no_grad()
 def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, engine: dict, engine_override: dict,
                  checkpoint: dict, thresholds: dict, infer: dict
                  ) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, bytes], dict[str, str]]:
-    """Scores, decisions, maps and overlay pictures of every readable image, plus run tags linking
-    this run to the training run and the checkpoint version it used. An image or mask that cannot
-    be decoded is listed (status ``unreadable`` with the reason) and skipped."""
+    """Scores, decisions, maps (at each image's own size) and overlay pictures of every readable
+    image through :class:`uad.inference.Inferencer` (the library's one inference path), plus run
+    tags linking this run to the training run and the checkpoint version it used. An image that
+    cannot be decoded is listed (status ``error`` with the reason) and skipped."""
+    from uad.data.images import load_mask
+    from uad.inference import Inferencer
+    from uad.metrics.plots import image_overlay_png
+
     cfg = _engine_cfg(engine, engine_override)
-    thr = _thresholds(thresholds or {}, infer, method_name)
+    meta = checkpoint.get("meta") or {}
     method = _load_method(method_name, method_params, checkpoint, infer.get("class_name"), "infer")
-    trainer = Trainer(cfg)
-    trainer.prepare(method)
-    method.eval_mode()
-    rows = images.reset_index(drop=True)
     limit = infer.get("max_overlays")
-    overlays = _Overlays(None if limit is None else int(limit), thr, method.input_spec, rows)
-    errors: list[str] = []
-    ds = SkipUnreadable(_dataset(method, rows, sorted(rows["class_name"].unique())))
-    scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:infer", errors=errors,
-                                        on_batch=overlays.add)
-    good = np.array([not e for e in errors], dtype=bool)
-    results = rows[["image_path", "relative_path"]].copy()
-    results["status"] = np.where(good, "ok", "unreadable")
-    results["error"] = errors
-    results["score"] = np.where(good, scores, np.nan)
-    results["decision"] = np.where(good, np.where(scores >= thr["image"], "anomalous", "normal"), "")
-    if thr["pixel"] is not None:
-        area = (maps.astype(np.float32) >= thr["pixel"]).reshape(len(rows), -1).mean(1)
-        results["anomalous_area"] = np.where(good, area, np.nan)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"infer.max_overlays: {limit!r} is not a positive integer; null writes one per image")
+    overlay_side = infer.get("overlay_max_side", 1024)
+    if overlay_side is not None and (isinstance(overlay_side, bool) or not isinstance(overlay_side, int) or overlay_side < 16):
+        raise ConfigError(f"infer.overlay_max_side: {overlay_side!r} is not an integer >= 16 (or null: full size)")
+    inf = Inferencer(method, thresholds or {}, class_name=infer.get("class_name"), classes=meta.get("classes") or (),
+                     engine=cfg, progress=bool(cfg.progress), workers=max(1, int(cfg.num_workers or 1)),
+                     image_threshold=infer.get("image_threshold"), pixel_threshold=infer.get("pixel_threshold"),
+                     **_infer_options(infer, cfg))
+    thr = inf.thresholds
+    _require_image_threshold(thr, method_name)
+    rows = images.reset_index(drop=True)
+    kept: list[tuple[float, int, bytes | None]] = []
+    pngs: dict[str, bytes] = {}
+    table, maps_out, masks_out = [], {}, {}
+    chunk = max(inf.batch_size * 4, 16)
+    for start in range(0, len(rows), chunk):  # chunks: decoded images and full-size maps never pile up
+        part = rows.iloc[start:start + chunk]
+        for i, res in zip(part.index, inf.predict(list(part["image_path"]), keep_images=True)):
+            rel = rows.at[i, "relative_path"]
+            name = _overlay_name(rel)
+            row = {"image_path": rows.at[i, "image_path"], "relative_path": rel, **res.as_row(), "overlay": ""}
+            row.pop("source")
+            if res.status == "ok":
+                maps_out[f"map_{i:05d}"] = res.map.astype(np.float16)
+                if rows.at[i, "mask_path"]:
+                    masks_out[f"mask_{i:05d}"] = load_mask(rows.at[i, "mask_path"]).astype(np.uint8)
+                verdict = res.decision.upper() if res.decision == "anomalous" else res.decision
+                text = f"{verdict}  score {res.score:.4g} (threshold {thr['image']:.4g})  {method_name}  {rel}"
+                png = lambda res=res, text=text: image_overlay_png(res.image, res.map, thr["pixel"], text,  # noqa: E731
+                                                                   res.decision == "anomalous", overlay_side)
+                if limit is None:
+                    pngs[name] = png()
+                    row["overlay"] = name
+                elif len(kept) < limit or res.score > kept[0][0]:
+                    import heapq
+
+                    item = (res.score, int(i), png())
+                    (heapq.heappush if len(kept) < limit else heapq.heapreplace)(kept, item)
+            table.append(row)
+            res.image = res.map = None
+    if limit is not None:
+        ranked = sorted(kept, key=lambda t: -t[0])
+        for rank, (_, i, png) in enumerate(ranked):
+            name = f"{rank:05d}_{_overlay_name(rows.at[i, 'relative_path'])}"
+            pngs[name] = png
+            table[i]["overlay"] = name
+    results = pd.DataFrame(table, columns=["image_path", "relative_path", "status", "error", "score", "decision",
+                                           "anomalous_area", "height", "width", "frame", "pieces", "overlay"])
     results["image_threshold"] = thr["image"]
     results["threshold_source"] = thr["image_source"]
+    results["threshold_frame"] = inf.threshold_frame
     results["pixel_threshold"] = thr["pixel"] if thr["pixel"] is not None else np.nan
     version = _checkpoint_version(checkpoint)
     results["checkpoint"] = version
+    good = (results["status"] == "ok").to_numpy()
     bad = results[~good]
     if len(bad):
-        log.warning("infer: %d of %d file(s) cannot be read and were skipped:\n%s", len(bad), len(results),
+        log.warning("infer: %d of %d file(s) could not be scored and were skipped:\n%s", len(bad), len(results),
                     "\n".join(f"  {r.image_path}: {r.error}" for r in bad.itertuples()))
-    ok = rows[good]
-    maps, masks = maps[good], masks[good]
-    n_bad = int((results["status"] != "ok").sum())
     n_anom = int((results["decision"] == "anomalous").sum())
-    log.info("infer: %d anomalous of %d scored (image threshold %.6g, %s); %d unreadable skipped",
-             n_anom, len(ok), thr["image"], thr["image_source"], n_bad)
-    meta = checkpoint.get("meta") or {}
+    log.info("infer: %d anomalous of %d scored (image threshold %.6g, %s; frame %s); %d skipped",
+             n_anom, int(good.sum()), thr["image"], thr["image_source"], inf.frame, len(bad))
     tags = {"trained_in_run": meta.get("mlflow_run_id", "unknown"), "checkpoint_version": version,
             "checkpoint_path": checkpoint.get("path", ""), "method": method_name,
             "infer_images": str(infer.get("images")), "image_threshold": f"{thr['image']:.6g}",
-            "threshold_source": thr["image_source"], "n_scored": str(len(ok)), "n_anomalous": str(n_anom),
-            "n_unreadable": str(n_bad)}
-    arrays = {"maps": maps, "scores": scores[good].astype(np.float32), "image_paths": ok["image_path"].to_numpy(str)}
-    if len(ok) and (ok["mask_path"] != "").any():  # ground truth given with the images: kept beside the maps
-        arrays["masks"] = masks
-        arrays["has_mask"] = (ok["mask_path"] != "").to_numpy(bool)
-    return results, arrays, overlays.result(), tags
+            "threshold_source": thr["image_source"], "threshold_frame": inf.threshold_frame, "infer_frame": inf.frame, "n_scored": str(int(good.sum())),
+            "n_anomalous": str(n_anom), "n_unreadable": str(len(bad))}
+    ok = results[good]
+    arrays: dict[str, np.ndarray] = {"scores": ok["score"].to_numpy(np.float32), "image_paths": ok["image_path"].to_numpy(str),
+                                      "map_keys": np.array([f"map_{i:05d}" for i in ok.index], dtype=str),
+                                      "sizes": ok[["height", "width"]].to_numpy(np.int64), **maps_out}
+    if masks_out:  # ground truth given with the images: kept beside the maps, at the same size
+        arrays.update(masks_out)
+    return results, arrays, pngs, tags
 
 
-def export_model(method_name: str, method_params: dict, checkpoint: dict, thresholds: dict, export: dict
-                 ) -> tuple[bytes, dict[str, Any], dict[str, str]]:
-    """The ONNX model of the whole inference path (preprocessed image in; map and score out) and
-    the JSON a runtime needs beside it: preprocessing, thresholds, provenance."""
+def export_model(method_name: str, method_params: dict, checkpoint: dict, thresholds: dict, export: dict,
+                 metrics_table: pd.DataFrame | None = None) -> tuple[bytes, dict[str, Any], dict[str, Any], dict[str, str]]:
+    """The ONNX model of the whole inference path (preprocessed image in; map and score out), the
+    JSON a runtime needs beside it (preprocessing, thresholds, provenance), and the servable
+    MLflow model (:mod:`uad.mlflow_model`: the checkpoint, thresholds and frame settings, behind
+    :class:`uad.inference.Inferencer`; images in, scores, decisions and maps out)."""
     from uad.export import export_onnx, preprocessing_spec
 
     method = _load_method(method_name, method_params, checkpoint, export.get("class_name"), "export")
@@ -199,4 +193,54 @@ def export_model(method_name: str, method_params: dict, checkpoint: dict, thresh
              info["opset"])
     tags = {"trained_in_run": spec["trained_in_run"], "checkpoint_version": spec["checkpoint_version"],
             "onnx_batch": str(info["batch"]), "onnx_opset": str(info["opset"]), "method": method_name}
-    return data, spec, tags
+    served = served_model_payload(method_name, checkpoint, thresholds or {}, export, method, _mean_metrics(metrics_table))
+    return data, spec, served, tags
+
+
+def _mean_metrics(table: pd.DataFrame | None) -> dict[str, float]:
+    """The mean row of the evaluation's per-class table (the papers' headline numbers)."""
+    if table is None or not len(table):
+        return {}
+    key = table.columns[0]
+    mean = table[table[key].astype(str) == "mean"]
+    row = mean.iloc[0] if len(mean) else table.iloc[-1]
+    return {k: float(v) for k, v in row.items() if k != key and isinstance(v, (int, float, np.floating)) and np.isfinite(v)}
+
+
+def served_model_payload(method_name: str, checkpoint: dict, thresholds: dict, export: dict, method,
+                         metrics: dict[str, float] | None = None) -> dict[str, Any]:
+    """What :class:`uad.io.ServedModelDataset` logs and registers: the checkpoint file, the stored
+    thresholds, the frame settings (``params:export``'s ``frame`` / ``short_side`` / ``max_side`` /
+    ``tile_overlap``, the infer defaults otherwise), a description and tags naming the method,
+    data, training run, thresholds and metrics."""
+    meta = checkpoint.get("meta") or {}
+    if not checkpoint.get("path"):
+        raise ConfigError(f"the {method_name} checkpoint has no file path: export reads a saved checkpoint "
+                          f"(run kedro run --pipeline={method_name} first)")
+    settings = {"frame": export.get("frame", "full"), "short_side": export.get("short_side"),
+                "max_side": export.get("max_side", 1024), "tile_overlap": float(export.get("tile_overlap", 0.25)),
+                "class_name": export.get("class_name")}
+    metrics = dict(metrics or {})
+    thr_img, thr_px = thresholds.get("image"), thresholds.get("pixel")
+    spec = method.input_spec
+    lines = [f"{method_name} anomaly detector ({method.identity().get('backbone', '')}), trained on "
+             f"{', '.join(meta.get('classes') or []) or 'unknown classes'} ({meta.get('setting', 'multi_class')}).",
+             f"Input: a column 'image' of encoded image bytes (base64 in JSON). Output per image: score, decision at "
+             f"the image threshold {thr_img if thr_img is None else f'{float(thr_img):.6g}'} "
+             f"({thresholds.get('image_source', 'none')}), anomalous_area at the pixel threshold "
+             f"{thr_px if thr_px is None else f'{float(thr_px):.6g}'}; map at the image's size with params "
+             f"{{\"return_map\": true}}.",
+             f"Scoring: frame {settings['frame']} (every pixel), images scaled to a {settings['short_side'] or spec['resize']} px "
+             f"shorter side, tiles of {spec['crop']} px beyond {settings['max_side']} px.",
+             f"Checkpoint {checkpoint.get('path')}, trained in MLflow run {meta.get('mlflow_run_id', 'unknown')}."]
+    if metrics:
+        lines.append("Test metrics (mean over classes): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    tags = {"method": method_name, "backbone": method.identity().get("backbone", ""),
+            "classes": ",".join(meta.get("classes") or []), "setting": str(meta.get("setting", "multi_class")),
+            "trained_in_run": str(meta.get("mlflow_run_id", "unknown")), "checkpoint_version": _checkpoint_version(checkpoint),
+            "image_threshold": "" if thr_img is None else f"{float(thr_img):.6g}",
+            "pixel_threshold": "" if thr_px is None else f"{float(thr_px):.6g}",
+            "threshold_source": str(thresholds.get("image_source", "none")), "frame": settings["frame"],
+            **{f"metric.{k}": f"{float(v):.4f}" for k, v in metrics.items()}}
+    return {"checkpoint_path": str(checkpoint["path"]), "thresholds": dict(thresholds), "settings": settings,
+            "description": "\n\n".join(lines), "tags": tags}
