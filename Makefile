@@ -8,7 +8,7 @@ export KEDRO_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
 
-.PHONY: setup setup-cpu run test viz mlflow-ui bench clean
+.PHONY: setup setup-cpu run test viz mlflow-ui bench clean notebooks
 
 $(BIN)/kedro: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# JupyterLab for notebooks/ (the optional extra), then open it in the project's Kedro session
+notebooks: setup
+	$(BIN)/python -m pip install --quiet -e ".[notebooks]"
+	@echo "JupyterLab installed: $(BIN)/kedro jupyter lab --no-browser"
 
 viz: setup
 	$(BIN)/kedro viz run

@@ -539,3 +539,26 @@ def test_torchrun_ranks_write_only_from_rank_zero(project):
     assert _n_runs(client) == runs_before + 1
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     assert run.data.tags["ddp_world_size"] == "2" and "image_auroc" in run.data.metrics
+
+
+def test_notebooks_execute_on_the_runs_above(project, monkeypatch):
+    """Both notebooks run top to bottom, headless, on this module's smoke outputs (a Kedro
+    session on the project, the methods' metrics, pictures and MLflow runs; the Inferencer on
+    images of the embedded dataset), so they never rot."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    if not (project / "data/06_models/patchcore/fit.safetensors").exists():
+        run_pipeline(project, "patchcore")
+    monkeypatch.setenv("UAD_ENV", "smoke")
+    monkeypatch.setenv("UAD_PROJECT", str(project))
+    root = Path(__file__).resolve().parents[1] / "notebooks"
+    for name in ("01_getting_started.ipynb", "02_score_your_images.ipynb"):
+        nb = nbformat.read(root / name, as_version=4)
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(project)}}).execute()
+        errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, (name, errors)
+        pictures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))
+        assert pictures >= 1, f"{name} drew no picture"
+        text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
+        assert "Loading data" not in text and "WARNING" not in text, text[:2000]

@@ -15,6 +15,10 @@ from kedro.framework.hooks import hook_impl
 
 from uad.engine.trainer import pid_alive
 
+#: the environment ``kedro run`` uses without ``--env`` (settings.py reads it from here, so the
+#: hooks never import the settings back)
+DEFAULT_RUN_ENV = "quick"
+
 log = logging.getLogger(__name__)
 
 
@@ -75,9 +79,7 @@ class RunTagsHook:
         active = mlflow.active_run()
         if active is None:
             return
-        from uad.settings import CONFIG_LOADER_ARGS
-
-        env = run_params.get("env") or self._env or CONFIG_LOADER_ARGS.get("default_run_env") or "local"
+        env = run_params.get("env") or self._env or DEFAULT_RUN_ENV
         mlflow.set_tags({
             "git_commit": git_commit(self._project_path or Path.cwd()),
             "kedro_env": str(env),

@@ -56,8 +56,8 @@ from uad.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Inferencer", "ImageResult", "FramePlan", "plan_frame", "load_trained", "split_group_state",
-           "GROUP_SEP", "FRAMES"]
+__all__ = ["Inferencer", "ImageResult", "FramePlan", "plan_frame", "stitch", "frame_options", "load_trained",
+           "split_group_state", "GROUP_SEP", "FRAMES"]
 
 #: separator of a one-model-per-class checkpoint's keys: ``<class>::<tensor name>``
 GROUP_SEP = "::"
@@ -102,6 +102,24 @@ def load_trained(method_name: str | None, method_params: Mapping[str, Any] | Non
         group = class_name
     method.load_state_dict(split_group_state(tensors, group))
     return method
+
+
+def frame_options(params: Mapping[str, Any], batch_size: int = 8) -> dict[str, Any]:
+    """:class:`Inferencer` keyword arguments from a parameter block (``params:infer`` or
+    ``params:export``: ``frame``, ``short_side``, ``max_side``, ``tile_overlap``), types checked
+    with one clear error naming the key."""
+    opts: dict[str, Any] = {"frame": params.get("frame", "full") or "full", "short_side": params.get("short_side"),
+                            "max_side": params.get("max_side", 1024), "tile_overlap": params.get("tile_overlap", 0.25),
+                            "batch_size": int(batch_size)}
+    for key in ("short_side", "max_side"):
+        val = opts[key]
+        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
+            raise ConfigError(f"infer.{key}: {val!r} is not a positive integer (or null)")
+    try:
+        opts["tile_overlap"] = float(opts["tile_overlap"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"infer.tile_overlap: {opts['tile_overlap']!r} is not a number in [0, 1)") from None
+    return opts
 
 
 # ---------------------------------------------------------------------------------------- frames

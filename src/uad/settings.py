@@ -5,17 +5,32 @@ file (``consent: false``) and its project hooks are disabled here, so Kedro neve
 never reaches for the network.
 """
 
+import logging
 import warnings
 
 from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from uad.hooks import NodeTimesHook, RankZeroWritesHook, RunTagsHook
+from uad.hooks import DEFAULT_RUN_ENV, NodeTimesHook, RankZeroWritesHook, RunTagsHook
 
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
 warnings.filterwarnings("ignore", message=r"register_new_resolver\(\) is deprecated", category=UserWarning)
+# Namespaced pipelines name their datasets ``<method>.<name>`` by design (Kedro's namespaces do).
+warnings.filterwarnings("ignore", message=r"One or more dataset names contain '\.' characters", category=UserWarning)
+
+
+class _DropKnownLibraryWarning(logging.Filter):
+    """kedro-mlflow's pipeline model class has an un-annotated ``predict``; MLflow warns about it
+    when the class is defined, inside its own ``catch_warnings`` (so no warnings filter reaches
+    it). Kedro routes warnings through the ``py.warnings`` logger: drop that one record there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Add type hints to the `predict` method" not in record.getMessage()
+
+
+logging.getLogger("py.warnings").addFilter(_DropKnownLibraryWarning())
 
 HOOKS = (RunTagsHook(), RankZeroWritesHook(), NodeTimesHook())
 
@@ -26,7 +41,7 @@ CONFIG_LOADER_ARGS = {
     "base_env": "base",
     # `kedro run` with no --env runs the quick profile (conf/quick); --env=mvtec etc. run the
     # papers' settings, since conf/base keeps every method at its code (= paper) defaults.
-    "default_run_env": "quick",
+    "default_run_env": DEFAULT_RUN_ENV,
     # ``${oc.env:VAR,default}`` everywhere: MLFLOW_TRACKING_URI switches the tracking server
     # without code changes, and dataset roots can come from the environment.
     "custom_resolvers": {"oc.env": oc.env},

@@ -82,25 +82,25 @@ def _check_files(row: tuple, check_images: bool, full_decode: bool, mask_policy:
             else:
                 size = image_size(img_path)
         except ImageReadError as exc:
-            problems.append(f"unreadable image {exc.path}: {exc.reason}")
+            problems.append(f"unreadable image {exc.path}: {exc.reason}; replace or remove the file")
     if not _is_blank(mask_path):
         try:
             vals = read_mask_values(mask_path)
         except ImageReadError as exc:
-            problems.append(f"unreadable mask {exc.path} (for image {img_path}): {exc.reason}")
+            problems.append(f"unreadable mask {exc.path} (for image {img_path}): {exc.reason}; replace or remove the mask")
         else:
             if size is not None and (vals.shape[1], vals.shape[0]) != size:
                 problems.append(
                     f"mask/image size mismatch: mask {mask_path} is {vals.shape[1]}x{vals.shape[0]}, "
-                    f"image {img_path} is {size[0]}x{size[1]}"
+                    f"image {img_path} is {size[0]}x{size[1]}; resize the mask to its image (nearest neighbour)"
                 )
             uniq = np.unique(vals)
             positive = uniq[uniq > 0]
             if mask_policy == "binary" and positive.size > 1:
                 shown = ", ".join(str(int(u)) for u in uniq[:8]) + (", ..." if uniq.size > 8 else "")
-                problems.append(f"non-binary mask {mask_path}: values {{{shown}}} (expected 0 and one positive value)")
+                problems.append(f"non-binary mask {mask_path}: values {{{shown}}} (expected 0 and one positive value); binarise it, or set data.mask_policy: nonzero")
             if label == 0 and positive.size > 0:
-                problems.append(f"normal image {img_path} has a non-empty mask {mask_path}")
+                problems.append(f"normal image {img_path} has a non-empty mask {mask_path}; move the image to a defect folder or empty the mask")
     return problems
 
 
@@ -143,37 +143,40 @@ def validate_index(
     labels_raw = df["label"]
     bad_split = ~splits.isin(_SPLITS)
     for p, s in zip(df.loc[bad_split, "image_path"], splits[bad_split]):
-        problems.append(f"bad split {s!r} for {p} (expected one of {list(_SPLITS)})")
+        problems.append(f"bad split {s!r} for {p} (expected one of {list(_SPLITS)}); fix the split file")
     labels = pd.to_numeric(labels_raw, errors="coerce")
     bad_label = ~labels.isin([0, 1])
     for p, v in zip(df.loc[bad_label, "image_path"], labels_raw[bad_label]):
-        problems.append(f"bad label {v!r} for {p} (expected 0 or 1)")
+        problems.append(f"bad label {v!r} for {p} (expected 0 or 1); fix the split file")
     defect = df["defect_type"].astype(str)
     inconsistent = ~bad_label & ((labels == 0) != (defect == "good"))
     for p, v, d in zip(df.loc[inconsistent, "image_path"], labels[inconsistent], defect[inconsistent]):
-        problems.append(f"label {int(v)} contradicts defect_type {d!r} for {p} (defect_type 'good' <=> label 0)")
+        problems.append(f"label {int(v)} contradicts defect_type {d!r} for {p} (defect_type 'good' <=> label 0); fix the split file")
 
     img_paths = df["image_path"]
     blank = img_paths.map(_is_blank)
     for idx in np.flatnonzero(blank.to_numpy()):
         r = df.iloc[idx]
-        problems.append(f"row {idx} ({r['dataset']}/{r['class_name']}/{r['split']}) has an empty image_path")
+        problems.append(f"row {idx} ({r['dataset']}/{r['class_name']}/{r['split']}) has an empty image_path; fix the split file")
     dup = df.duplicated(subset=["split", "image_path"], keep="first") & ~blank
     for p, s in zip(img_paths[dup], splits[dup]):
-        problems.append(f"duplicate image {p} in split {s!r}")
+        problems.append(f"duplicate image {p} in split {s!r}; list each image once")
 
     mask_paths = df["mask_path"]
     no_mask = mask_paths.map(_is_blank)
     need_mask = (splits == "test") & (labels == 1) & no_mask
     for p in img_paths[need_mask]:
-        problems.append(f"anomalous test image without mask: {p}")
+        problems.append(f"anomalous test image without mask: {p}; add ground_truth/<defect>/<stem>_mask.png (or <stem>.png)")
 
     groups = df.assign(_split=splits).groupby(["dataset", "class_name"], sort=True)["_split"]
     for (ds, cls), sp in groups:
         present = set(sp)
         for s in require_splits:
             if s not in present:
-                problems.append(f"class {ds}/{cls} has no {s} images")
+                fix = ("add normal images under <root>/<class>/train/good" if s == "train" else
+                       "add <root>/<class>/test/good (and defect folders with masks), or let ingest hold out normal "
+                       "training images as the test split (data.normal_holdout: 0.2)")
+                problems.append(f"class {ds}/{cls} has no {s} images; {fix}")
 
     rows = list(zip(splits, labels.fillna(-1).astype(int), img_paths, mask_paths))
     work = [r for r, b in zip(rows, blank) if not b]

@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["LAYOUTS", "detect_layout", "scan_dataset"]
 
-LAYOUTS: tuple[str, ...] = ("mvtec", "mpdd", "btad", "mvtec3d", "visa", "realiad")
+LAYOUTS: tuple[str, ...] = ("mvtec", "mpdd", "btad", "mvtec3d", "visa", "realiad", "folder")
 _REALIAD_IMAGE_DIRS = ("realiad_1024", "realiad_512", "realiad_256", "realiad_raw")
 
 
@@ -140,6 +140,12 @@ def _scan_mvtec(root: Path, dataset: str, **_) -> list[dict]:
     return rows
 
 
+def _scan_folder(root: Path, dataset: str, **_) -> list[dict]:
+    """A flat folder of normal images: one class (the folder's name), training images only (the
+    ingest holds out some as the test split, ``data.normal_holdout``)."""
+    return [_row(dataset, root.name, "train", 0, "good", p) for p in _images_in(root)]
+
+
 def _scan_btad(root: Path, dataset: str, **_) -> list[dict]:
     rows = []
     for cdir in _class_dirs(root, lambda d: (d / "train" / "ok").is_dir() or (d / "test").is_dir()):
@@ -184,20 +190,22 @@ def _scan_visa(root: Path, dataset: str, split_csv: str | os.PathLike | None = N
     if not csv_path.is_absolute() and not csv_path.exists():
         csv_path = root / csv_path
     if not csv_path.is_file():
-        raise DatasetRootError(f"VisA split file not found: {csv_path}")
+        raise DatasetRootError(f"VisA split file not found: {csv_path}; put VisA's split_csv/1cls.csv under the root "
+                              f"or name the file with split_csv")
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         need = {"object", "split", "label", "image", "mask"}
         cols = {(c or "").strip() for c in (reader.fieldnames or [])}
         if not need <= cols:
-            raise DatasetLayoutError(f"{csv_path}: expected columns {sorted(need)}, found {sorted(cols)}")
+            raise DatasetLayoutError(f"{csv_path}: expected columns {sorted(need)}, found {sorted(cols)}; use the format of "
+                                     f"VisA's split_csv/1cls.csv")
         records = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
     rows = []
     for r in records:
         split = r["split"].lower()
         lab = r["label"].lower()
         if lab not in ("normal", "anomaly"):
-            raise DatasetLayoutError(f"{csv_path}: unknown label {r['label']!r} for {r['image']} (expected normal/anomaly)")
+            raise DatasetLayoutError(f"{csv_path}: unknown label {r['label']!r} for {r['image']} (expected normal/anomaly); fix that row of the split file")
         anomalous = lab == "anomaly"
         mask = str(root / r["mask"]) if (r["mask"] and anomalous) else ""
         rows.append(_row(dataset, r["object"], split, int(anomalous), "anomaly" if anomalous else "good",
@@ -211,13 +219,13 @@ def _realiad_json_dir(root: Path, json_dir: str | os.PathLike | None) -> Path:
         if not jd.is_absolute() and not jd.exists():
             jd = root / jd
         if not jd.is_dir():
-            raise DatasetRootError(f"Real-IAD json_dir not found: {jd}")
+            raise DatasetRootError(f"Real-IAD json_dir not found: {jd}; point json_dir at the folder of <class>.json split files")
         return jd
     jd = root / "realiad_jsons"
     if not any(jd.glob("*.json")) and (jd / "realiad_jsons").is_dir():
         jd = jd / "realiad_jsons"
     if not jd.is_dir():
-        raise DatasetRootError(f"Real-IAD json folder not found: {jd}")
+        raise DatasetRootError(f"Real-IAD json folder not found: {jd}; unpack realiad_jsons/ under the root or set json_dir")
     return jd
 
 
@@ -240,7 +248,7 @@ def _scan_realiad(
     if classes is not None:
         unknown = [c for c in classes if c not in available]
         if unknown:
-            raise DatasetLayoutError(f"classes {unknown} have no split file in {jd}; available: {available}")
+            raise DatasetLayoutError(f"classes {unknown} have no split file in {jd}; set data.classes to some of: {available}")
     rows = []
     for jpath in sorted(jd.glob("*.json")):
         cls = jpath.stem
@@ -249,7 +257,7 @@ def _scan_realiad(
         try:
             spec = json.loads(jpath.read_text())
         except (OSError, ValueError) as exc:
-            raise DatasetLayoutError(f"cannot parse Real-IAD split file {jpath}: {exc}") from exc
+            raise DatasetLayoutError(f"cannot parse Real-IAD split file {jpath}: {exc}; restore it from the dataset") from exc
         base = idir / cls
         for split in ("train", "test"):
             for item in spec.get(split, []) or []:
@@ -269,6 +277,7 @@ _ADAPTERS: dict[str, Callable[..., list[dict]]] = {
     "mvtec3d": _scan_mvtec3d,
     "visa": _scan_visa,
     "realiad": _scan_realiad,
+    "folder": _scan_folder,
 }
 
 
@@ -281,7 +290,8 @@ def detect_layout(root: str | os.PathLike) -> str:
     """Guess the layout of ``root`` from marker files/folders (see the module docstring)."""
     root = Path(root)
     if not root.is_dir():
-        raise DatasetRootError(f"dataset root does not exist or is not a folder: {root}")
+        raise DatasetRootError(f"dataset root does not exist or is not a folder: {root}; set data.root (UAD_DATA_ROOT) "
+                               f"to the dataset's folder")
     if (root / "split_csv").is_dir():
         return "visa"
     if (root / "realiad_jsons").is_dir():
@@ -293,9 +303,15 @@ def detect_layout(root: str | os.PathLike) -> str:
         return "btad"
     if any((d / "train" / "good").is_dir() for d in subs):
         return "mvtec"
+    if _images_in(root):
+        return "folder"
+    if (root / "train" / "good").is_dir():
+        raise DatasetLayoutError(f"{root} is one class folder (train/good inside): point data.root at the folder "
+                                 f"that holds it ({root.parent}) and, for this class only, set data.classes=[{root.name}]")
     raise DatasetLayoutError(
         f"unknown layout at {root}: expected one of split_csv/ (visa), realiad_jsons/ (realiad), "
-        f"<class>/train/good/rgb/ (mvtec3d), <class>/train/ok/ (btad), <class>/train/good/ (mvtec, mpdd)"
+        f"<class>/train/good/rgb/ (mvtec3d), <class>/train/ok/ (btad), <class>/train/good/ (mvtec, mpdd), "
+        f"or image files directly inside (folder: one class of normal images); arrange the images so, or set data.layout"
     )
 
 
@@ -320,15 +336,16 @@ def scan_dataset(
     """
     root = Path(root).expanduser()
     if not root.exists():
-        raise DatasetRootError(f"dataset root does not exist: {root}")
+        raise DatasetRootError(f"dataset root does not exist: {root}; set data.root (UAD_DATA_ROOT) to the dataset's folder")
     if not root.is_dir():
-        raise NotADirectoryError(f"dataset root is not a folder: {root}")
+        raise DatasetRootError(f"dataset root is not a folder: {root}; set data.root (UAD_DATA_ROOT) to the folder "
+                               f"that holds the images")
     root = root.absolute()
     lay = str(layout).lower()
     if lay == "auto":
         lay = detect_layout(root)
     if lay not in _ADAPTERS:
-        raise DatasetLayoutError(f"unknown layout {layout!r}; expected one of {list(LAYOUTS) + ['auto']}")
+        raise DatasetLayoutError(f"unknown layout {layout!r}; set data.layout to one of {list(LAYOUTS) + ['auto']}")
     wanted = None if classes is None else ([classes] if isinstance(classes, str) else [str(c) for c in classes])
     name = dataset_name if dataset_name is not None else root.name
     rows = _ADAPTERS[lay](root, name, classes=wanted, **options)
@@ -343,10 +360,12 @@ def scan_dataset(
         found = set(df["class_name"])
         unknown = [c for c in wanted if c not in found]
         if unknown:
-            raise DatasetLayoutError(f"classes {unknown} not found in {root} ({lay} layout); available: {sorted(found)}")
+            raise DatasetLayoutError(f"classes {unknown} not found in {root} ({lay} layout); set data.classes to some of: "
+                                     f"{sorted(found)}")
         df = df[df["class_name"].isin(wanted)]
     if len(df) == 0:
-        raise DatasetLayoutError(f"no images found in {root} with the {lay} layout")
+        raise DatasetLayoutError(f"no images found in {root} with the {lay} layout; check data.root and data.layout "
+                                 f"(auto detects the layouts listed in the README)")
     df = df.sort_values(["class_name", "split", "label", "defect_type", "image_path"], kind="mergesort")
     df = df.reset_index(drop=True)
     df["label"] = df["label"].astype("int64")

@@ -35,7 +35,7 @@ import pandas as pd
 
 from .index import INDEX_COLUMNS
 
-__all__ = ["SETTINGS", "iter_groups", "make_split"]
+__all__ = ["SETTINGS", "hold_out_normals", "iter_groups", "make_split"]
 
 SETTINGS: tuple[str, ...] = ("multi_class", "one_class", "few_shot", "zero_shot")
 _SORT = ["dataset", "class_name", "split", "label", "defect_type", "image_path"]
@@ -150,3 +150,34 @@ def iter_groups(
     for g in groups:
         yield (g, train_df[train_df["class_name"] == g].reset_index(drop=True),
                test_df[test_df["class_name"] == g].reset_index(drop=True))
+
+
+def hold_out_normals(index: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+    """For every (dataset, class) with training images but no test images (a production line
+    with no defects collected yet), move a seeded ``fraction`` of its normal training images to
+    the test split (at least one, and at least one kept for training). Returns the new index and
+    ``{"<dataset>/<class>": images held out}``. The evaluation then sets its thresholds at a
+    false-positive rate on these normals (:func:`uad.metrics.thresholds.compute_thresholds`)."""
+    from uad.errors import ConfigError
+
+    try:
+        frac = float(fraction)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.normal_holdout: {fraction!r} is not a number in (0, 1); 0.2 holds out a fifth") from None
+    out = index.copy()
+    held: dict[str, int] = {}
+    for (ds, cls), grp in index.groupby(["dataset", "class_name"], sort=True):
+        if (grp["split"] == "test").any() or not (grp["split"] == "train").any():
+            continue
+        if not 0.0 < frac < 1.0:
+            continue  # off: validation reports the missing test split with the fix
+        normal = grp[(grp["split"] == "train") & (grp["label"] == 0)]
+        if len(normal) < 2:
+            raise ConfigError(f"class {ds}/{cls} has {len(normal)} normal image(s) and no test images: add images "
+                              f"(at least 2: one to train on, one to test) or a test folder")
+        n = min(len(normal) - 1, max(1, int(round(frac * len(normal)))))
+        rng = np.random.default_rng([int(seed), zlib.crc32(f"{ds}/{cls}".encode())])
+        pick = normal.index[np.sort(rng.choice(len(normal), size=n, replace=False))]
+        out.loc[pick, "split"] = "test"
+        held[f"{ds}/{cls}"] = int(n)
+    return out, held

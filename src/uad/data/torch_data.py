@@ -48,7 +48,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..engine.trainer import EpochAwareDataset  # one epoch-indexing wrapper for engine and loaders
 
 from .images import load_image, load_mask
 
@@ -56,6 +55,7 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "AnomalyImageDataset",
+    "EpochAwareDataset",
     "InfiniteLoader",
     "SeededAugment",
     "SkipUnreadable",
@@ -71,6 +71,26 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 AugmentFn = Callable[[np.ndarray, int], "tuple[np.ndarray, np.ndarray | None, int]"]
+
+
+class EpochAwareDataset(Dataset):
+    """The one epoch-indexing wrapper of the training engine and :func:`make_loader`: maps a
+    virtual index ``e * n + i`` to sample ``i`` of epoch ``e`` (sets ``base.epoch``)."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+        self.n = len(base)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, v: int):
+        epoch, i = divmod(int(v), self.n)
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+        elif hasattr(self.base, "epoch"):
+            self.base.epoch = epoch
+        return self.base[i]
 
 
 def center_crop_offsets(size: int, crop: int) -> int:

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from uad.data.torch_data import EpochAwareDataset, finish_batch, uint8_twin
 from uad.errors import ConfigError, UadError
 
 from . import distributed
@@ -167,25 +168,6 @@ class StepSampler(Sampler[int]):
             epoch, offset = epoch + 1, 0
 
 
-class EpochAwareDataset(Dataset):
-    """Maps a virtual index ``e * n + i`` to sample ``i`` of epoch ``e`` (sets ``base.epoch``)."""
-
-    def __init__(self, base: Dataset):
-        self.base = base
-        self.n = len(base)  # type: ignore[arg-type]
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, v: int):
-        epoch, i = divmod(int(v), self.n)
-        if hasattr(self.base, "set_epoch"):
-            self.base.set_epoch(epoch)
-        elif hasattr(self.base, "epoch"):
-            self.base.epoch = epoch
-        return self.base[i]
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -264,8 +246,6 @@ class Trainer:
         cfg = self.config
         normalise = None
         if uint8 and (cfg.uint8_batches is True or (cfg.uint8_batches == "auto" and self.device.type == "cuda")):
-            from uad.data.torch_data import uint8_twin  # the data layer imports the engine: import here
-
             twin = uint8_twin(dataset)
             if twin is not None:
                 dataset, normalise = twin[0], twin[1].normalise
@@ -295,7 +275,6 @@ class Trainer:
         normalise = getattr(loader, "uad_normalise", None)
         if normalise is None:
             return batch
-        from uad.data.torch_data import finish_batch
 
         return finish_batch(batch, normalise)
 

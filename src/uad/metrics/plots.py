@@ -197,7 +197,16 @@ def per_class_bar_chart(metrics_df: Any, metrics: Sequence[str] | None = None) -
     if missing:
         raise ValueError(f"metrics_df has no column(s) {missing}")
     if len(metrics_df) == 0 or not metrics:
-        raise ValueError("metrics_df has no rows or no metric to plot")
+        # normal-only test splits (a production line with no defects collected yet): no metric
+        # exists; the chart says so instead of failing the report
+        fig = _new_figure(6.0, 2.2)
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No metric to chart: the test split has no anomalous images.\n"
+                "The decision thresholds were set at the false-positive rate on its normal images\n"
+                "(evaluation.threshold_fpr); add defect images to measure AUROC / AP / AUPRO.",
+                ha="center", va="center", fontsize=9, wrap=True)
+        return fig
     groups = [str(i) for i in metrics_df.index]
     values = metrics_df[list(metrics)].to_numpy(dtype=np.float64)  # G, M
     g, k = values.shape

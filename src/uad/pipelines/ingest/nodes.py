@@ -12,7 +12,7 @@ from uad.errors import ConfigError, DatasetRootError
 from uad.data.index import validate_index
 from uad.data.layouts import scan_dataset
 from uad.data.semi import hold_out_labelled_anomalies
-from uad.data.settings import make_split
+from uad.data.settings import hold_out_normals, make_split
 from uad.data.synthetic import ensure_synthetic_dataset
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,21 @@ def _scan(sources: list[dict[str, Any]], classes) -> pd.DataFrame:
         frames.append(scan_dataset(root, layout=s.get("layout", "auto"), classes=s.get("classes", classes),
                                    dataset_name=s.get("name")))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def _holdout_fraction(data: dict[str, Any]) -> float:
+    val = data.get("normal_holdout", 0.2)
+    if val is None or val is False:
+        return 0.0
+    try:
+        val = float(val)
+    except (TypeError, ValueError):
+        raise ConfigError(f"data.normal_holdout: {val!r} is not a number; give a fraction in (0, 1) such as 0.2, "
+                          f"or 0 to require a test folder") from None
+    if not 0.0 <= val < 1.0:
+        raise ConfigError(f"data.normal_holdout: {val} is not in [0, 1); give a fraction such as 0.2, or 0 to "
+                          f"require a test folder")
+    return val
 
 
 def train_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -67,8 +82,12 @@ def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
         extra = _scan(test_sources, data.get("test_classes"))
         index = pd.concat([index, extra], ignore_index=True).drop_duplicates(subset=["dataset", "image_path"])
     if data.get("validate", True):
+        # a class without test images is held out from its normals by split_for_setting when
+        # data.normal_holdout is on; only then may the test split be missing here
+        holdout = _holdout_fraction(data) > 0 and data.get("setting", "multi_class") != "zero_shot"
         validate_index(index, check_images=True, full_decode=bool(data.get("full_decode", True)), progress=True,
-                       mask_policy=data.get("mask_policy", "binary"))
+                       mask_policy=data.get("mask_policy", "binary"),
+                       require_splits=("train",) if holdout else ("train", "test"))
     log.info("sample index: %d images, %d classes, datasets %s", len(index), index["class_name"].nunique(),
              sorted(index["dataset"].unique()))
     return index
@@ -82,6 +101,14 @@ def split_for_setting(index: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.Dat
     setting = data.get("setting", "multi_class")
     train_src = index[index["dataset"].isin(train_names)]
     test_src = index[index["dataset"].isin(test_names)] if test_names else None
+    held: dict[str, int] = {}
+    if setting != "zero_shot" and _holdout_fraction(data) > 0:
+        train_src, held = hold_out_normals(train_src, _holdout_fraction(data), seed=int(data.get("seed", 0)))
+        for key, n in held.items():
+            log.info("%s has no test images: %d of its normal training images (data.normal_holdout %.2f, seed %d) "
+                     "are its test split; thresholds come from the false-positive rate on them "
+                     "(evaluation.threshold_fpr), and image metrics need anomalies, so they are not computed",
+                     key, n, _holdout_fraction(data), int(data.get("seed", 0)))
     if setting != "zero_shot" and test_src is not None and not test_names <= train_names:
         raise ValueError(f"data.test names other datasets {sorted(test_names - train_names)}: that is the "
                          "zero_shot setting (data.setting: zero_shot)")
@@ -91,6 +118,8 @@ def split_for_setting(index: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.Dat
     if k > 0:  # semi-supervised: k labelled anomalies per class move from test to train
         train_df, test_df, held = hold_out_labelled_anomalies(train_df, test_df, k, seed=int(data.get("seed", 0)))
         info["semi_supervised_anomalies"] = held
+    if held:
+        info["normal_holdout"] = {"fraction": _holdout_fraction(data), "held_out": held}
     info["setting"] = setting
     info["n_train"], info["n_test"] = int(len(train_df)), int(len(test_df))
     return train_df.reset_index(drop=True), test_df.reset_index(drop=True), info

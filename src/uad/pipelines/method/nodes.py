@@ -361,11 +361,9 @@ def _full_frame_part(method, df: pd.DataFrame, classes: list[str], cfg, infer: d
     on the scores inference produces. Maps and whole-image masks are brought to the crop square
     (float16 / uint8) for the pixel threshold; the crop protocol's metrics do not read them."""
     from uad.data.images import load_mask
-    from uad.inference import Inferencer
+    from uad.inference import Inferencer, frame_options
 
-    from .serving import _infer_options
-
-    opts = {**_infer_options(infer, cfg), "frame": "full"}
+    opts = {**frame_options(infer, int(cfg.infer_batch_size or cfg.batch_size or 8)), "frame": "full"}
     inf = Inferencer(method, None, classes=classes, engine=cfg, progress=False, workers=max(1, int(cfg.num_workers or 1)),
                      **opts)
     crop = int(method.input_spec["crop"])
@@ -453,7 +451,8 @@ def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.D
             key = name if cls == "mean" else f"{cls}/{name}"
             mlflow_metrics[key] = {"value": float(val), "step": 0}
     mean = table.loc["mean"]
-    log.info("mean over classes: %s", ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m])))
+    shown = ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m]))
+    log.info("mean over classes: %s", shown or "no metric (the test split has no anomalous image: normal-only data)")
     if "base_scores" in predictions:  # a plug-in: the base's metrics and the gain, side by side
         base = compute_metrics(predictions["labels"], predictions["base_scores"], predictions["masks"].astype(bool),
                                predictions["base_maps"], predictions["class_names"], pixel=has_masks)

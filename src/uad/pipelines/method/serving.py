@@ -63,23 +63,6 @@ def _overlay_name(relative_path: str) -> str:
     return f"{base}{'_' + ext.lower() if dot else ''}.png"
 
 
-def _infer_options(infer: dict, cfg) -> dict[str, Any]:
-    """The Inferencer's frame settings from ``params:infer`` (types checked there)."""
-    opts: dict[str, Any] = {"frame": infer.get("frame", "full") or "full",
-                            "short_side": infer.get("short_side"), "max_side": infer.get("max_side", 1024),
-                            "tile_overlap": infer.get("tile_overlap", 0.25),
-                            "batch_size": int(cfg.infer_batch_size or cfg.batch_size or 8)}
-    for key in ("short_side", "max_side"):
-        val = opts[key]
-        if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
-            raise ConfigError(f"infer.{key}: {val!r} is not a positive integer (or null)")
-    try:
-        opts["tile_overlap"] = float(opts["tile_overlap"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"infer.tile_overlap: {opts['tile_overlap']!r} is not a number in [0, 1)") from None
-    return opts
-
-
 @torch.no_grad()
 def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, engine: dict, engine_override: dict,
                  checkpoint: dict, thresholds: dict, infer: dict
@@ -89,7 +72,7 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     tags linking this run to the training run and the checkpoint version it used. An image that
     cannot be decoded is listed (status ``error`` with the reason) and skipped."""
     from uad.data.images import load_mask
-    from uad.inference import Inferencer
+    from uad.inference import Inferencer, frame_options
     from uad.metrics.plots import image_overlay_png
 
     cfg = _engine_cfg(engine, engine_override)
@@ -104,7 +87,7 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     inf = Inferencer(method, thresholds or {}, class_name=infer.get("class_name"), classes=meta.get("classes") or (),
                      engine=cfg, progress=bool(cfg.progress), workers=max(1, int(cfg.num_workers or 1)),
                      image_threshold=infer.get("image_threshold"), pixel_threshold=infer.get("pixel_threshold"),
-                     **_infer_options(infer, cfg))
+                     **frame_options(infer, int(cfg.infer_batch_size or cfg.batch_size or 8)))
     thr = inf.thresholds
     _require_image_threshold(thr, method_name)
     rows = images.reset_index(drop=True)
