@@ -48,13 +48,26 @@ def _check_metrics(run, method: str, min_image_auroc: float) -> None:
     assert tags["git_commit"]
 
 
-def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project):
-    run_pipeline(project, "patchcore")
+def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="uad.hooks"):
+        run_pipeline(project, "patchcore")
     client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_metrics(run, "patchcore", 0.75)
     assert run.data.tags["weights_source"] == "bundled"
     arts = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert {"plots/anomaly_overlays.png", "plots/roc_pr_curves.png", "plots/per_class_metrics.png"} <= arts
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {"report/report.html"}
+    # the run ends by saying where its results went: metrics, version folders, the MLflow run
+    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("results of this run")]
+    assert summary, "no run summary was logged"
+    text = summary[-1]
+    assert "mean" in text and "image_auroc" in text and f"{run.data.metrics['image_auroc']:.3f}" in text
+    ckpt_version = sorted((project / "data/06_models/patchcore/fit.safetensors").iterdir())[-1].name
+    assert f"data/06_models/patchcore/fit.safetensors/{ckpt_version}/" in text
+    assert "data/08_reporting/patchcore/report.html/" in text
+    assert f"MLflow run {run.info.run_id}" in text and "mlflow ui --backend-store-uri" in text
     assert {a.path for a in client.list_artifacts(run.info.run_id, "metrics")} == {"metrics/metrics_per_class.csv",
                                                                                "metrics/thresholds.json"}
     assert client.list_artifacts(run.info.run_id, "predictions")

@@ -52,16 +52,27 @@ def _empty(tmp_path):
     return d
 
 
-def test_decision_overlay_is_a_png_with_both_panels():
-    from uad.metrics.plots import decision_overlay_png
+def test_overlay_is_at_the_images_size_with_outline_and_an_uncut_banner():
+    """The inference picture keeps the image's own size (longer side capped, aspect kept), outlines
+    the pixels over the threshold, and wraps a long verdict instead of cutting it."""
+    from uad.metrics.plots import image_overlay_png
 
-    img = np.full((32, 32, 3), 128, np.uint8)
-    amap = np.zeros((32, 32), np.float32)
-    amap[8:16, 8:16] = 2.0
-    png = decision_overlay_png(img, amap, 1.0, "ANOMALOUS score 2", True)
-    out = np.asarray(Image.open(__import__("io").BytesIO(png)))
-    assert out.shape == (32 + 18, 2 * 32 + 4, 3)
-    assert (out[18 + 8, 32 + 4 + 8] == 255).all()  # the outline of the pixels over the threshold
+    img = np.full((200, 300, 3), 128, np.uint8)
+    amap = np.zeros((200, 300), np.float32)
+    amap[120:160, 100:200] = 2.0
+    text = "ANOMALOUS  score 2 (threshold 1)  dinomaly  " + "/a/very/long/folder/name" * 6 + "/part.png"
+    out = np.asarray(Image.open(__import__("io").BytesIO(image_overlay_png(img, amap, 1.0, text, True))))
+    assert out.shape == (200, 300, 3)
+    assert (out[120, 150] == 255).all()  # the outline of the pixels over the threshold
+    assert out[3, 3, 0] > out[3, 3, 1] + 40  # red banner (anomalous), drawn inside the picture
+    big = np.asarray(Image.open(__import__("io").BytesIO(image_overlay_png(np.zeros((1500, 2000, 3), np.uint8),
+                                                                       np.zeros((1500, 2000), np.float32), 1.0,
+                                                                       "normal", False))))
+    assert big.shape == (768, 1024, 3)  # capped at 1024 px, aspect kept
+    with_nan = np.full((50, 60), np.nan, np.float32)
+    with_nan[10:40, 10:50] = 0.5
+    assert np.asarray(Image.open(__import__("io").BytesIO(image_overlay_png(np.zeros((50, 60, 3), np.uint8), with_nan,
+                                                                            1.0, "normal", False)))).shape == (50, 60, 3)
 
 
 def test_inpformer_onnx_export_equals_torch():

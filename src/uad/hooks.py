@@ -179,6 +179,139 @@ class NodeTimesHook:
             log.warning("could not write %s: %s", out, exc)
 
 
+#: the outputs a person looks for after a run, in the order the summary names them
+_SUMMARY_OUTPUTS = ("checkpoint", "predictions", "metrics_table", "thresholds", "report_html", "overlays", "curves",
+                    "per_class_chart", "infer_results", "infer_maps", "infer_overlays", "onnx_model", "export_spec")
+
+
+def _saved_path(dataset: Any) -> str | None:
+    """Where a catalog dataset wrote its last save: the version folder of a versioned dataset
+    (``<file>/<version>/``), the file otherwise (None when it has no file: MLflow tags, metrics)."""
+    version = getattr(dataset, "_saved_version", None)
+    path = getattr(dataset, "_filepath", None)
+    if version and path:
+        return f"{path}/{version}/"
+    inner = getattr(dataset, "_dataset", None) or getattr(dataset, "dataset", None)
+    for obj in (dataset, inner):
+        path = getattr(obj, "_filepath", None)
+        if path:
+            return str(path)
+    return None
+
+
+class RunSummaryHook:
+    """The last lines of every ``kedro run``: per method namespace, the mean metrics and the
+    per-class table, the files the run wrote (the version folders themselves), and the MLflow run
+    with the command that opens it. A run that ends is a run that says where its results went."""
+
+    def __init__(self) -> None:
+        self._catalog = None
+        self._saved: list[str] = []
+        self._tables: dict[str, Any] = {}
+        self._project_path: Path | None = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._project_path = Path(context.project_path)
+
+    @hook_impl
+    def after_catalog_created(self, catalog) -> None:
+        self._catalog = catalog
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        self._saved, self._tables = [], {}
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data: Any) -> None:
+        self._saved.append(dataset_name)
+        if dataset_name.endswith(".metrics_table"):
+            self._tables[dataset_name.rsplit(".", 1)[0]] = data
+
+    def _path(self, name: str) -> str | None:
+        try:
+            ds = self._catalog.get(name) if hasattr(self._catalog, "get") else self._catalog._get_dataset(name)
+        except Exception:  # noqa: BLE001
+            return None
+        path = _saved_path(ds) if ds is not None else None
+        if path and self._project_path is not None:
+            try:
+                rel = str(Path(path).resolve().relative_to(self._project_path.resolve()))
+                return rel + ("/" if path.endswith("/") else "")
+            except ValueError:
+                return path
+        return path
+
+    def lines(self) -> list[str]:
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for name in self._saved:
+            ns, _, short = name.rpartition(".")
+            key = "checkpoint" if short.startswith("checkpoint_") else short
+            if key not in _SUMMARY_OUTPUTS:
+                continue
+            path = self._path(name)
+            if path:
+                groups.setdefault(ns or "(project)", []).append((key, path))
+        out: list[str] = []
+        for ns in sorted(set(groups) | set(self._tables)):
+            out.append(f"{ns}:")
+            table = self._tables.get(ns)
+            if table is not None and len(table):
+                out.extend("  " + row for row in _metrics_rows(table))
+            for key, path in sorted(groups.get(ns, []), key=lambda kv: _SUMMARY_OUTPUTS.index(kv[0])):
+                out.append(f"  {key:<16} {path}")
+        run = _mlflow_run_line()
+        if run:
+            out.append(run)
+        return out
+
+    @hook_impl(tryfirst=True)  # while kedro-mlflow's run is still open
+    def after_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        try:
+            lines = self.lines()
+        except Exception as exc:  # noqa: BLE001 - the summary must never fail a finished run
+            log.debug("no run summary: %s", exc)
+            return
+        if lines:
+            log.info("results of this run:\n%s", "\n".join(lines))
+
+
+def _metrics_rows(table: Any) -> list[str]:
+    """The per-class metrics table as aligned text rows (3 decimals; NaN as -)."""
+    import math
+
+    cols = [c for c in ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+            if c in table.columns]
+    names = [str(v) for v in table["class_name"]] if "class_name" in table.columns else [str(i) for i in table.index]
+    width = max([len("class")] + [len(n) for n in names])
+    rows = [f"{'class':<{width}}  " + "  ".join(f"{c:>11}" for c in cols)]
+    for name, (_, r) in zip(names, table.iterrows()):
+        vals = []
+        for c in cols:
+            v = r[c]
+            vals.append(f"{float(v):11.3f}" if v is not None and not (isinstance(v, float) and math.isnan(v)) else f"{'-':>11}")
+        rows.append(f"{name:<{width}}  " + "  ".join(vals))
+    return rows
+
+
+def _mlflow_run_line() -> str | None:
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover
+        return None
+    run = mlflow.active_run()
+    if run is None:
+        return None
+    uri = mlflow.get_tracking_uri()
+    exp, rid = run.info.experiment_id, run.info.run_id
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow run {rid}: {uri.rstrip('/')}/#/experiments/{exp}/runs/{rid}"
+    return (f"MLflow run {rid} (experiment {exp}, store {uri}): open it with  mlflow ui --backend-store-uri {uri}  "
+            f"then http://127.0.0.1:5000/#/experiments/{exp}/runs/{rid}")
+
+
 def _log_metric(key: str, value: float) -> None:
     try:
         import mlflow

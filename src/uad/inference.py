@@ -449,12 +449,12 @@ class Inferencer:
         items = list(images) if isinstance(images, (list, tuple)) else (
             [images] if isinstance(images, (str, os.PathLike, Image.Image, bytes, bytearray, np.ndarray)) else list(images))
         self._ids = self._class_ids(len(items), class_names)
-        from tqdm.auto import tqdm
+        from uad.progress import progress
 
         show = self.progress if self.progress is not None else len(items) > 16
         results: list[ImageResult] = []
         chunk = max(self.batch_size, 1) * 4
-        bar = tqdm(total=len(items), desc=f"{self.method.name}:infer", unit="img", disable=not show, mininterval=1.0)
+        bar = progress(total=len(items), desc=f"{self.method.name}:infer", unit="img", enabled=bool(show))
         with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
             for start in range(0, len(items), chunk):
                 part = list(enumerate(items[start:start + chunk], start))

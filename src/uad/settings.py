@@ -12,7 +12,7 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from uad.hooks import DEFAULT_RUN_ENV, NodeTimesHook, RankZeroWritesHook, RunTagsHook
+from uad.hooks import DEFAULT_RUN_ENV, NodeTimesHook, RankZeroWritesHook, RunSummaryHook, RunTagsHook
 
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
@@ -32,7 +32,29 @@ class _DropKnownLibraryWarning(logging.Filter):
 
 logging.getLogger("py.warnings").addFilter(_DropKnownLibraryWarning())
 
-HOOKS = (RunTagsHook(), RankZeroWritesHook(), NodeTimesHook())
+
+def _plain_logs_off_terminal() -> None:
+    """Off a terminal (CI, ``> run.log``), rich lays every line out in 80 columns and wraps it;
+    there the rich handler on the root logger becomes a plain one: one line per record, the
+    whole message, nothing wrapped."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        console = getattr(handler, "console", None)
+        if console is None or console.is_terminal or console.is_jupyter:
+            continue
+        plain = logging.StreamHandler(console.file)
+        plain.setLevel(handler.level)
+        plain.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%H:%M:%S"))
+        for f in handler.filters:
+            plain.addFilter(f)
+        root.removeHandler(handler)
+        root.addHandler(plain)
+
+
+_plain_logs_off_terminal()
+
+# pluggy calls hooks registered later first: the node times, then the summary, are the last lines
+HOOKS = (RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
 
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
 

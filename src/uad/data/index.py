@@ -220,14 +220,14 @@ def _map_files(fn, items: list, max_workers: int | None = None, desc: str | None
     """``[fn(x) for x in items]`` on a thread pool of ``max_workers`` (default ``min(8, cpus)``) when
     there are more than 64 items: image decoding and file reads release the GIL. ``desc`` shows a
     progress bar with that label."""
-    from tqdm.auto import tqdm
+    from uad.progress import progress
 
     nw = max_workers if max_workers is not None else min(8, os.cpu_count() or 1)
-    bar = dict(total=len(items), desc=desc, disable=desc is None, mininterval=1.0, dynamic_ncols=True)
+    bar = dict(total=len(items), desc=desc or "", unit="file", enabled=desc is not None)
     if len(items) > 64 and nw > 1:
         with ThreadPoolExecutor(max_workers=nw) as pool:
-            return list(tqdm(pool.map(fn, items, chunksize=16), **bar))
-    return [fn(x) for x in tqdm(items, **bar)]
+            return list(progress(pool.map(fn, items, chunksize=16), **bar))
+    return [fn(x) for x in progress(items, **bar)]
 
 
 #: bytes hashed at each end of a file by :func:`content_fingerprint`

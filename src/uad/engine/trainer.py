@@ -587,15 +587,7 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
-class _NullBar:
-    def update(self, *_: Any) -> None: ...
-    def set_postfix(self, *_: Any, **__: Any) -> None: ...
-    def close(self) -> None: ...
-
-
 def _progress(total: int, initial: int, desc: str, enabled: bool):
-    if not enabled:
-        return _NullBar()
-    from tqdm.auto import tqdm
+    from uad.progress import progress
 
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, mininterval=1.0)
+    return progress(total=total, initial=initial, desc=desc, unit="step", enabled=enabled)

@@ -2,6 +2,7 @@
 
 from .datasets import (
     CsvTableDataset,
+    HtmlDataset,
     JSONTagsDataset,
     MlflowTagsDataset,
     NpzDataset,
@@ -13,5 +14,5 @@ from .datasets import (
     ThresholdsDataset,
 )
 
-__all__ = ["CsvTableDataset", "JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "OnnxModelDataset", "PngDataset", "ServedModelDataset",
+__all__ = ["CsvTableDataset", "HtmlDataset", "JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "OnnxModelDataset", "PngDataset", "ServedModelDataset",
            "PngFolderDataset", "SafetensorsDataset", "ThresholdsDataset"]

@@ -166,6 +166,19 @@ class PngDataset(_LocalVersionedDataset):
         self._write(bytes(data))
 
 
+class HtmlDataset(_LocalVersionedDataset):
+    """A self-contained HTML page (str), versioned; with ``mlflow_artifact_path`` also an artifact
+    of the run (MLflow's artifact viewer shows HTML pages)."""
+
+    def load(self) -> str:
+        return self._read().decode("utf-8")
+
+    def save(self, data: str) -> None:
+        if not isinstance(data, str) or "<html" not in data[:200].lower():
+            raise DatasetError(f"{self._filepath}: expected an HTML page (str)")
+        self._write(data.encode("utf-8"))
+
+
 class JSONTagsDataset(_LocalVersionedDataset):
     """A small JSON dict (run information) kept on disk beside the run's other outputs."""
 

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from uad.metrics.metrics import METRIC_NAMES, auroc, average_precision, pr_curve, roc_curve
 
-__all__ = ["anomaly_overlay_grid", "decision_overlay_png", "roc_pr_curves", "per_class_bar_chart", "figure_to_png_bytes"]
+__all__ = ["anomaly_overlay_grid", "image_overlay_png", "roc_pr_curves", "per_class_bar_chart", "figure_to_png_bytes"]
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -118,6 +118,15 @@ def _sample_pixels(
     return masks.reshape(masks.shape[0], -1)[img, pix], maps.reshape(maps.shape[0], -1)[img, pix]
 
 
+def _decimate(x: np.ndarray, y: np.ndarray, n: int = 4000) -> tuple[np.ndarray, np.ndarray]:
+    """At most ``n`` points of a curve for drawing (first and last kept): the curve itself is
+    computed exactly, only the line drawn is thinned."""
+    if x.size <= n:
+        return x, y
+    keep = np.unique(np.linspace(0, x.size - 1, n).round().astype(np.int64))
+    return x[keep], y[keep]
+
+
 def roc_pr_curves(
     labels: Any,
     scores: Any,
@@ -125,16 +134,18 @@ def roc_pr_curves(
     maps: Any = None,
     class_names: Any = None,
     *,
-    max_pixels: int = 200_000,
+    max_pixels: int | None = None,
     seed: int = 0,
+    title: str | None = None,
 ) -> Figure:
     """Image-level ROC and PR curves per class (top row) and pixel-level ones (bottom row).
 
-    Image curves are exact. Pixel curves use a seeded uniform sample of at most ``max_pixels``
-    pixels in total (split evenly over the classes) to keep the figure fast; their legend values
-    are computed on that sample (exact values come from :func:`uad.metrics.compute_metrics`).
-    Pass ``masks=None`` / ``maps=None`` for the image row only. A class with a single label
-    value has no curve.
+    Computed exactly as :func:`uad.metrics.compute_metrics` computes the metrics table (every
+    pixel of a class, maps cast to float32, the same curve functions), so each legend value
+    equals the table's; only the drawn lines are thinned to a few thousand points.
+    ``max_pixels`` (default: all) samples pixels instead, for very large test sets; the titles
+    then say "sampled". Pass ``masks=None`` / ``maps=None`` for the image row only. A class with
+    a single label value has no curve. ``title`` names the run (method, dataset, setting).
     """
     y = np.asarray(labels).astype(int)
     s = np.asarray(scores, dtype=np.float64)
@@ -155,23 +166,27 @@ def roc_pr_curves(
     classes = sorted(set(cls.tolist()))
     rng = np.random.default_rng(seed)
     rows = 2 if pixel else 1
-    fig = _new_figure(10, 4.2 * rows)
+    fig = _new_figure(10, 4.2 * rows + (0.4 if title else 0.0))
     axes = fig.subplots(rows, 2, squeeze=False)
-    per_class = max(1, max_pixels // len(classes))
+    per_class = None if max_pixels is None else max(1, max_pixels // len(classes))
     for c in classes:
         idx = np.flatnonzero(cls == c)
         curves = [(0, y[idx], s[idx])]
         if pixel:
-            py, ps = _sample_pixels(m, a, idx, per_class, rng)
-            curves.append((1, py.astype(bool), ps.astype(np.float64)))
+            if per_class is None:
+                py, ps = m[idx].reshape(-1).astype(bool), a[idx].reshape(-1).astype(np.float32)
+            else:
+                py, ps = _sample_pixels(m, a, idx, per_class, rng)
+                py, ps = py.astype(bool), ps.astype(np.float32)
+            curves.append((1, py, ps))
         for row, yy, ss in curves:
             if yy.min() == yy.max():
                 continue
             fpr, tpr, _ = roc_curve(yy, ss)
             prec, rec, _ = pr_curve(yy, ss)
-            axes[row, 0].plot(fpr, tpr, lw=1, label=f"{c} ({auroc(yy, ss):.3f})")
-            axes[row, 1].plot(rec, prec, lw=1, label=f"{c} ({average_precision(yy, ss):.3f})")
-    for row, level in enumerate(["image", "pixel (sampled)"][:rows]):
+            axes[row, 0].plot(*_decimate(fpr, tpr), lw=1, label=f"{c} ({auroc(yy, ss):.3f})")
+            axes[row, 1].plot(*_decimate(rec, prec), lw=1, label=f"{c} ({average_precision(yy, ss):.3f})")
+    for row, level in enumerate(["image", "pixel" if per_class is None else "pixel (sampled)"][:rows]):
         ax_roc, ax_pr = axes[row]
         ax_roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
         ax_roc.set(xlabel="false positive rate", ylabel="true positive rate",
@@ -181,10 +196,12 @@ def roc_pr_curves(
         for ax in (ax_roc, ax_pr):
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=6, loc="lower right" if ax is ax_roc else "lower left")
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
-def per_class_bar_chart(metrics_df: Any, metrics: Sequence[str] | None = None) -> Figure:
+def per_class_bar_chart(metrics_df: Any, metrics: Sequence[str] | None = None, title: str | None = None) -> Figure:
     """Grouped bars: one group per row of ``metrics_df`` (classes and ``mean``), one bar per metric.
 
     ``metrics_df`` is the table of :func:`uad.metrics.compute_metrics`; ``metrics`` defaults to
@@ -211,7 +228,7 @@ def per_class_bar_chart(metrics_df: Any, metrics: Sequence[str] | None = None) -
     values = metrics_df[list(metrics)].to_numpy(dtype=np.float64)  # G, M
     g, k = values.shape
     width = 0.8 / k
-    fig = _new_figure(float(np.clip(1.5 + 0.12 * g * k, 6.0, 16.0)), 4.2)
+    fig = _new_figure(float(np.clip(2.8 + 0.12 * g * k, 7.5, 17.5)), 4.4)
     ax = fig.subplots()
     x = np.arange(g)
     for j, name in enumerate(metrics):
@@ -220,37 +237,12 @@ def per_class_bar_chart(metrics_df: Any, metrics: Sequence[str] | None = None) -
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("score")
     ax.grid(axis="y", lw=0.5, alpha=0.5)
-    fig.legend(*ax.get_legend_handles_labels(), loc="outside upper center", fontsize=7,
-               ncols=min(k, 7), frameon=False)
+    # the legend in its own column right of the axes: never clipped, never over a bar
+    ax.legend(*ax.get_legend_handles_labels(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7,
+              frameon=False, borderaxespad=0.0)
+    if title:
+        ax.set_title(title, fontsize=10)
     return fig
-
-
-def decision_overlay_png(image: np.ndarray, amap: np.ndarray, pixel_threshold: float, text: str,
-                         anomalous: bool) -> bytes:
-    """One inference picture as PNG bytes: the image as the model saw it | the same with the
-    anomaly map blended in (jet; the colour scale puts ``pixel_threshold`` at its middle) and the
-    pixels at or above the threshold outlined, under a banner with ``text`` (red when
-    ``anomalous``). PIL only: fast enough for one picture per image of a production folder."""
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw
-
-    img = np.asarray(image, dtype=np.uint8)
-    m = np.asarray(amap, dtype=np.float32)
-    scale = 2.0 * pixel_threshold if pixel_threshold > 0 else float(m.max() or 1.0)
-    heat = (colormaps["jet"](np.clip(m / scale, 0.0, 1.0))[..., :3] * 255).astype(np.float32)
-    blend = (0.55 * img.astype(np.float32) + 0.45 * heat).astype(np.uint8)
-    hot = m >= pixel_threshold
-    edge = hot & ~(np.roll(hot, 1, 0) & np.roll(hot, -1, 0) & np.roll(hot, 1, 1) & np.roll(hot, -1, 1))
-    blend[edge] = (255, 255, 255)
-    h, w = img.shape[:2]
-    banner = 18
-    canvas = Image.new("RGB", (2 * w + 4, h + banner), (200, 30, 30) if anomalous else (40, 120, 40))
-    canvas.paste(Image.fromarray(img), (0, banner))
-    canvas.paste(Image.fromarray(blend), (w + 4, banner))
-    ImageDraw.Draw(canvas).text((4, 3), text, fill=(255, 255, 255))
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _font(size: int):

@@ -78,14 +78,14 @@ class PatchCore(AnomalyMethod):
         """Build the memory bank in one pass over ``loader`` (batches with an ``image`` key)."""
         if stage != "fit":
             raise ValueError(f"patchcore has only the stage 'fit', not {stage!r}")
-        from tqdm.auto import tqdm
+        from uad.progress import progress as progress_bar
 
         progress = bool(getattr(getattr(trainer, "config", None), "progress", True))
         self.eval_mode()
         chunks: list[torch.Tensor] = []
         total = len(loader) if hasattr(loader, "__len__") else None
         with torch.no_grad():
-            for batch in tqdm(loader, total=total, desc="patchcore: memory bank", disable=not progress, dynamic_ncols=True):
+            for batch in progress_bar(loader, total=total, desc="patchcore: memory bank", unit="batch", enabled=bool(progress)):
                 images = batch["image"] if isinstance(batch, Mapping) else batch
                 chunks.append(flatten_patches(self.features(images.to(self.device))).cpu())  # B*h*w, D
         if not chunks:

@@ -29,7 +29,7 @@ from uad.inference import GROUP_SEP, split_group_state
 from uad.methods.registry import build_method
 from uad.metrics import METRIC_NAMES, compute_metrics
 from uad.metrics.metrics import auroc
-from uad.metrics.plots import anomaly_overlay_grid, figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
+from uad.metrics.plots import figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +292,8 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
     is given the batch's class ids. In a data-parallel run (``shard``) each rank scores a block of
     whole batches and every rank receives all the results, in order (a callback's pictures need
     every image in one process: with ``on_batch`` the process scores everything itself)."""
-    from tqdm.auto import tqdm
-
     from uad.engine import distributed
+    from uad.progress import progress
 
     batch_size = cfg.infer_batch_size or cfg.batch_size or 8
     if shard and distributed.world_size() > 1 and on_batch is None:  # sharded: whole batches per rank
@@ -304,7 +303,7 @@ def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str
     loader = trainer.loader(ds, batch_size=batch_size, uint8=on_batch is None)
     normalise = getattr(loader, "uad_normalise", None)
     host = HostResults(len(ds), trainer.device)
-    for batch in tqdm(loader, desc=desc, disable=not cfg.progress, mininterval=1.0):
+    for batch in progress(loader, desc=desc, unit="batch", enabled=bool(cfg.progress)):
         if errors is not None:
             errors.extend(batch.get("error") or [""] * len(batch["image"]))
         images = batch["image"].to(trainer.device, non_blocking=True)
@@ -500,27 +499,91 @@ def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.D
     return table.reset_index().rename(columns={"index": "class_name"}), mlflow_metrics, thresholds
 
 
-def report(method_name: str, predictions: dict[str, np.ndarray], metrics_table: pd.DataFrame, reporting: dict
-           ) -> tuple[bytes, bytes, bytes]:
-    """Overlay grid (image | ground truth | map), ROC/PR curves, per-class bar chart, as PNG bytes."""
-    per_class = int(reporting.get("overlays_per_class", 2))
-    rng = np.random.default_rng(int(reporting.get("seed", 0)))
-    picks: list[int] = []
-    for cls in sorted(np.unique(predictions["class_names"])):
-        idx = np.flatnonzero((predictions["class_names"] == cls) & (predictions["labels"] == 1))
-        if len(idx) == 0:
-            idx = np.flatnonzero(predictions["class_names"] == cls)
-        picks.extend(rng.choice(idx, size=min(per_class, len(idx)), replace=False).tolist())
+def _run_title(method_name: str, data: dict | None) -> tuple[str, list[tuple[str, str]]]:
+    """``<method> · <dataset> · <setting> · run <id>`` and the facts the report lists."""
+    data = data or {}
+    try:
+        from uad.pipelines.ingest.nodes import train_sources
+
+        names = [s.get("name") or str(s.get("root", "")).rstrip("/").rsplit("/", 1)[-1] for s in train_sources(data)]
+    except Exception:  # noqa: BLE001 - a title must never fail a report
+        names = []
+    dataset = ", ".join(n for n in names if n) or "dataset"
+    setting = str(data.get("setting", "multi_class"))
+    run_id = ""
+    try:
+        import mlflow
+
+        run = mlflow.active_run()
+        run_id = run.info.run_id if run is not None else ""
+    except Exception:  # noqa: BLE001
+        pass
+    title = " · ".join([method_name, dataset, setting] + ([f"run {run_id[:8]}"] if run_id else []))
+    facts = [("method", method_name), ("dataset", dataset), ("setting", setting)]
+    if run_id:
+        facts.append(("MLflow run", run_id))
+    return title, facts
+
+
+def report(method_name: str, predictions: dict[str, np.ndarray], metrics_table: pd.DataFrame, reporting: dict,
+           thresholds: dict | None = None, data: dict | None = None) -> tuple[bytes, bytes, bytes, str]:
+    """The evaluation's pictures and page: the cases at the stored threshold per class (worst
+    false alarm, worst miss, a detection, a normal image; :mod:`uad.metrics.report`), ROC / PR
+    curves computed exactly as the metrics table, the per-class chart, and one self-contained
+    HTML page with all of it and the per-class table; every title names method, dataset,
+    setting and run."""
+    from uad.metrics.report import case_grid, case_png, colour_scale_png, html_report, map_scale, pick_cases
+
+    title, facts = _run_title(method_name, data)
+    thresholds = thresholds or {}
+    per_kind = int(reporting.get("overlays_per_class", 2))
+    labels, scores = predictions["labels"], predictions["scores"]
+    classes = predictions["class_names"]
+    thr = float(thresholds["image"]) if thresholds.get("image") is not None else float(np.median(scores))
+    px = float(thresholds["pixel"]) if thresholds.get("pixel") is not None else None
     crop = predictions["maps"].shape[-1]
     resize = int(predictions["input_resize"]) if "input_resize" in predictions else crop
-    images = np.stack([_display_image(predictions["image_paths"][i], resize, crop) for i in picks])
-    titles = [f"{predictions['class_names'][i]} / {predictions['defect_types'][i]} (score {predictions['scores'][i]:.3f})" for i in picks]
-    overlay = anomaly_overlay_grid(images, predictions["masks"][picks].astype(bool), predictions["maps"][picks].astype(np.float32), titles)
-    curves = roc_pr_curves(predictions["labels"], predictions["scores"], predictions["masks"].astype(bool),
-                           predictions["maps"], predictions["class_names"])
+    cache: dict[int, np.ndarray] = {}
+
+    def display(i: int) -> np.ndarray:
+        if i not in cache:
+            cache[i] = _display_image(predictions["image_paths"][i], resize, crop)
+        return cache[i]
+
+    cases = pick_cases(labels, scores, classes, thr, per_kind=max(1, per_kind))
+    maps = predictions["maps"]
+    masks = predictions["masks"].astype(bool)
+    scale = map_scale(maps, px)
+    overlay = case_grid(cases, display, maps, masks, scores, thr, px, title, scale)
+    curves = roc_pr_curves(labels, scores, masks, maps, classes, title=title)
     table = metrics_table.set_index("class_name")
-    bars = per_class_bar_chart(table)
-    return figure_to_png_bytes(overlay), figure_to_png_bytes(curves), figure_to_png_bytes(bars)
+    bars = per_class_bar_chart(table, title=title)
+    overlay_png, curves_png, bars_png = figure_to_png_bytes(overlay), figure_to_png_bytes(curves), figure_to_png_bytes(bars)
+    pngs, captions = {}, {}
+    for kinds in cases.values():
+        for idx in kinds.values():
+            for i in idx:
+                if i not in pngs:
+                    pngs[i] = case_png(display(i), maps[i].astype(np.float32), masks[i], scale, px)
+                    captions[i] = (f"score {float(scores[i]):.4g} · {predictions['defect_types'][i]} · "
+                                   f"{_short_path(predictions['image_paths'][i])}")
+    facts += [("image threshold", f"{thr:.6g} ({thresholds.get('image_source', 'median of the scores: none stored')})"),
+              ("pixel threshold", f"{px:.6g} ({thresholds.get('pixel_source', '')})" if px is not None else "none"),
+              ("test images", f"{len(scores)} ({int(np.sum(labels))} defective)")]
+    notes = ["Metrics: the papers' protocol (resize, centre crop). Curves: every pixel, as the table."]
+    full = thresholds.get("full") if isinstance(thresholds.get("full"), dict) else None
+    if full and full.get("image") is not None:
+        notes.append(f"infer scores the whole frame; its thresholds, set on the test split scored that way: image "
+                     f"{float(full['image']):.6g}" + (f", pixel {float(full['pixel']):.6g}" if full.get("pixel") is not None else ""))
+    page = html_report(title, facts, metrics_table, [("Cases per class", overlay_png), ("ROC and PR curves", curves_png),
+                                                     ("Metrics per class", bars_png)],
+                       cases, pngs, captions, colour_scale_png(scale, px), notes)
+    return overlay_png, curves_png, bars_png, page
+
+
+def _short_path(path: str, keep: int = 3) -> str:
+    parts = str(path).replace("\\", "/").split("/")
+    return "/".join(parts[-keep:])
 
 
 def _display_image(path: str, resize: int, crop: int) -> np.ndarray:

@@ -91,8 +91,9 @@ def _evaluation_nodes(method: str) -> list:
         node(evaluate, {"predictions": "predictions", "evaluation": "params:evaluation"},
              ["metrics_table", "mlflow_metrics", "thresholds"], name="evaluate", tags=["evaluate"]),
         node(named(report, "report", method_name=method),
-             {"predictions": "predictions", "metrics_table": "metrics_table", "reporting": "params:reporting"},
-             ["overlays", "curves", "per_class_chart"], name="report", tags=["evaluate", "report"]),
+             {"predictions": "predictions", "metrics_table": "metrics_table", "reporting": "params:reporting",
+              "thresholds": "thresholds", "data": "params:data"},
+             ["overlays", "curves", "per_class_chart", "report_html"], name="report", tags=["evaluate", "report"]),
     ]
 
 
