@@ -308,8 +308,9 @@ def test_infer_scores_every_pixel_at_the_images_own_size(project, tmp_path):
 
     from PIL import Image
 
-    if not (project / "data/06_models/patchcore/fit.safetensors").exists():
-        run_pipeline(project, "patchcore")
+    # the smoke profile's own PatchCore: the latest model may be an earlier test's variant (the
+    # plug-in test's 1 % coreset on stages 1-2), whose thresholds are not this test's subject
+    run_pipeline(project, "patchcore")
     thresholds = _json.loads(_latest(project / "data/08_reporting/patchcore/thresholds.json", "thresholds.json").read_text())
     assert thresholds["frame"] == "crop" and thresholds["full"]["frame"] == "full"
     goods = sorted((project / "data/01_raw/synthetic/fabric/test/good").glob("*.png"))
