@@ -13,7 +13,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from uad.engine.trainer import pid_alive
+from uad.osutil import pid_alive
 
 #: the environment ``kedro run`` uses without ``--env`` (settings.py reads it from here, so the
 #: hooks never import the settings back)

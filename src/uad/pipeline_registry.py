@@ -1,10 +1,15 @@
-"""Project pipelines. Every method pipeline is the shared template under the method's namespace."""
+"""Project pipelines. Every method pipeline is the shared template under the method's namespace.
+
+Building them imports no node code (``uad.pipelines.lazy``): torch, timm and the methods are
+imported by the first node that needs them, so ``kedro registry list`` and the ingest pipeline
+start without them.
+"""
 
 from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from uad.methods.registry import method_class
+from uad.methods.registry import pipeline_shape
 from uad.pipelines import ingest, method, synthesis
 
 #: methods with a Kedro pipeline (name == registry name == namespace == parameters key)
@@ -18,7 +23,7 @@ def register_pipelines() -> dict[str, Pipeline]:
     pipes: dict[str, Pipeline] = {"ingest": ing, "synthesis": ing + synthesis.create_pipeline()}
     for name in METHODS:
         pipes[name] = ing + method.create_pipeline(name)
-    pipes["features"] = ing + sum((method.features_pipeline(m) for m in METHODS if method_class(m).uses_feature_cache()),
+    pipes["features"] = ing + sum((method.features_pipeline(m) for m in METHODS if pipeline_shape(m).feature_cache),
                                   Pipeline([]))
     pipes["evaluate"] = sum((method.evaluation_pipeline(m) for m in METHODS), Pipeline([]))
     # use a trained model: kedro run --pipeline=infer --namespaces=<method> (or infer_<method>)

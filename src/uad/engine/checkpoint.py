@@ -22,42 +22,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from uad.errors import UadError
+from uad.osutil import _umask, atomic_write_bytes  # noqa: F401  (re-exported)
 
 _META_KEY = "uad"
 
 
 class CheckpointError(UadError, RuntimeError):
     """A checkpoint file that is missing, truncated or not one of ours."""
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` would, for every thread);
-    0o022 where the platform does not say."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # the permissions a plain open() would give, not mkstemp's 0600
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_state(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:

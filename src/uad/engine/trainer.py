@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from uad.data.torch_data import EpochAwareDataset, finish_batch, uint8_twin
 from uad.errors import ConfigError, UadError
+from uad.osutil import pid_alive
 
 from . import distributed
 from .checkpoint import flatten_optimizer_state, load_state, save_state, unflatten_optimizer_state
@@ -553,17 +554,6 @@ def _set_rng_state(state: tuple[torch.Tensor, list[torch.Tensor] | None]) -> Non
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state_all(state[1])
-
-
-def pid_alive(pid: Any) -> bool:
-    """True when process ``pid`` exists on this machine (someone else's process counts)."""
-    try:
-        os.kill(int(pid), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_json(path: Path) -> dict | None:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from copy import deepcopy
 from pathlib import PurePosixPath
 from typing import Any
 
 import fsspec
 import numpy as np
-import torch
 from kedro_datasets._typing import ImagePreview
 from kedro.io.core import AbstractDataset, AbstractVersionedDataset, DatasetError, Version, get_filepath_str, get_protocol_and_path
 
-from uad.engine.checkpoint import atomic_write_bytes, load_state, save_state
+from uad.osutil import atomic_write_bytes
 
 
 class _LocalVersionedDataset(AbstractVersionedDataset):
@@ -101,6 +101,8 @@ class SafetensorsDataset(_LocalVersionedDataset):
     """A ``{"tensors": {name: Tensor}, "meta": dict}`` checkpoint in one safetensors file."""
 
     def load(self) -> dict[str, Any]:
+        from uad.engine.checkpoint import load_state  # torch: imported by the nodes that use checkpoints
+
         path = self._path("load")
         tensors, meta = load_state(path)
         return {"tensors": tensors, "meta": meta, "path": str(path)}  # the path names it in errors
@@ -115,6 +117,8 @@ class SafetensorsDataset(_LocalVersionedDataset):
         run_id = _active_run_id()
         if run_id and "mlflow_run_id" not in meta:  # inference runs link back to the training run
             meta["mlflow_run_id"] = run_id
+        from uad.engine.checkpoint import save_state
+
         save_state(path, data["tensors"], meta)
         self._invalidate_cache()
         self._mark_saved()
@@ -137,7 +141,7 @@ class NpzDataset(_LocalVersionedDataset):
     def save(self, data: dict[str, Any]) -> None:
         arrays = {}
         for k, v in data.items():
-            a = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+            a = v.detach().cpu().numpy() if hasattr(v, "detach") else np.asarray(v)  # a torch tensor
             if a.dtype == object:
                 raise DatasetError(f"{self._filepath}: array {k!r} has dtype object; it would need pickle")
             arrays[k] = a
@@ -320,8 +324,29 @@ def _active_run_id() -> str | None:
     return run.info.run_id if run is not None else None
 
 
+#: a run-tags entry ``"param:<key>"`` is logged as the MLflow parameter ``<key>``
+PARAM_PREFIX = "param:"
+
+
+def _log_new_params(mlflow, params: dict[str, str]) -> None:
+    """Log ``params`` on the active run; keys it holds already are left alone (MLflow parameters
+    cannot change), and a different value for one of them is reported, not raised."""
+    if not params:
+        return
+    run = mlflow.active_run()
+    held = mlflow.tracking.MlflowClient().get_run(run.info.run_id).data.params
+    clash = {k: (held[k], v) for k, v in params.items() if k in held and held[k] != v}
+    for k, (old, new) in sorted(clash.items())[:5]:
+        logging.getLogger(__name__).warning("MLflow parameter %s is %r in this run already; %r not logged", k, old, new)
+    fresh = {k: v for k, v in params.items() if k not in held}
+    items = sorted(fresh.items())
+    for s in range(0, len(items), 100):  # MLflow takes at most 100 parameters per call
+        mlflow.log_params(dict(items[s:s + 100]))
+
+
 class MlflowTagsDataset(AbstractDataset):
-    """Sets its dict as tags on the active MLflow run (kedro-mlflow opens one per ``kedro run``).
+    """Sets its dict as tags on the active MLflow run (kedro-mlflow opens one per ``kedro run``);
+    entries named ``param:<key>`` are logged as the run's parameter ``<key>`` instead.
 
     Outside an MLflow run (``kedro run`` with tracking disabled) saving is a no-op; loading
     returns the tags last saved in this session.
@@ -343,7 +368,9 @@ class MlflowTagsDataset(AbstractDataset):
         tags = {str(k): str(v) for k, v in data.items() if v is not None}
         self._last = tags
         if mlflow.active_run() is not None:
-            mlflow.set_tags(tags)
+            params = {k[len(PARAM_PREFIX):]: v for k, v in tags.items() if k.startswith(PARAM_PREFIX)}
+            mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith(PARAM_PREFIX)})
+            _log_new_params(mlflow, params)
 
     def _exists(self) -> bool:
         return bool(self._last)

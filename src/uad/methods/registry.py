@@ -7,9 +7,10 @@ module lazily, so importing the registry stays cheap.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
-from .base import AnomalyMethod
+if TYPE_CHECKING:  # the registry itself stays torch-free: pipelines are built from PIPELINE_SHAPES
+    from .base import AnomalyMethod
 
 _REGISTRY: dict[str, type[AnomalyMethod]] = {}
 
@@ -22,6 +23,32 @@ _KNOWN = {
     "agpnet": "uad.methods.agpnet.method",
     "costfilter": "uad.methods.costfilter.method",
 }
+
+
+class PipelineShape(NamedTuple):
+    """What the Kedro template needs to lay out a method's nodes, known without importing it."""
+
+    stages: tuple[str, ...]  #: ``AnomalyMethod.stages``: one ``train_<stage>`` node each
+    feature_cache: bool  #: ``AnomalyMethod.uses_feature_cache()``: a ``features`` node first
+
+
+#: name -> shape; tests/test_pipelines.py checks each entry against the imported class
+PIPELINE_SHAPES = {
+    "patchcore": PipelineShape(("fit",), True),
+    "dinomaly": PipelineShape(("train",), False),
+    "inpformer": PipelineShape(("reconstruction", "residual"), False),
+    "rlr": PipelineShape(("train",), False),
+    "agpnet": PipelineShape(("train",), False),
+    "costfilter": PipelineShape(("filter",), False),
+}
+
+
+def pipeline_shape(name: str) -> PipelineShape:
+    """The stages and feature caching of method ``name`` (no import of the method, nor of torch)."""
+    if name in PIPELINE_SHAPES:
+        return PIPELINE_SHAPES[name]
+    cls = method_class(name)  # a method registered at run time: ask the class
+    return PipelineShape(tuple(cls.stages), cls.uses_feature_cache())
 
 
 def register(name: str) -> Callable[[type[AnomalyMethod]], type[AnomalyMethod]]:

@@ -1,11 +1,14 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import build_sample_index, split_for_setting
+from uad.pipelines.lazy import named
+
+_NODES = "uad.pipelines.ingest.nodes"
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        node(build_sample_index, "params:data", "sample_index", name="build_sample_index"),
-        node(split_for_setting, ["sample_index", "params:data"], ["train_index", "test_index", "split_info"],
-             name="split_for_setting"),
+        node(named(f"{_NODES}:build_sample_index", "build_sample_index"), {"data": "params:data"}, "sample_index",
+             name="build_sample_index"),
+        node(named(f"{_NODES}:split_for_setting", "split_for_setting"), {"index": "sample_index", "data": "params:data"},
+             ["train_index", "test_index", "split_info"], name="split_for_setting"),
     ])

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline, node
 
-from uad.methods.registry import method_class
+from uad.methods.registry import pipeline_shape
+from uad.pipelines.lazy import named
 
-from .nodes import compose_plugin_params, evaluate, extract_features, named, predict, report, train_stage
-from .serving import export_model, infer_images, scan_images
+# node functions by path: building the pipelines imports neither torch nor any method
+_NODES = "uad.pipelines.method.nodes"
+_SERVING = "uad.pipelines.method.serving"
 
 SHARED_INPUTS = {"train_index", "test_index"}
 SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting", "params:infer"}
@@ -25,7 +27,7 @@ def plugin_namespace(method: str, base: str) -> str:
 
 
 def _base_checkpoint(base: str) -> str:
-    return f"{base}.checkpoint_{method_class(base).stages[-1]}"
+    return f"{base}.checkpoint_{pipeline_shape(base).stages[-1]}"
 
 
 def _namespaced(nodes: list, namespace: str, base: str | None = None) -> Pipeline:
@@ -49,7 +51,7 @@ def _params_input(base: str | None) -> str:
 def _compose_nodes(method: str, base: str | None) -> list:
     if base is None:
         return []
-    return [node(named(compose_plugin_params, "compose_params", base_name=base),
+    return [node(named(f"{_NODES}:compose_plugin_params", "compose_params", base_name=base),
                  {"method_params": "params:method", "base_params": f"params:{base}.method"}, "method_params",
                  name="compose_params", tags=["train", "predict", "infer", "export"])]
 
@@ -60,26 +62,26 @@ def _common(method: str, base: str | None = None) -> dict[str, str]:
 
 
 def _features_nodes(method: str) -> list:
-    return [node(named(extract_features, "extract_features", method_name=method),
+    return [node(named(f"{_NODES}:extract_features", "extract_features", method_name=method),
                  {"train_index": "train_index", **_common(method)}, "train_features",
                  name="extract_features", tags=["features"])]
 
 
 def _training_nodes(method: str, base: str | None = None) -> list:
-    cls = method_class(method)
+    shape = pipeline_shape(method)
     nodes, previous = [], None
-    if cls.uses_feature_cache():
+    if shape.feature_cache:
         nodes += _features_nodes(method)
-    for stage in cls.stages:
+    for stage in shape.stages:
         inputs = {"train_index": "train_index", **_common(method, base), "synthesis": "params:synthesis"}
         if previous is not None:
             inputs["previous"] = previous
         elif base is not None:
             inputs["base"] = _base_checkpoint(base)
-        if cls.uses_feature_cache():
+        if shape.feature_cache:
             inputs["features"] = "train_features"
         label = "train" if stage == "train" else f"train_{stage}"
-        nodes.append(node(named(train_stage, label, method_name=method, stage=stage), inputs,
+        nodes.append(node(named(f"{_NODES}:train_stage", label, method_name=method, stage=stage), inputs,
                           [f"checkpoint_{stage}", f"train_log_{stage}", f"run_tags_{stage}"],
                           name=label, tags=["train"]))
         previous = f"checkpoint_{stage}"
@@ -88,9 +90,9 @@ def _training_nodes(method: str, base: str | None = None) -> list:
 
 def _evaluation_nodes(method: str) -> list:
     return [
-        node(evaluate, {"predictions": "predictions", "evaluation": "params:evaluation"},
+        node(named(f"{_NODES}:evaluate", "evaluate"), {"predictions": "predictions", "evaluation": "params:evaluation"},
              ["metrics_table", "mlflow_metrics", "thresholds"], name="evaluate", tags=["evaluate"]),
-        node(named(report, "report", method_name=method),
+        node(named(f"{_NODES}:report", "report", method_name=method),
              {"predictions": "predictions", "metrics_table": "metrics_table", "reporting": "params:reporting",
               "thresholds": "thresholds", "data": "params:data"},
              ["overlays", "curves", "per_class_chart", "report_html"], name="report", tags=["evaluate", "report"]),
@@ -101,7 +103,7 @@ def create_pipeline(method: str, base: str | None = None) -> Pipeline:
     """The template for ``method``; with ``base``, the plug-in ``method`` (CostFilter-AD) over the
     trained ``base`` (its checkpoint read from the catalog), namespace ``<method>_<base>``."""
     train, final = _training_nodes(method, base)
-    pred = node(named(predict, "predict", method_name=method),
+    pred = node(named(f"{_NODES}:predict", "predict", method_name=method),
                 {"test_index": "test_index", **_common(method, base), "checkpoint": final, "infer": "params:infer",
                  "evaluation": "params:evaluation"},
                 "predictions", name="predict", tags=["predict"])
@@ -110,7 +112,7 @@ def create_pipeline(method: str, base: str | None = None) -> Pipeline:
 
 
 def _final_checkpoint(method: str) -> str:
-    return f"checkpoint_{method_class(method).stages[-1]}"
+    return f"checkpoint_{pipeline_shape(method).stages[-1]}"
 
 
 def infer_pipeline(method: str, base: str | None = None) -> Pipeline:
@@ -118,8 +120,8 @@ def infer_pipeline(method: str, base: str | None = None) -> Pipeline:
     common = {"method_params": _params_input(base), "engine": "params:engine", "engine_override": "params:engine_override"}
     nodes = [
         *_compose_nodes(method, base),
-        node(scan_images, {"infer": "params:infer"}, "infer_index", name="scan_images", tags=["infer"]),
-        node(named(infer_images, "infer", method_name=method),
+        node(named(f"{_SERVING}:scan_images", "scan_images"), {"infer": "params:infer"}, "infer_index", name="scan_images", tags=["infer"]),
+        node(named(f"{_SERVING}:infer_images", "infer", method_name=method),
              {"images": "infer_index", **common, "checkpoint": _final_checkpoint(method), "thresholds": "thresholds",
               "infer": "params:infer"},
              ["infer_results", "infer_maps", "infer_overlays", "infer_tags"], name="infer", tags=["infer"]),
@@ -137,7 +139,7 @@ def export_pipeline(method: str, base: str | None = None) -> Pipeline:
     """The method's inference path as an ONNX model (+ preprocessing / thresholds JSON) and as the
     servable MLflow pyfunc registered in the model registry (``uad-<namespace>``)."""
     nodes = [*_compose_nodes(method, base),
-             node(named(export_model, "export", method_name=method),
+             node(named(f"{_SERVING}:export_model", "export", method_name=method),
                   {"method_params": _params_input(base), "checkpoint": _final_checkpoint(method),
                    "thresholds": "thresholds", "export": "params:export", "metrics_table": "metrics_table"},
                   ["onnx_model", "export_spec", "served_model", "export_tags"], name="export", tags=["export"])]

@@ -1,10 +1,10 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import synthesis_preview
+from uad.pipelines.lazy import named
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        node(synthesis_preview, ["train_index", "params:synthesis"], ["synthesis_preview", "synthesis_run_tags"],
+        node(named("uad.pipelines.synthesis.nodes:synthesis_preview", "synthesis_preview"), {"train_index": "train_index", "synthesis": "params:synthesis"}, ["synthesis_preview", "synthesis_run_tags"],
              name="synthesis_preview", tags=["synthesis"]),
     ])

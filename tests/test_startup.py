@@ -1,0 +1,48 @@
+"""Commands start without torch: building the pipelines imports no node code and no method."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run([sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return set(out.stdout.split())
+
+
+def test_registering_every_pipeline_imports_neither_torch_nor_mlflow_nor_a_method():
+    mods = _modules_after("import uad.pipeline_registry as r\npipes = r.register_pipelines()\nassert len(pipes) > 30")
+    assert not {"torch", "mlflow", "timm"} & mods
+    assert not any(m.startswith("uad.methods.") and m != "uad.methods.registry" for m in mods), \
+        sorted(m for m in mods if m.startswith("uad.methods"))
+
+
+def test_project_settings_and_ingest_nodes_import_no_torch():
+    mods = _modules_after("import uad.settings, uad.pipelines.ingest.nodes, uad.io")
+    assert "torch" not in mods
+
+
+def test_pipeline_shapes_match_the_method_classes():
+    """The table the registry lays pipelines out from equals what each method class declares."""
+    from uad.methods.registry import PIPELINE_SHAPES, method_class
+
+    for name, shape in PIPELINE_SHAPES.items():
+        cls = method_class(name)
+        assert shape.stages == tuple(cls.stages), name
+        assert shape.feature_cache == cls.uses_feature_cache(), name
+
+
+def test_lazy_node_runs_its_target_with_the_bound_arguments():
+    from uad.pipelines.lazy import named
+
+    add = named("operator:add", "add")
+    import pytest
+
+    with pytest.raises(TypeError):
+        add(a=1, b=2)  # operator.add takes no keywords: the target's own error comes through
+    fmt = named("builtins:dict", "as_dict", method_name="m")
+    assert fmt.__name__ == "as_dict"
+    assert fmt(stage="s") == {"method_name": "m", "stage": "s"}
