@@ -79,6 +79,45 @@ def test_greedy_coreset_picks_far_apart_clusters():
         assert 4 in greedy_coreset(line, 2, projection_dim=0, seed=seed).tolist()
 
 
+@pytest.mark.parametrize("case", ["blobs", "uniform", "duplicates", "small_blocks"])
+def test_lazy_coreset_selects_the_dense_paths_indices(case):
+    """The CPU path (lazy, blocked, triangle-inequality skips) returns exactly the indices of the
+    dense one-product-per-step path for the same seed: on clustered and uniform data, with exact
+    duplicates (ties go to the first index), and with blocks small enough that most are skipped."""
+    import uad.methods.patchcore.model as M
+
+    g = torch.Generator().manual_seed({"blobs": 0, "uniform": 1, "duplicates": 2, "small_blocks": 3}[case])
+    if case == "uniform":
+        x = torch.rand(6000, 96, generator=g)
+    else:
+        centres = torch.randn(40, 96, generator=g) * 3
+        x = centres[torch.randint(40, (6000,), generator=g)] + torch.randn(6000, 96, generator=g)
+    if case == "duplicates":
+        x[3000:3600] = x[:600]  # identical rows: equal running minima, the first index must win
+    block = 64 if case == "small_blocks" else M._LAZY_BLOCK
+    z = M.random_projection(x, 32, seed=5)
+    dense = M._greedy_dense(z, 600, start=11)
+    lazy = M._greedy_lazy(z, 600, start=11, block=block)
+    assert torch.equal(dense, lazy), f"first difference at step {int((dense != lazy).nonzero()[0])}"
+    # the public function picks the lazy path on CPU and the dense one when asked
+    assert torch.equal(greedy_coreset(x, 600, 32, seed=5), greedy_coreset(x, 600, 32, seed=5, pruned=False))
+
+
+def test_lazy_coreset_check_fails_on_a_wrong_selection():
+    """The equality above can fail: a lazy path that skips one centre too many selects otherwise."""
+    import uad.methods.patchcore.model as M
+
+    g = torch.Generator().manual_seed(4)
+    z = M.random_projection(torch.randn(3000, 64, generator=g), 32, seed=1)
+    old = M._SKIP_SLACK
+    try:
+        M._SKIP_SLACK = -10.0  # skip centres that can win
+        wrong = M._greedy_lazy(z, 300, start=3, block=64)
+    finally:
+        M._SKIP_SLACK = old
+    assert not torch.equal(wrong, M._greedy_dense(z, 300, start=3))
+
+
 # ----------------------------------------------------------------------------------- k-NN / maps
 def test_nearest_neighbors_chunked_matches_brute_force():
     g = torch.Generator().manual_seed(2)

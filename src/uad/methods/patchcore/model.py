@@ -73,23 +73,36 @@ def greedy_coreset(
     seed: int = 0,
     chunk_size: int = 8192,
     device: torch.device | str | None = None,
+    pruned: bool | None = None,
 ) -> torch.Tensor:
     """Greedy k-center coreset (PatchCore Algorithm 1): indices of ``n_select`` rows of ``features``.
 
     Starting from one seeded random point, repeatedly add the point whose distance to its nearest
     already-selected point is largest (``argmax_m min_n ||psi(m) - psi(n)||``), on the projection
-    ``psi`` of :func:`random_projection`. Each step updates all ``N`` running minima at once with
-    one matrix-vector product (squared distances ``|z|^2 - 2 z.c + |c|^2``); the selected indices
-    stay on the device (no host synchronisation inside the loop).
+    ``psi`` of :func:`random_projection`.
+
+    Two implementations, the same selection: on a GPU (``pruned=None`` picks by device) every
+    step updates all ``N`` running minima with one matrix-vector product and the indices stay on
+    the device (:func:`_greedy_dense`, no host synchronisation); on a CPU, where that product
+    reads the whole projection from memory at every step, :func:`_greedy_pruned` skips, by the
+    triangle inequality, every point whose nearest centre is too far from the new centre for the
+    new centre to be nearer, and computes the others with the same formula.
     """
     N = features.shape[0]
     if N == 0:
         raise ValueError("greedy_coreset: no features")
     n_select = int(max(1, min(n_select, N)))
     z = random_projection(features, projection_dim, seed, chunk_size, device)  # N, d
-    sq = (z * z).sum(dim=1)  # N
     g = torch.Generator().manual_seed(int(seed) + 1)
     start = int(torch.randint(N, (1,), generator=g))
+    if pruned is None:
+        pruned = z.device.type == "cpu"
+    return (_greedy_lazy if pruned else _greedy_dense)(z, n_select, start)
+
+
+def _greedy_dense(z: torch.Tensor, n_select: int, start: int) -> torch.Tensor:
+    """All ``N`` squared distances to each new centre (``|z|^2 - 2 z.c + |c|^2``) per step."""
+    sq = (z * z).sum(dim=1)  # N
     selected = torch.empty(n_select, dtype=torch.long, device=z.device)
     selected[0] = start
     min_d = (sq - 2.0 * (z @ z[start]) + sq[start]).clamp_min_(0.0)  # N
@@ -100,6 +113,103 @@ def greedy_coreset(
         c = z.index_select(0, idx)[0]  # d
         d = (sq - 2.0 * (z @ c) + sq.index_select(0, idx)).clamp_min_(0.0)  # N
         min_d = torch.minimum(min_d, d)
+    return selected
+
+
+#: points per block of the lazy selection (blocks are clusters of the projection, split to this)
+_LAZY_BLOCK = 512
+#: squared-distance slack of a skip, as a share of the largest squared norm: far above the
+#: float32 rounding of ``|z|^2 - 2 z.c + |c|^2`` (a few 1e-7 of it), so a skip is always exact
+_SKIP_SLACK = 1e-5
+
+
+def _blocks_by_cluster(z: torch.Tensor, block: int, iters: int = 4) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """A permutation of the rows grouping near points (a few seeded k-means steps, only to group
+    them), and the ``(start, end)`` of blocks of at most ``block`` rows in that order."""
+    N = z.shape[0]
+    k = max(1, N // block)
+    g = torch.Generator().manual_seed(0)
+    means = z[torch.randperm(N, generator=g)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(z, means).argmin(dim=1)
+        counts = torch.bincount(assign, minlength=k).clamp_min_(1).to(z.dtype)
+        means = torch.zeros_like(means).index_add_(0, assign, z) / counts[:, None]
+    assign = torch.cdist(z, means).argmin(dim=1)
+    perm = torch.argsort(assign, stable=True)
+    bounds, lo = [], 0
+    for count in torch.bincount(assign, minlength=k).tolist():
+        for s in range(lo, lo + count, block):
+            bounds.append((s, min(lo + count, s + block)))
+        lo += count
+    return perm, bounds
+
+
+def _greedy_lazy(z: torch.Tensor, n_select: int, start: int, block: int = _LAZY_BLOCK) -> torch.Tensor:
+    """The selection of :func:`_greedy_dense`, with the distance updates deferred and skipped.
+
+    The points are grouped into blocks of near points (:func:`_blocks_by_cluster`); each block
+    keeps how many centres were applied to it, the largest running minimum it then held (an upper
+    bound of its current one: more centres only lower the minima), its mean and its radius. At
+    each step the block with the highest bound is brought up to date until the highest bound is
+    an up-to-date block's: that block holds the global maximum. Bringing a block up to date
+    applies its pending centres with the dense path's own arithmetic (``|z|^2 - 2 z.c + |c|^2``
+    row for row, so the minima are bit-identical), except the centres that cannot win any of its
+    points: a centre farther from the block's mean than the block's radius plus the root of its
+    largest minimum (triangle inequality, with a slack far above float rounding). Ties go to the
+    first index, as ``argmax`` does in the dense path.
+    """
+    N, dim = z.shape
+    sq = (z * z).sum(dim=1)
+    slack = _SKIP_SLACK * float(sq.max())
+    min_full = (sq - 2.0 * (z @ z[start]) + sq[start]).clamp_min_(0.0)  # the dense path's first step
+    min_full[start] = 0.0
+    perm, bounds = _blocks_by_cluster(z, block)
+    zp, sqp, min_d = z[perm].contiguous(), sq[perm].contiguous(), min_full[perm].contiguous()
+    nb = len(bounds)
+    means = torch.stack([zp[lo:hi].double().mean(dim=0) for lo, hi in bounds])
+    radius = torch.tensor([float((zp[lo:hi].double() - means[b]).norm(dim=1).max()) for b, (lo, hi) in enumerate(bounds)],
+                          dtype=torch.float64) * (1 + 1e-6)
+    bound = torch.stack([min_d[lo:hi].max() for lo, hi in bounds])
+    applied = [1] * nb
+    selected = torch.empty(n_select, dtype=torch.long)
+    centres = torch.empty(n_select, dim, dtype=z.dtype)
+    centre_sq = torch.empty(n_select, dtype=z.dtype)
+    selected[0], centres[0], centre_sq[0] = start, z[start], sq[start]
+    scratch = torch.empty(max(hi - lo for lo, hi in bounds), dtype=z.dtype)
+
+    def refresh(b: int, i: int) -> None:
+        lo, hi = bounds[b]
+        done = applied[b]
+        if done < i:
+            m = min_d[lo:hi]
+            top = float(m.max())
+            far = ((centres[done:i].double() - means[b]).norm(dim=1) - radius[b]).clamp_min_(0.0) ** 2
+            rows, buf = zp[lo:hi], scratch[: hi - lo]
+            for j in (torch.nonzero(far <= top + slack).squeeze(1) + done).tolist():
+                torch.addmv(sqp[lo:hi], rows, centres[j], alpha=-2.0, out=buf)  # |z|^2 - 2 z.c (2 z.c is exact)
+                buf.add_(centre_sq[j])
+                torch.minimum(m, buf, out=m)
+            m.clamp_min_(0.0)  # min(m, max(d, 0), ...) == max(min(m, d, ...), 0) for m >= 0
+            applied[b] = i
+        bound[b] = min_d[lo:hi].max()
+
+    for i in range(1, n_select):
+        while True:
+            b = int(torch.argmax(bound))
+            if applied[b] == i:
+                break
+            refresh(b, i)
+        top = bound[b]
+        tied = torch.nonzero(bound == top).squeeze(1).tolist()
+        best = N
+        for t in tied:  # exact ties (duplicate points): the first original index, as the dense argmax
+            refresh(t, i)
+            if bool(bound[t] == top):
+                lo, hi = bounds[t]
+                best = min(best, int(perm[lo:hi][min_d[lo:hi] == top].min()))
+        selected[i] = best
+        centres[i] = z[best]
+        centre_sq[i] = sq[best]
     return selected
 
 
