@@ -54,13 +54,19 @@ def run_pipeline(project: Path, pipeline: str, env: str = "smoke", params: dict[
         os.chdir(cwd)
 
 
-def last_run(tracking_uri: str, experiment: str = "uad"):
+def last_run(tracking_uri: str, experiment: str | None = None):
+    """The newest MLflow run of ``experiment`` (default: of every experiment; runs go to one
+    experiment per dataset, ``uad-<dataset>``)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    assert exp is not None, f"no MLflow experiment {experiment!r} at {tracking_uri}"
-    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    if experiment is None:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        assert exp is not None, f"no MLflow experiment {experiment!r} at {tracking_uri}"
+        ids = [exp.experiment_id]
+    runs = client.search_runs(ids, order_by=["attributes.start_time DESC"], max_results=1)
     assert runs, "no MLflow run was recorded"
     return client, runs[0]
 

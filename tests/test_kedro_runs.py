@@ -48,11 +48,15 @@ def _check_metrics(run, method: str, min_image_auroc: float) -> None:
     assert tags["git_commit"]
 
 
-def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project, caplog):
-    import logging
+def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project, monkeypatch):
+    import uad.hooks
 
-    with caplog.at_level(logging.INFO, logger="uad.hooks"):
-        run_pipeline(project, "patchcore")
+    # the hooks' own log lines, read at the logger (Kedro's logging set-up, applied when a session
+    # configures the project, drops handlers that tests attach to the root or to uad.*)
+    said: list[str] = []
+    info = uad.hooks.log.info
+    monkeypatch.setattr(uad.hooks.log, "info", lambda msg, *a, **k: (said.append(msg % a if a else msg), info(msg, *a, **k)))
+    run_pipeline(project, "patchcore")
     client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_metrics(run, "patchcore", 0.75)
     assert run.data.tags["weights_source"] == "bundled"
@@ -60,7 +64,7 @@ def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project, caplog):
     assert {"plots/anomaly_overlays.png", "plots/roc_pr_curves.png", "plots/per_class_metrics.png"} <= arts
     assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {"report/report.html"}
     # the run ends by saying where its results went: metrics, version folders, the MLflow run
-    summary = [r.getMessage() for r in caplog.records if r.getMessage().startswith("results of this run")]
+    summary = [m for m in said if m.startswith("results of this run")]
     assert summary, "no run summary was logged"
     text = summary[-1]
     assert "mean" in text and "image_auroc" in text and f"{run.data.metrics['image_auroc']:.3f}" in text
@@ -210,6 +214,48 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-4, rtol=0)
     versions = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions("name='uad-dinomaly'")
     assert len(versions) >= 1
+
+
+def test_runs_are_named_and_their_parameters_line_up(project):
+    """After the smoke runs above: every run has a readable name of its own, training runs carry
+    the data as an MLflow dataset input, ``method.backbone`` is logged without the namespace on
+    two methods, nothing namespaced is logged, and an export run's parameters are exactly the
+    ones stored in the checkpoint it exported (not the profile's)."""
+    from mlflow.tracking import MlflowClient
+
+    from uad.engine import load_state
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("uad-synthetic")  # one experiment per dataset
+    assert exp is not None, [e.name for e in client.search_experiments()]
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    trained = {}
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("uad.action") == "" and tags.get("uad.method") in ("patchcore", "dinomaly") and run.info.status == "FINISHED":
+            trained.setdefault(tags["uad.method"], run)
+    assert set(trained) == {"patchcore", "dinomaly"}
+    for name, run in trained.items():
+        assert run.info.run_name == f"{name} synthetic multi_class smoke"
+        assert run.data.params["method.backbone"], name
+        assert not any(k.startswith((f"{name}.", "patchcore.", "dinomaly.")) for k in run.data.params), run.data.params
+        assert {"data.setting", "engine.seed", "engine.iterations"} <= set(run.data.params)
+        inputs = client.get_run(run.info.run_id).inputs.dataset_inputs
+        assert inputs and inputs[0].dataset.name == "synthetic" and len(inputs[0].dataset.digest) == 16
+        assert inputs[0].dataset.source and "sample_index" in inputs[0].dataset.source
+    assert trained["patchcore"].data.params["method.backbone"] != trained["dinomaly"].data.params["method.backbone"]
+    # a resolved code default is logged though no profile names it
+    assert "method.coreset_ratio" in trained["patchcore"].data.params
+    exports = [r for r in runs if r.data.tags.get("uad.action") == "export" and r.data.tags.get("uad.method") == "dinomaly"]
+    assert exports, "no export run"
+    export = exports[0]
+    assert export.info.run_name == "dinomaly export synthetic multi_class smoke"
+    version = export.data.tags["checkpoint_version"]
+    _, meta = load_state(project / "data/06_models/dinomaly/train.safetensors" / version / "train.safetensors")
+    stored = meta["run_params"]
+    logged = {k: v for k, v in export.data.params.items() if k.split(".")[0] in ("method", "data", "engine", "synthesis")}
+    assert logged == stored
+    assert stored["engine.iterations"] == trained["dinomaly"].data.params["engine.iterations"]
 
 
 def _free_port() -> int:
@@ -502,8 +548,8 @@ def test_super_multi_class_and_semi_supervised_ingest(project):
 
 
 def _n_runs(client) -> int:
-    exp = client.get_experiment_by_name("uad")
-    return 0 if exp is None else len(client.search_runs([exp.experiment_id], max_results=1000))
+    ids = [e.experiment_id for e in client.search_experiments()]
+    return len(client.search_runs(ids, max_results=1000)) if ids else 0
 
 
 def test_ddp_run_trains_on_two_ranks_and_writes_once(project):

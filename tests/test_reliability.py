@@ -114,7 +114,8 @@ def test_tags_are_true_and_killed_runs_end_as_killed(project, monkeypatch):
     monkeypatch.delenv("UAD_DATA_ROOT", raising=False)
     uri = os.environ["MLFLOW_TRACKING_URI"]
     client = MlflowClient(tracking_uri=uri)
-    exp = client.get_experiment_by_name("uad") or client.get_experiment(client.create_experiment("uad"))
+    name = "uad-synthetic"  # the embedded dataset's experiment (one experiment per dataset)
+    exp = client.get_experiment_by_name(name) or client.get_experiment(client.create_experiment(name))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     import socket
@@ -122,14 +123,14 @@ def test_tags_are_true_and_killed_runs_end_as_killed(project, monkeypatch):
     orphan = client.create_run(exp.experiment_id, tags={"uad.host": socket.gethostname(), "uad.pid": str(dead.pid)})
     assert client.get_run(orphan.info.run_id).info.status == "RUNNING"
 
-    run_pipeline(project, "ingest", env=None)
+    run_pipeline(project, "synthesis", env=None)  # ingest alone is not tracked
     _, run = last_run(uri)
-    assert run.data.tags["kedro_env"] == "quick" and run.data.tags["pipeline"] == "ingest"
+    assert run.data.tags["kedro_env"] == "quick" and run.data.tags["pipeline"] == "synthesis"
     assert run.info.status == "FINISHED"
     assert client.get_run(orphan.info.run_id).info.status == "KILLED"
 
     with pytest.raises(Exception, match="is not a folder"):
-        run_pipeline(project, "ingest", env="smoke", params={"data.root": "/no/such/folder"})
+        run_pipeline(project, "synthesis", env="smoke", params={"data.root": "/no/such/folder"})
     _, failed = last_run(uri)
     assert failed.info.status == "FAILED" and failed.data.tags["kedro_env"] == "smoke"
 

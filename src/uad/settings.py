@@ -32,6 +32,8 @@ class _DropKnownLibraryWarning(logging.Filter):
 
 logging.getLogger("py.warnings").addFilter(_DropKnownLibraryWarning())
 
+from uad.tracking import TrackingHook  # noqa: E402  (kedro-mlflow's model class warns when defined: filter first)
+
 
 def _plain_logs_off_terminal() -> None:
     """Off a terminal (CI, ``> run.log``), rich lays every line out in 80 columns and wraps it;
@@ -54,9 +56,11 @@ def _plain_logs_off_terminal() -> None:
 _plain_logs_off_terminal()
 
 # pluggy calls hooks registered later first: the node times, then the summary, are the last lines
-HOOKS = (RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
+# TrackingHook is kedro-mlflow's hook with readable run names, per-dataset experiments and
+# un-namespaced parameters (uad/tracking.py): the plug-in's own instance is disabled for it.
+HOOKS = (TrackingHook(), RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
 
-DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry",)
+DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry", "kedro_mlflow")
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {

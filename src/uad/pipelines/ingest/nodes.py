@@ -68,6 +68,16 @@ def train_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
     return _sources(data, "train")
 
 
+def dataset_name(data: dict[str, Any] | None) -> str:
+    """The training data's name from the parameters alone (nothing is scanned): its sources'
+    names joined with ``+`` (``synthetic``, ``mvtec+visa``); ``dataset`` when none resolves."""
+    try:
+        names = [s.get("name") or str(s.get("root", "")).rstrip("/").rsplit("/", 1)[-1] for s in train_sources(data or {})]
+    except Exception:  # noqa: BLE001 - a name must never fail a run (ingest reports bad roots itself)
+        names = []
+    return "+".join(str(n) for n in names if n) or "dataset"
+
+
 def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
     """Scan every configured source (train and, for zero-shot, test) into one validated index.
 

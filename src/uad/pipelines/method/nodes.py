@@ -26,9 +26,11 @@ from uad.data.torch_data import AnomalyImageDataset
 from uad.engine import EngineConfig, Trainer
 from uad.engine.speed import HostResults
 from uad.inference import GROUP_SEP, split_group_state
+from uad.pipelines.ingest.nodes import dataset_name
 from uad.methods.registry import build_method
 from uad.metrics import METRIC_NAMES, compute_metrics
 from uad.metrics.metrics import auroc
+from uad.io.datasets import PARAM_PREFIX
 from uad.metrics.plots import figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,45 @@ _SEP = GROUP_SEP
 def _engine_cfg(engine: dict | None, override: dict | None) -> EngineConfig:
     merged = {**(engine or {}), **(override or {})}
     return EngineConfig.from_params(merged)
+
+
+_MAX_PARAM_CHARS = 500
+
+
+def flatten_params(block: dict[str, Any] | None, prefix: str) -> dict[str, str]:
+    """``{"a": {"b": 1}}`` under ``prefix`` -> ``{"prefix.a.b": "1"}``; long values are cut."""
+    out: dict[str, str] = {}
+    for k, v in (block or {}).items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and v:
+            out.update(flatten_params(v, key))
+        else:
+            text = "None" if v is None else str(v)
+            out[key] = text if len(text) <= _MAX_PARAM_CHARS else text[: _MAX_PARAM_CHARS - 3] + "..."
+    return out
+
+
+def model_params(method, data: dict, cfg: EngineConfig, synthesis: dict | None) -> dict[str, str]:
+    """What a model was trained with, as MLflow parameters aligned across methods: ``method.*``
+    (resolved: code defaults included, no namespace), ``data.*``, ``engine.*`` (resolved) and
+    ``synthesis.*`` (methods that learn from pseudo anomalies). Stored in the checkpoint's meta
+    (``run_params``) so export and infer log the same values."""
+    out = flatten_params(method.resolved_params(), "method")
+    out.update(flatten_params({k: v for k, v in (data or {}).items() if k not in ("train", "test")}, "data"))
+    out["data.name"] = dataset_name(data)
+    out.update(flatten_params(dataclasses.asdict(cfg), "engine"))
+    if synthesis and any(method.wants_synthesis(s) for s in method.stages):
+        out.update(flatten_params(synthesis, "synthesis"))
+    return out
+
+
+def checkpoint_params(meta: dict[str, Any]) -> dict[str, str]:
+    """The MLflow parameters stored with a checkpoint (``param:``-prefixed run-tags entries);
+    an older checkpoint without them gives its method block."""
+    stored = meta.get("run_params")
+    if not isinstance(stored, dict):
+        stored = flatten_params(meta.get("params") or {}, "method")
+    return {PARAM_PREFIX + str(k): str(v) for k, v in stored.items()}
 
 
 def per_class_models(setting_or_meta: dict[str, Any]) -> bool:
@@ -142,11 +183,13 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     history: dict[str, list[dict[str, float]]] = {}
     tags: dict[str, str] = {}
     identity: dict[str, str] = {}
+    params: dict[str, str] = {}
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))
         if not identity:  # first model of the node (one-class: first class)
             identity = method.identity()
+            params = model_params(method, data, cfg, synthesis)
             if previous is None:  # the method's first stage
                 _check_synthesis_sources(method, synthesis or {})
         if base is not None:
@@ -204,7 +247,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
                  "dataset": ",".join(sorted(train_index["dataset"].astype(str).unique()))})
     meta = {**identity, "method": method_name, "stage": stage, "params": method_params, "classes": classes,
             "setting": data.get("setting", "multi_class"), "per_class": per_class_models(data),
-            "train_data_sha256": fingerprint}
+            "train_data_sha256": fingerprint, "run_params": params}
+    tags.update({PARAM_PREFIX + k: v for k, v in params.items()})
     return {"tensors": tensors, "meta": meta}, history, tags
 
 
@@ -502,13 +546,7 @@ def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.D
 def _run_title(method_name: str, data: dict | None) -> tuple[str, list[tuple[str, str]]]:
     """``<method> · <dataset> · <setting> · run <id>`` and the facts the report lists."""
     data = data or {}
-    try:
-        from uad.pipelines.ingest.nodes import train_sources
-
-        names = [s.get("name") or str(s.get("root", "")).rstrip("/").rsplit("/", 1)[-1] for s in train_sources(data)]
-    except Exception:  # noqa: BLE001 - a title must never fail a report
-        names = []
-    dataset = ", ".join(n for n in names if n) or "dataset"
+    dataset = dataset_name(data).replace("+", ", ")
     setting = str(data.get("setting", "multi_class"))
     run_id = ""
     try:
@@ -593,17 +631,3 @@ def _display_image(path: str, resize: int, crop: int) -> np.ndarray:
     img = np.asarray(Image.fromarray(load_image(path)).resize((resize, resize), Image.BILINEAR))
     top = (resize - crop) // 2
     return img[top:top + crop, top:top + crop]
-
-
-def named(fn: Callable, name: str, **bound: Any) -> Callable:
-    """``fn`` with some keyword arguments bound, under a readable node name (kedro-viz shows it).
-
-    Kedro calls it with keyword arguments (the node's ``inputs`` is a dict)."""
-
-    def wrapper(**kwargs):
-        return fn(**bound, **kwargs)
-
-    wrapper.__name__ = wrapper.__qualname__ = name
-    wrapper.__doc__ = fn.__doc__
-    wrapper.__wrapped__ = fn
-    return wrapper

@@ -22,7 +22,7 @@ from uad.data.folder import scan_image_folder
 from uad.errors import ConfigError
 from uad.inference import load_trained
 
-from .nodes import _engine_cfg
+from .nodes import _engine_cfg, checkpoint_params
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
             "checkpoint_path": checkpoint.get("path", ""), "method": method_name,
             "infer_images": str(infer.get("images")), "image_threshold": f"{thr['image']:.6g}",
             "threshold_source": thr["image_source"], "threshold_frame": inf.threshold_frame, "infer_frame": inf.frame, "n_scored": str(int(good.sum())),
-            "n_anomalous": str(n_anom), "n_unreadable": str(len(bad))}
+            "n_anomalous": str(n_anom), "n_unreadable": str(len(bad)), **checkpoint_params(meta)}
     ok = results[good]
     arrays: dict[str, np.ndarray] = {"scores": ok["score"].to_numpy(np.float32), "image_paths": ok["image_path"].to_numpy(str),
                                       "map_keys": np.array([f"map_{i:05d}" for i in ok.index], dtype=str),
@@ -175,7 +175,8 @@ def export_model(method_name: str, method_params: dict, checkpoint: dict, thresh
     log.info("export: %s ONNX model, %.1f MB, batch %s, opset %d", method_name, len(data) / 2**20, info["batch"],
              info["opset"])
     tags = {"trained_in_run": spec["trained_in_run"], "checkpoint_version": spec["checkpoint_version"],
-            "onnx_batch": str(info["batch"]), "onnx_opset": str(info["opset"]), "method": method_name}
+            "onnx_batch": str(info["batch"]), "onnx_opset": str(info["opset"]), "method": method_name,
+            **checkpoint_params(meta)}
     served = served_model_payload(method_name, checkpoint, thresholds or {}, export, method, _mean_metrics(metrics_table))
     return data, spec, served, tags
 

@@ -1,0 +1,184 @@
+"""MLflow tracking of ``kedro run`` (Kedro layer): kedro-mlflow's hook, made to serve comparison.
+
+:class:`TrackingHook` is kedro-mlflow's ``MlflowHook`` (the plug-in's own instance is disabled in
+``settings.py``) with four changes:
+
+* **Runs a person can tell apart.** Each run is named ``<method> [<action>] <dataset> <setting>
+  <env>`` (``dinomaly synthetic multi_class smoke``, ``dinomaly export synthetic multi_class
+  smoke``) and tagged ``uad.method`` / ``uad.dataset`` / ``uad.setting`` / ``uad.env`` /
+  ``uad.action``; the training data is logged as an MLflow dataset input (name, a digest of its
+  content fingerprint, the sample index file as its source) so the runs table's Dataset column
+  shows it.
+* **One experiment per dataset.** ``mlflow.yml`` names the experiment ``per-dataset`` unless
+  ``MLFLOW_EXPERIMENT_NAME`` is set; the hook then uses ``uad-<dataset>`` (``uad-synthetic``,
+  ``uad-mvtec``), so runs on the embedded data never mix with a real benchmark's.
+* **Parameters that line up across methods.** kedro-mlflow logs every ``params:`` input under its
+  namespaced name (``dinomaly.method.lr``), and logs the *profile's* values. Here the hook logs
+  only the run-level blocks (``evaluation``, ``reporting``, ``infer``, ``export``); the model's
+  parameters (``method.*`` resolved with their code defaults, ``data.*``, ``engine.*``,
+  ``synthesis.*``) are logged by the nodes that know them: training logs what it trained with,
+  and export / infer log what the checkpoint they use stores (``param:`` entries of the run-tags
+  datasets, :class:`uad.io.datasets.MlflowTagsDataset`). MLflow parameters cannot be
+  changed once logged, so a profile's value can never sit beside a checkpoint's.
+* **Tracking starts only when a run is tracked.** The store is opened (and created) in
+  ``before_pipeline_run`` rather than when the context is made, and pipelines listed under
+  ``disable_tracking`` (``ingest``) never touch it: ``kedro run --pipeline=ingest`` does not pay
+  for opening the MLflow database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+from kedro.framework.hooks import hook_impl
+from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
+from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
+from kedro_mlflow.framework.hooks.utils import _assert_mlflow_enabled
+
+from uad.hooks import DEFAULT_RUN_ENV
+from uad.pipelines.ingest.nodes import dataset_name
+
+log = logging.getLogger(__name__)
+
+#: the experiment name in ``mlflow.yml`` that means "one experiment per dataset"
+PER_DATASET = "per-dataset"
+#: parameter blocks the hook logs from a node's inputs (they are not the model's)
+RUN_BLOCKS = ("evaluation", "reporting", "infer", "export", "benchmark")
+#: pipeline name prefixes that use a trained model: the action in the run name
+ACTIONS = ("infer", "export", "evaluate", "features")
+
+
+def pipeline_names(run_params: dict[str, Any]) -> list[str]:
+    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
+    return [names] if isinstance(names, str) else list(names)
+
+
+def run_identity(run_params: dict[str, Any], data: dict[str, Any] | None, env: str | None) -> dict[str, str]:
+    """``method``, ``action``, ``dataset``, ``setting``, ``env`` and the run ``name`` of a run."""
+    names = pipeline_names(run_params)
+    first = names[0]
+    if first == "__default__":
+        first = "patchcore"
+    action = ""
+    for a in ACTIONS:
+        if first == a or first.startswith(a + "_"):
+            action, first = a, first[len(a) + 1:] or ",".join(run_params.get("namespaces") or []) or "all"
+            break
+    setting = str((data or {}).get("setting", "multi_class"))
+    out = {"method": first, "action": action, "dataset": dataset_name(data), "setting": setting,
+           "env": str(env or DEFAULT_RUN_ENV)}
+    out["name"] = " ".join(v for v in (out["method"], action, out["dataset"], setting, out["env"]) if v)
+    return out
+
+
+def experiment_for(data: dict[str, Any] | None) -> str:
+    return f"uad-{dataset_name(data)}"
+
+
+@contextlib.contextmanager
+def _setup_deferred(hook: "TrackingHook") -> Iterator[None]:
+    """While kedro-mlflow reads its configuration, record its ``setup`` call instead of running
+    it (it opens, and creates, the tracking store)."""
+    original = KedroMlflowConfig.setup
+
+    def record(config, context):  # noqa: ANN001
+        hook._pending_setup = (config, context)
+
+    KedroMlflowConfig.setup = record
+    try:
+        yield
+    finally:
+        KedroMlflowConfig.setup = original
+
+
+class TrackingHook(MlflowHook):
+    """kedro-mlflow's hook with readable runs, per-dataset experiments and aligned parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pending_setup: tuple[Any, Any] | None = None
+        self._params: dict[str, Any] = {}
+        self._env: str | None = None
+        self._identity: dict[str, str] = {}
+        self._catalog = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        self._pending_setup = None
+        self._env = context.env
+        try:
+            self._params = dict(context.params)
+        except Exception:  # noqa: BLE001 - bad parameters are reported by the run itself
+            self._params = {}
+        with _setup_deferred(self):
+            super().after_context_created(context)
+
+    @hook_impl
+    def after_catalog_created(self, catalog, conf_catalog, conf_creds, parameters, save_version, load_versions) -> None:
+        self._catalog = catalog
+        super().after_catalog_created(catalog, conf_catalog, conf_creds, parameters, save_version, load_versions)
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        names = pipeline_names(run_params)
+        data = self._params.get("data") or {}
+        self._identity = run_identity(run_params, data, run_params.get("env") or self._env)
+        if self._pending_setup is not None and _assert_mlflow_enabled(names, self.mlflow_config):
+            config, context = self._pending_setup
+            self._pending_setup = None
+            if config.tracking.experiment.name == PER_DATASET:
+                config.tracking.experiment.name = experiment_for(data)
+            config.setup(context)
+        super().before_pipeline_run(run_params, pipeline, catalog)
+        if self._is_mlflow_enabled and mlflow.active_run() is not None:
+            ident = self._identity
+            mlflow.set_tags({"mlflow.runName": ident["name"], **{f"uad.{k}": v for k, v in ident.items() if k != "name"}})
+
+    @hook_impl
+    def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
+        kept = {k: v for k, v in inputs.items()
+                if not k.startswith("params:") or k[len("params:"):] in RUN_BLOCKS}
+        super().before_node_run(node, catalog, kept, is_async)
+
+    @hook_impl
+    def after_node_run(self, node, catalog, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
+        if node.name != "split_for_setting" or not self._is_mlflow_enabled or mlflow.active_run() is None:
+            return
+        try:
+            self._log_dataset_input(outputs)
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must never fail a run
+            log.warning("could not log the dataset input to MLflow: %s", exc)
+
+    def _log_dataset_input(self, outputs: dict[str, Any]) -> None:
+        import pandas as pd
+
+        from uad.data.index import content_fingerprint
+
+        frames = [outputs[k] for k in ("train_index", "test_index") if isinstance(outputs.get(k), pd.DataFrame)]
+        if not frames:
+            return
+        index = pd.concat(frames, ignore_index=True)
+        source = _catalog_file(self._catalog, "sample_index") or "sample_index"
+        digest = content_fingerprint(index)[:16]
+        ds = mlflow.data.from_pandas(index[["dataset", "class_name", "split", "label", "defect_type"]],
+                                     source=str(Path(source).resolve()), name=self._identity.get("dataset", "dataset"),
+                                     digest=digest)
+        mlflow.log_input(ds, context="training")
+        mlflow.set_tag("uad.data_digest", digest)
+
+
+def _catalog_file(catalog: Any, name: str) -> str | None:
+    try:
+        ds = catalog.get(name) if hasattr(catalog, "get") else catalog._get_dataset(name)
+    except Exception:  # noqa: BLE001
+        return None
+    for obj in (ds, getattr(ds, "_dataset", None), getattr(ds, "dataset", None)):
+        path = getattr(obj, "_filepath", None)
+        if path:
+            return str(path)
+    return None
+
