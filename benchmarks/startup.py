@@ -22,10 +22,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+_BIN = Path(sys.executable).parent / "kedro"
+KEDRO = [str(_BIN)] if _BIN.exists() else [sys.executable, "-m", "kedro"]  # this environment's kedro
 COMMANDS = {
-    "kedro registry list": ["kedro", "registry", "list"],
-    "kedro run --pipeline=ingest --env=smoke": ["kedro", "run", "--pipeline=ingest", "--env=smoke"],
-    "kedro --help": ["kedro", "--help"],
+    "kedro registry list": [*KEDRO, "registry", "list"],
+    "kedro run --pipeline=ingest --env=smoke": [*KEDRO, "run", "--pipeline=ingest", "--env=smoke"],
+    "kedro --help": [*KEDRO, "--help"],
     "python -c 'import uad.pipeline_registry'": [sys.executable, "-c", "import uad.pipeline_registry"],
 }
 

@@ -258,6 +258,45 @@ def test_runs_are_named_and_their_parameters_line_up(project):
     assert stored["engine.iterations"] == trained["dinomaly"].data.params["engine.iterations"]
 
 
+def test_benchmark_runs_two_methods_as_child_runs_compares_them_and_resumes(project):
+    """``kedro run --pipeline=benchmark --env=smoke``: PatchCore and Dinomaly as child runs of one
+    parent (nested in MLflow), the comparison (per class, summary, heat map) logged to the parent
+    with each child's own figures; run again, it reads both children back instead of rerunning."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run_pipeline(project, "benchmark")
+    exp = client.get_experiment_by_name("uad-synthetic")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`uad.method` = 'benchmark'",
+                                 order_by=["attributes.start_time DESC"])
+    parent = parents[0]
+    assert parent.info.run_name == "benchmark synthetic multi_class smoke" and parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["dinomaly synthetic multi_class smoke",
+                                                         "patchcore synthetic multi_class smoke"]
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "benchmark")}
+    assert {"benchmark/comparison.csv", "benchmark/per_class.csv", "benchmark/heatmap.png"} <= arts
+    table = pd.read_csv(_latest(project / "data/08_reporting/benchmark/comparison.csv", "comparison.csv")).set_index("method")
+    per_class = pd.read_csv(_latest(project / "data/08_reporting/benchmark/per_class.csv", "per_class.csv"))
+    for child in children:
+        method = child.data.tags["uad.method"]
+        assert table.loc[method, "image_auroc"] == pytest.approx(child.data.metrics["image_auroc"], abs=1e-6)
+        assert parent.data.metrics[f"{method}/pixel_auroc"] == pytest.approx(child.data.metrics["pixel_auroc"], abs=1e-9)
+        assert table.loc[method, "scoring_img_per_s"] > 0
+        for cls in CLASSES:
+            row = per_class[(per_class["method"] == method) & (per_class["class_name"] == cls) & (per_class["metric"] == "image_auroc")]
+            assert row["value"].iloc[0] == pytest.approx(child.data.metrics[f"{cls}/image_auroc"], abs=1e-6)
+    png = _latest(project / "data/08_reporting/benchmark/heatmap.png", "heatmap.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    # resume: nothing is retrained or re-evaluated, the same children are read back
+    n_before = len(client.search_runs([exp.experiment_id], max_results=1000))
+    run_pipeline(project, "benchmark")
+    assert len(client.search_runs([exp.experiment_id], max_results=1000)) == n_before + 1  # the new parent only
+    again = pd.read_csv(_latest(project / "data/08_reporting/benchmark/comparison.csv", "comparison.csv")).set_index("method")
+    assert again["reused"].astype(str).str.lower().eq("true").all()
+    assert set(again["run_id"]) == {c.info.run_id for c in children}
+
+
 def _free_port() -> int:
     import socket
 

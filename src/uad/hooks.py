@@ -21,6 +21,13 @@ DEFAULT_RUN_ENV = "quick"
 
 log = logging.getLogger(__name__)
 
+_RUN_ENV: str | None = None
+
+
+def current_run_env() -> str:
+    """The Kedro environment of the session running now (the default run env when none was given)."""
+    return _RUN_ENV or DEFAULT_RUN_ENV
+
 
 def git_commit(path: Path) -> str:
     """The checked-out commit (with ``-dirty`` when the tree has changes), or ``unknown``."""
@@ -67,8 +74,10 @@ class RunTagsHook:
 
     @hook_impl
     def after_context_created(self, context) -> None:
+        global _RUN_ENV
         self._project_path = Path(context.project_path)
         self._env = context.env
+        _RUN_ENV = context.env or DEFAULT_RUN_ENV
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
@@ -181,7 +190,8 @@ class NodeTimesHook:
 
 #: the outputs a person looks for after a run, in the order the summary names them
 _SUMMARY_OUTPUTS = ("checkpoint", "predictions", "metrics_table", "thresholds", "report_html", "overlays", "curves",
-                    "per_class_chart", "infer_results", "infer_maps", "infer_overlays", "onnx_model", "export_spec")
+                    "per_class_chart", "infer_results", "infer_maps", "infer_overlays", "onnx_model", "export_spec",
+                    "benchmark_table", "benchmark_per_class", "benchmark_heatmap")
 
 
 def _saved_path(dataset: Any) -> str | None:
@@ -259,7 +269,7 @@ class RunSummaryHook:
             if table is not None and len(table):
                 out.extend("  " + row for row in _metrics_rows(table))
             for key, path in sorted(groups.get(ns, []), key=lambda kv: _SUMMARY_OUTPUTS.index(kv[0])):
-                out.append(f"  {key:<16} {path}")
+                out.append(f"  {key:<19} {path}")
         run = _mlflow_run_line()
         if run:
             out.append(run)

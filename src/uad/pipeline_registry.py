@@ -10,7 +10,7 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline
 
 from uad.methods.registry import pipeline_shape
-from uad.pipelines import ingest, method, synthesis
+from uad.pipelines import benchmark, ingest, method, synthesis
 
 #: methods with a Kedro pipeline (name == registry name == namespace == parameters key)
 METHODS = ("patchcore", "dinomaly", "inpformer", "rlr", "agpnet")
@@ -42,5 +42,7 @@ def register_pipelines() -> dict[str, Pipeline]:
         pipes["export"] += pipes[f"export_{ns}"]
         pipes["evaluate"] += method.evaluation_pipeline(ns)
     pipes["costfilter"] = pipes["costfilter_dinomaly"]  # the released code's base
+    # the papers' main table: each method of params:benchmark as a child run, compared side by side
+    pipes["benchmark"] = benchmark.create_pipeline()
     pipes["__default__"] = pipes["patchcore"]
     return pipes

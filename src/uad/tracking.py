@@ -20,8 +20,9 @@
   and export / infer log what the checkpoint they use stores (``param:`` entries of the run-tags
   datasets, :class:`uad.io.datasets.MlflowTagsDataset`). MLflow parameters cannot be
   changed once logged, so a profile's value can never sit beside a checkpoint's.
-* **Tracking starts only when a run is tracked.** The store is opened (and created) in
-  ``before_pipeline_run`` rather than when the context is made, and pipelines listed under
+* **Tracking starts only when a run is tracked.** The store is opened (and created), and the
+  catalog's metric datasets named, in ``before_pipeline_run`` rather than when the context and
+  catalog are made, and pipelines listed under
   ``disable_tracking`` (``ingest``) never touch it: ``kedro run --pipeline=ingest`` does not pay
   for opening the MLflow database.
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -105,6 +107,7 @@ class TrackingHook(MlflowHook):
         self._env: str | None = None
         self._identity: dict[str, str] = {}
         self._catalog = None
+        self._catalog_args: tuple | None = None
 
     @hook_impl
     def after_context_created(self, context) -> None:
@@ -119,8 +122,10 @@ class TrackingHook(MlflowHook):
 
     @hook_impl
     def after_catalog_created(self, catalog, conf_catalog, conf_creds, parameters, save_version, load_versions) -> None:
+        # kedro-mlflow names its metric datasets here by materialising every catalog entry (every
+        # dataset class imported): deferred to before_pipeline_run, and skipped when untracked
         self._catalog = catalog
-        super().after_catalog_created(catalog, conf_catalog, conf_creds, parameters, save_version, load_versions)
+        self._catalog_args = (catalog, conf_catalog, conf_creds, parameters, save_version, load_versions)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -133,15 +138,24 @@ class TrackingHook(MlflowHook):
             if config.tracking.experiment.name == PER_DATASET:
                 config.tracking.experiment.name = experiment_for(data)
             config.setup(context)
+        if self._catalog_args is not None and _assert_mlflow_enabled(names, self.mlflow_config):
+            super().after_catalog_created(*self._catalog_args)
+        self._catalog_args = None
         super().before_pipeline_run(run_params, pipeline, catalog)
         if self._is_mlflow_enabled and mlflow.active_run() is not None:
             ident = self._identity
-            mlflow.set_tags({"mlflow.runName": ident["name"], **{f"uad.{k}": v for k, v in ident.items() if k != "name"}})
+            tags = {"mlflow.runName": ident["name"], **{f"uad.{k}": v for k, v in ident.items() if k != "name"}}
+            # a child of ``kedro run --pipeline=benchmark`` (uad.pipelines.benchmark): nested under it
+            if os.environ.get("UAD_PARENT_RUN_ID"):
+                tags["mlflow.parentRunId"] = os.environ["UAD_PARENT_RUN_ID"]
+            if os.environ.get("UAD_BENCHMARK_KEY"):
+                tags["uad.benchmark_key"] = os.environ["UAD_BENCHMARK_KEY"]
+            mlflow.set_tags(tags)
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
         kept = {k: v for k, v in inputs.items()
-                if not k.startswith("params:") or k[len("params:"):] in RUN_BLOCKS}
+                if k != "parameters" and (not k.startswith("params:") or k[len("params:"):] in RUN_BLOCKS)}
         super().before_node_run(node, catalog, kept, is_async)
 
     @hook_impl

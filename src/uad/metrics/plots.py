@@ -18,7 +18,8 @@ from matplotlib.figure import Figure
 
 from uad.metrics.metrics import METRIC_NAMES, auroc, average_precision, pr_curve, roc_curve
 
-__all__ = ["anomaly_overlay_grid", "image_overlay_png", "roc_pr_curves", "per_class_bar_chart", "figure_to_png_bytes"]
+__all__ = ["anomaly_overlay_grid", "benchmark_heatmap", "image_overlay_png", "roc_pr_curves", "per_class_bar_chart",
+           "figure_to_png_bytes"]
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -335,3 +336,50 @@ def image_overlay_png(image: np.ndarray, amap: np.ndarray, pixel_threshold: floa
     buf = io.BytesIO()
     out.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def benchmark_heatmap(long: Any, metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
+                      title: str | None = None) -> Figure:
+    """Classes x methods heat maps, one panel per metric, every cell written: the comparison
+    table of a benchmark (``long``: columns method, setting, seed, class_name, metric, value;
+    seeds averaged, one column per method and setting, the ``mean`` row last)."""
+    import pandas as pd
+
+    df = pd.DataFrame(long)
+    df = df[df["metric"].isin(metrics)]
+    if df.empty:
+        fig = _new_figure(6.0, 2.0)
+        ax = fig.subplots()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No metric to compare (no child run finished, or no anomalous test image).",
+                ha="center", va="center", fontsize=9)
+        return fig
+    df = df.assign(column=[m if s == "multi_class" else f"{m}\n{s}" for m, s in zip(df["method"], df["setting"])])
+    shown = [m for m in metrics if m in set(df["metric"])]
+    columns = list(dict.fromkeys(df["column"]))
+    classes = sorted(c for c in set(df["class_name"]) if c != "mean") + ["mean"]
+    width = float(np.clip(1.6 + 0.95 * len(columns), 3.6, 9.0))
+    fig = _new_figure(width * len(shown), float(np.clip(1.3 + 0.36 * len(classes), 2.6, 14.0)))
+    axes = np.atleast_1d(fig.subplots(1, len(shown)))
+    for ax, metric in zip(axes, shown):
+        grid = (df[df["metric"] == metric].pivot_table(index="class_name", columns="column", values="value", aggfunc="mean")
+                .reindex(index=classes, columns=columns))
+        values = grid.to_numpy(dtype=np.float64)
+        low = 0.5 if metric.endswith("auroc") else 0.0  # AUROC's chance is 0.5; AP / F1 / AUPRO's lower
+        im = ax.imshow(values, cmap="RdYlGn", vmin=low, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(columns)), columns, fontsize=8)
+        ax.set_yticks(range(len(classes)), classes, fontsize=8)
+        ax.axhline(len(classes) - 1.5, color="black", lw=1.2)  # the mean row below a rule
+        for r in range(values.shape[0]):
+            for c in range(values.shape[1]):
+                v = values[r, c]
+                dark = np.isfinite(v) and (v - low) / (1.0 - low) < 0.15 or (v - low) / (1.0 - low) > 0.85
+                ax.text(c, r, "-" if not np.isfinite(v) else f"{v:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if dark else "black", fontweight="bold" if r == len(classes) - 1 else "normal")
+        ax.set_title(metric + (" (0.5 = chance)" if low == 0.5 else ""), fontsize=10)
+        ax.tick_params(length=0)
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+

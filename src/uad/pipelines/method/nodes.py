@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -443,6 +444,7 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
     one_class = per_class_models(checkpoint["meta"])
     groups = sorted(test_index["class_name"].unique()) if one_class else [None]
     parts: list[dict[str, np.ndarray]] = []
+    scoring_seconds = 0.0
     for group in groups:
         df = test_index if group is None else test_index[test_index["class_name"] == group]
         method = build_method(method_name, method_params)
@@ -453,8 +455,10 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
         method.eval_mode()
         ds = _dataset(method, df, classes)
         base: dict[str, list] = {}
+        t0 = time.perf_counter()
         scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:predict" + (f":{group}" if group else ""),
                                             base=base)
+        scoring_seconds += time.perf_counter() - t0
         part = {
             "scores": scores,
             "maps": maps,
@@ -472,6 +476,8 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
         parts.append(part)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     out["input_resize"] = np.asarray(method.input_spec["resize"], dtype=np.int64)
+    # the evaluation's scoring rate (decode, preprocess, forward, maps to the host), images / s
+    out["scoring_img_per_s"] = np.asarray(len(out["scores"]) / max(scoring_seconds, 1e-9), dtype=np.float64)
     return out
 
 
@@ -493,6 +499,9 @@ def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.D
                 continue
             key = name if cls == "mean" else f"{cls}/{name}"
             mlflow_metrics[key] = {"value": float(val), "step": 0}
+    if "scoring_img_per_s" in predictions:
+        mlflow_metrics["scoring_img_per_s"] = {"value": float(predictions["scoring_img_per_s"]), "step": 0}
+    mlflow_metrics["n_test_images"] = {"value": float(len(predictions["scores"])), "step": 0}
     mean = table.loc["mean"]
     shown = ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m]))
     log.info("mean over classes: %s", shown or "no metric (the test split has no anomalous image: normal-only data)")

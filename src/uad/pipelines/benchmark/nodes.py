@@ -1,0 +1,210 @@
+"""The papers' main table in one command: ``kedro run --pipeline=benchmark``.
+
+Every (method, setting, seed) of ``params:benchmark`` is trained and evaluated by its own
+``kedro run --pipeline=<method>`` in a child process, as a child MLflow run of this run (tag
+``mlflow.parentRunId``, same experiment, same store). A child that finished before with the same
+key (method, setting, seed, environment, the parameters it runs with, the code's commit) is not
+run again: its MLflow run is read back, so an interrupted benchmark resumes where it stopped.
+The comparison (mean and per-class metrics side by side, training time and scoring rate) is
+written as two CSV tables and a heat map of classes x methods, logged to this run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from uad.errors import ConfigError
+from uad.pipelines.ingest.nodes import dataset_name
+
+log = logging.getLogger(__name__)
+
+METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+KNOWN_METHODS = ("patchcore", "dinomaly", "inpformer", "rlr", "agpnet")
+#: a child run is found again by this tag
+KEY_TAG = "uad.benchmark_key"
+
+
+def plan_children(benchmark: dict[str, Any], parameters: dict[str, Any], env: str, commit: str) -> list[dict[str, Any]]:
+    """The children of a benchmark: one per method x setting x seed, each with its key."""
+    methods = benchmark.get("methods") or []
+    if isinstance(methods, str) or not methods:
+        raise ConfigError(f"benchmark.methods: {methods!r} is not a list of methods; "
+                          f"e.g. --params='benchmark.methods=[patchcore,dinomaly]' (known: {', '.join(KNOWN_METHODS)})")
+    for m in methods:
+        if m not in KNOWN_METHODS and not (str(m).startswith("costfilter_") and str(m)[11:] in KNOWN_METHODS):
+            raise ConfigError(f"benchmark.methods: {m!r} is not a method; use {', '.join(KNOWN_METHODS)} "
+                              "or costfilter_<base>")
+    settings = benchmark.get("settings") or ["multi_class"]
+    seeds = benchmark.get("seeds") or [int((parameters.get("engine") or {}).get("seed", 1))]
+    children = []
+    for method in methods:
+        for setting in settings:
+            overrides = {"setting": setting} if isinstance(setting, str) else dict(setting)
+            if "setting" not in overrides:
+                raise ConfigError(f"benchmark.settings: {setting!r} names no setting; write multi_class or "
+                                  "{setting: few_shot, shots: 4}")
+            for seed in seeds:
+                try:
+                    seed = int(seed)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"benchmark.seeds: {seed!r} is not an integer; e.g. [1, 2, 3]") from None
+                children.append(_child(method, overrides, seed, parameters, env, commit))
+    return children
+
+
+def _child(method: str, overrides: dict[str, Any], seed: int, parameters: dict[str, Any], env: str,
+           commit: str) -> dict[str, Any]:
+    block = parameters.get(method) or {}
+    if method.startswith("costfilter_"):
+        block = {"filter": block, "base": parameters.get(method[11:]) or {}}
+    fingerprint = {"method": method, "overrides": overrides, "seed": seed, "env": env, "commit": commit,
+                   "params": block, "data": {**(parameters.get("data") or {}), **overrides},
+                   "engine": parameters.get("engine"), "synthesis": parameters.get("synthesis")}
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    label = f"{method} {overrides['setting']}" + "".join(f" {k}={v}" for k, v in overrides.items() if k != "setting") \
+        + f" seed {seed}"
+    cli = [f"data.{k}={v}" for k, v in overrides.items()] + [f"engine.seed={seed}"]
+    return {"method": method, "setting": overrides["setting"], "overrides": overrides, "seed": seed, "key": key,
+            "label": label, "params": ",".join(cli)}
+
+
+def _kedro() -> list[str]:
+    exe = Path(sys.executable).parent / "kedro"
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "kedro"]
+
+
+def _finished(client, experiment_ids: list[str], key: str):
+    runs = client.search_runs(experiment_ids, filter_string=f"tags.`{KEY_TAG}` = '{key}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def _run_child(child: dict[str, Any], env: str, project: Path, parent_id: str | None, experiment: str | None,
+               log_dir: Path) -> tuple[int, Path]:
+    cmd = [*_kedro(), "run", f"--pipeline={child['method']}", f"--env={env}", f"--params={child['params']}"]
+    child_env = {**os.environ, "UAD_BENCHMARK_KEY": child["key"]}
+    if parent_id:
+        import mlflow
+
+        child_env.update({"UAD_PARENT_RUN_ID": parent_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()})
+        if experiment:
+            child_env["MLFLOW_EXPERIMENT_NAME"] = experiment
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out = log_dir / f"{child['method']}-{child['key']}.log"
+    with open(out, "w") as fh:
+        fh.write("$ " + " ".join(cmd) + "\n")
+        fh.flush()
+        code = subprocess.run(cmd, cwd=project, env=child_env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    return code, out
+
+
+def _rows(child: dict[str, Any], run, reused: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    m = run.data.metrics
+    ns = child["method"]
+    train_s = sum(v for k, v in m.items() if k.startswith(f"node_seconds/{ns}.train") or k == f"node_seconds/{ns}.extract_features")
+    long = []
+    for key, value in m.items():
+        cls, _, metric = key.rpartition("/")
+        if metric in METRICS and (cls == "" or "/" not in cls) and cls not in ("base", "gain", "full_frame"):
+            long.append({"method": ns, "setting": child["setting"], "seed": child["seed"], "class_name": cls or "mean",
+                         "metric": metric, "value": float(value)})
+    summary = {"method": ns, "setting": child["setting"], "seed": child["seed"],
+               **{k: m.get(k, np.nan) for k in METRICS},
+               "train_seconds": round(train_s, 2), "scoring_img_per_s": m.get("scoring_img_per_s", np.nan),
+               "run_id": run.info.run_id, "reused": reused}
+    return long, summary
+
+
+def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, bytes, dict]:
+    """Train and evaluate every child (or reuse its finished run); returns the per-class long
+    table, the summary (one row per child), the heat map PNG and the parent's tags."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from uad.hooks import current_run_env, git_commit
+
+    env = str(benchmark.get("env") or current_run_env())
+    project = Path.cwd()
+    children = plan_children(benchmark, parameters, env, git_commit(project))
+    parent = mlflow.active_run()
+    client = MlflowClient() if parent is not None else None
+    experiment = client.get_experiment(parent.info.experiment_id).name if parent is not None else None
+    log_dir = project / "data" / "08_reporting" / "benchmark" / "logs"
+    long_rows: list[dict[str, Any]] = []
+    summaries: list[dict[str, Any]] = []
+    failed: list[str] = []
+    t_all = time.perf_counter()
+    for i, child in enumerate(children, 1):
+        head = f"benchmark {i}/{len(children)}: {child['label']}"
+        run = _finished(client, [parent.info.experiment_id], child["key"]) if client is not None else None
+        if run is not None:
+            log.info("%s: finished before (MLflow run %s), not run again", head, run.info.run_id)
+            reused = True
+        else:
+            log.info("%s: kedro run --pipeline=%s --env=%s --params=%s ...", head, child["method"], env, child["params"])
+            t0 = time.perf_counter()
+            code, out = _run_child(child, env, project, parent.info.run_id if parent else None, experiment, log_dir)
+            if code != 0:
+                tail = out.read_text(errors="replace").strip().splitlines()[-3:]
+                log.error("%s failed (exit %d) after %.0f s; its log: %s\n  %s", head, code, time.perf_counter() - t0, out,
+                          "\n  ".join(tail))
+                failed.append(child["label"])
+                continue
+            run = _finished(client, [parent.info.experiment_id], child["key"]) if client is not None else None
+            log.info("%s: done in %.0f s", head, time.perf_counter() - t0)
+            reused = False
+        if run is None:  # tracking is off: the child ran, but there is no run to read its figures from
+            failed.append(child["label"] + " (no MLflow run to read)")
+            continue
+        rows, summary = _rows(child, run, reused)
+        long_rows += rows
+        summaries.append(summary)
+    long = pd.DataFrame(long_rows, columns=["method", "setting", "seed", "class_name", "metric", "value"])
+    table = pd.DataFrame(summaries)
+    if table.empty:
+        raise RuntimeError("benchmark: no child finished; see the logs under " + str(log_dir))
+    png = _heatmap_png(long, f"{dataset_name(parameters.get('data'))} · {env} · per class and mean")
+    _log_parent_metrics(table)
+    log.info("benchmark: %d child run(s) (%d reused) in %.0f s%s\n%s", len(table), int(table["reused"].sum()),
+             time.perf_counter() - t_all, f"; FAILED: {', '.join(failed)}" if failed else "",
+             table.drop(columns=["run_id"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    tags = {"benchmark_children": str(len(children)), "benchmark_failed": str(len(failed)),
+            "benchmark_methods": ",".join(dict.fromkeys(c["method"] for c in children)),
+            "benchmark_data": dataset_name(parameters.get("data"))}
+    if failed:
+        log.warning("benchmark: %d child run(s) failed; rerun the same command to retry only those", len(failed))
+    return long, table, png, tags
+
+
+def _heatmap_png(long: pd.DataFrame, title: str) -> bytes:
+    from uad.metrics.plots import benchmark_heatmap, figure_to_png_bytes
+
+    return figure_to_png_bytes(benchmark_heatmap(long, title=title), dpi=110)
+
+
+def _log_parent_metrics(table: pd.DataFrame) -> None:
+    """Each child's mean metrics on the parent as ``<method>/<metric>`` (mean over seeds)."""
+    import mlflow
+
+    if mlflow.active_run() is None:
+        return
+    out = {}
+    for (method, setting), rows in table.groupby(["method", "setting"]):
+        prefix = method if setting == "multi_class" else f"{method}/{setting}"
+        for metric in (*METRICS, "train_seconds", "scoring_img_per_s"):
+            vals = pd.to_numeric(rows[metric], errors="coerce").dropna()
+            if len(vals):
+                out[f"{prefix}/{metric}"] = float(vals.mean())
+    if out:
+        mlflow.log_metrics(out)
