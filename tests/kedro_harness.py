@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SEVEN = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+CLASSES = ("fabric", "pcb", "washer", "wood")
 
 
 def make_project_copy(dest: Path) -> Path:
@@ -81,3 +83,26 @@ def _nest(params: dict[str, Any]) -> dict[str, Any]:
             node = node.setdefault(p, {})
         node[leaf] = value
     return out
+
+
+def _versions(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _check_metrics(run, method: str, min_image_auroc: float) -> None:
+    m = run.data.metrics
+    for name in SEVEN:
+        assert name in m, f"{method}: MLflow run lacks {name}"
+        for cls in CLASSES:
+            assert f"{cls}/{name}" in m
+    assert m["image_auroc"] >= min_image_auroc, f"{method}: image AUROC {m['image_auroc']:.3f}"
+    assert m["pixel_auroc"] >= min_image_auroc
+    tags = run.data.tags
+    assert tags["method"] == method
+    assert tags["dataset"] == "synthetic" and tags["setting"] == "multi_class"
+    assert tags["weights_source"] and tags["backbone"]
+    assert tags["git_commit"]
+
+
+def _latest(folder: Path, name: str) -> Path:
+    return sorted(folder.iterdir())[-1] / name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -106,3 +108,52 @@ def test_fingerprint(tmp_path):
     other.loc[0, "label"] = 1
     assert index_fingerprint(other) != f
     assert index_fingerprint(df, root=tmp_path) != f  # relative paths
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "JPEG", "TIFF", "PNG"])
+def test_changing_rows_in_the_middle_of_an_image_changes_the_fingerprint(tmp_path, fmt):
+    """An uncompressed BMP / TIFF (and a JPEG, a PNG) edited in place in its middle rows, same size
+    on disk: the content fingerprint changes (every byte is hashed), and an unchanged tree keeps it
+    (served from the stat-keyed cache without reading the files again)."""
+    import numpy as np
+    from PIL import Image
+
+    from uad.data import index as idx
+
+    rng = np.random.default_rng(0)
+    ext = {"BMP": "bmp", "JPEG": "jpg", "TIFF": "tif", "PNG": "png"}[fmt]
+    paths = []
+    for i in range(3):
+        p = tmp_path / f"{i:03d}.{ext}"
+        Image.fromarray(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(p, format=fmt)
+        paths.append(str(p))
+    df = pd.DataFrame({"dataset": "d", "class_name": "c", "split": "train", "label": 0, "defect_type": "good",
+                       "image_path": paths, "mask_path": ""})
+    before = idx.content_fingerprint(df)
+    assert idx.content_fingerprint(df) == before
+    target = paths[1]
+    size = os.path.getsize(target)
+    with open(target, "r+b") as fh:  # 8 rows' worth of bytes in the middle, file size unchanged
+        fh.seek(size // 2)
+        chunk = bytearray(fh.read(8 * 400 * 3))
+        fh.seek(size // 2)
+        fh.write(bytes(255 - b for b in chunk))
+    assert os.path.getsize(target) == size
+    assert idx.content_fingerprint(df) != before
+
+
+def test_unchanged_files_are_not_read_again(tmp_path, monkeypatch):
+    from uad.data import index as idx
+
+    files = []
+    for i in range(3):
+        f = tmp_path / f"{i}.bin"
+        f.write_bytes(os.urandom(1000))
+        files.append(str(f))
+    first = idx.file_digests(files)
+    read = []
+    monkeypatch.setattr(idx, "_hash_file", lambda p: read.append(p) or "x")
+    assert idx.file_digests(files) == first and read == []
+    os.utime(files[0], ns=(1, 1))  # a changed stat: hashed again
+    idx.file_digests(files)
+    assert read == [os.path.realpath(files[0])]

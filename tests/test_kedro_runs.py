@@ -16,10 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from kedro_harness import last_run, run_pipeline, tracked_project
+from kedro_harness import CLASSES, SEVEN, _check_metrics, _latest, _versions, last_run, run_pipeline, tracked_project
 
-SEVEN = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
-CLASSES = ("fabric", "pcb", "washer", "wood")
 
 pytestmark = pytest.mark.slow
 
@@ -27,25 +25,6 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     yield from tracked_project(tmp_path_factory)
-
-
-def _versions(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
-
-
-def _check_metrics(run, method: str, min_image_auroc: float) -> None:
-    m = run.data.metrics
-    for name in SEVEN:
-        assert name in m, f"{method}: MLflow run lacks {name}"
-        for cls in CLASSES:
-            assert f"{cls}/{name}" in m
-    assert m["image_auroc"] >= min_image_auroc, f"{method}: image AUROC {m['image_auroc']:.3f}"
-    assert m["pixel_auroc"] >= min_image_auroc
-    tags = run.data.tags
-    assert tags["method"] == method
-    assert tags["dataset"] == "synthetic" and tags["setting"] == "multi_class"
-    assert tags["weights_source"] and tags["backbone"]
-    assert tags["git_commit"]
 
 
 def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project, monkeypatch):
@@ -107,49 +86,6 @@ def test_dinomaly_smoke_run_detects_defects(project):
     assert run.data.metrics["node_seconds/total"] >= max(nodes.values()) > 0
     assert all(f"node_seconds/{n}" in run.data.metrics for n in nodes)
     assert run.data.metrics["train_it_per_s/train"] > 0
-
-
-def _check_plugin_run(run, base: str) -> dict[str, float]:
-    """A CostFilter-AD run: filtered metrics, the base's on the same images and the gain."""
-    m, tags = run.data.metrics, run.data.tags
-    assert tags["method"] == "costfilter" and tags["base"] == base and tags["costfilter_preset"] == "paper"
-    assert tags["base_mlflow_run_id"] and tags["synthesis_recipe"] == "glad"
-    for name in SEVEN:
-        assert name in m and f"base/{name}" in m and f"gain/{name}" in m
-        assert m[f"gain/{name}"] == pytest.approx(m[name] - m[f"base/{name}"], abs=1e-9)
-        for cls in CLASSES:
-            assert f"{cls}/{name}" in m and f"base/{cls}/{name}" in m
-    return m
-
-
-def test_costfilter_over_dinomaly_and_patchcore_logs_base_and_gain(project):
-    """``kedro run --pipeline=costfilter_<base> --env=smoke`` over the trained smoke bases: the run
-    logs the filtered metrics beside the base's (equal to the base's own run on the same test
-    set) and the filtered map detects the embedded defects above chance (PatchCore base, real
-    offline weights)."""
-    from mlflow.tracking import MlflowClient
-
-    if not (project / "data/06_models/dinomaly").exists():  # the earlier tests trained it
-        run_pipeline(project, "dinomaly")
-    run_pipeline(project, "costfilter_dinomaly")
-    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
-    _check_plugin_run(run, "dinomaly")
-    # PatchCore on Lite0's stages 1-2: at 112 px the paper's 28 x 28 patch grid (stages 2-3: 14 x 14,
-    # too coarse for the filter to learn in a smoke budget); a 1 % coreset keeps the fit quick
-    grid28 = {"patchcore.method.layers": [1, 2], "patchcore.method.coreset_ratio": 0.01}
-    run_pipeline(project, "patchcore", params=grid28)
-    run_pipeline(project, "costfilter_patchcore", params=grid28)
-    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
-    m = _check_plugin_run(run, "patchcore")
-    base_run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run.data.tags["base_mlflow_run_id"])
-    for name in ("image_auroc", "pixel_auroc"):  # the base evaluated inside the filter's run = its own run
-        assert m[f"base/{name}"] == pytest.approx(base_run.data.metrics[name], abs=1e-6)
-    assert m["pixel_auroc"] >= 0.7 and m["pixel_aupro"] >= 0.45 and m["image_auroc"] >= 0.58, m
-    assert (project / "data/06_models/costfilter_patchcore/filter.safetensors").exists()
-
-
-def _latest(folder: Path, name: str) -> Path:
-    return sorted(folder.iterdir())[-1] / name
 
 
 def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
@@ -438,77 +374,6 @@ def test_infer_scores_every_pixel_at_the_images_own_size(project, tmp_path):
                        keep_default_na=False).set_index("relative_path")
     assert float(crop.loc["line/border.png", "score"]) == float(crop.loc["clean.png", "score"])
     assert crop.loc["line/border.png", "decision"] == "normal"
-
-
-def test_inpformer_smoke_run_multi_class(project):
-    run_pipeline(project, "inpformer")
-    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
-    _check_metrics(run, "inpformer", 0.55)
-    assert any(k.startswith("train_loss/reconstruction") for k in run.data.metrics)
-    assert any(k.startswith("train_loss/residual") for k in run.data.metrics)
-    assert run.data.tags["synthesis_texture_source"].startswith("fallback")
-
-
-def test_rlr_smoke_run_localises_defects(project):
-    """RLR on the bundled ImageNet Lite0 (real weights): pixel-level detection well above chance
-    after 80 CPU steps. Image-level scores of so short a run are near chance on this dataset
-    (README: why), so they are checked for presence only."""
-    client, run = last_run_after(project, "rlr")
-    m = run.data.metrics
-    for name in SEVEN:
-        assert name in m and all(f"{cls}/{name}" in m for cls in CLASSES)
-    assert m["pixel_auroc"] >= 0.65, f"rlr: pixel AUROC {m['pixel_auroc']:.3f}"
-    assert m["pixel_aupro"] >= 0.2, f"rlr: pixel AUPRO {m['pixel_aupro']:.3f}"
-    tags = run.data.tags
-    assert tags["method"] == "rlr" and tags["weights_source"] == "bundled" and tags["attention"] == "lca+mlka"
-    assert tags["windows"] == "11,7,5" and any(k.startswith("train_loss/train") for k in m)
-    ckpt = project / "data/06_models/rlr/train.safetensors"
-    (version,) = [p.name for p in ckpt.iterdir()]
-    from uad.engine import load_state
-
-    _, meta = load_state(ckpt / version / "train.safetensors")
-    assert (meta["method"], meta["backbone"], meta["crop"]) == ("rlr", "tf_efficientnet_lite0", "96")
-    assert len(meta["params_sha"]) == 12  # the checkpoint says what made it
-
-
-def test_agpnet_smoke_run_detects_defects(project):
-    """AGPNet (Table 5's EfficientNet variant on the bundled ImageNet Lite0, real weights) after
-    80 CPU steps: defects found well above chance at both levels (measured 0.635 image / 0.847
-    pixel AUROC / 0.671 AUPRO on 2 CPU cores)."""
-    client, run = last_run_after(project, "agpnet")
-    m = run.data.metrics
-    _check_metrics(run, "agpnet", 0.55)
-    assert m["pixel_auroc"] >= 0.75, f"agpnet: pixel AUROC {m['pixel_auroc']:.3f}"
-    assert m["pixel_aupro"] >= 0.45, f"agpnet: pixel AUPRO {m['pixel_aupro']:.3f}"
-    tags = run.data.tags
-    assert tags["weights_source"] == "bundled" and tags["prior"] == "energy" and tags["masks"] == "prior+learn"
-    assert tags["mean_teacher"] == "true" and int(tags["decoder_params"]) > 0
-    assert any(k.startswith("train_loss/train") for k in m)
-
-
-def last_run_after(project, pipeline):
-    run_pipeline(project, pipeline)
-    return last_run(os.environ["MLFLOW_TRACKING_URI"])
-
-
-def test_inpformer_zero_shot_trains_on_one_dataset_and_tests_on_another(project):
-    params = {
-        "data.train": [{"name": "synthA", "root": "data/01_raw/synthetic_a", "layout": "mvtec", "synthetic": True,
-                        "seed": 1, "generator": {"classes": ["fabric", "washer"]}}],
-        "data.test": [{"name": "synthB", "root": "data/01_raw/synthetic_b", "layout": "mvtec", "synthetic": True,
-                       "seed": 2, "generator": {"classes": ["wood", "pcb"]}}],
-        "data.setting": "zero_shot",
-        "engine.iterations": 4,  # what is checked here is where the data comes from, not learning
-    }
-    run_pipeline(project, "inpformer", params=params)
-    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
-    assert run.data.tags["setting"] == "zero_shot"
-    for name in SEVEN:
-        assert name in run.data.metrics
-    assert "wood/image_auroc" in run.data.metrics and "fabric/image_auroc" not in run.data.metrics
-    test_index = pd.read_csv(project / "data/02_intermediate/test_index.csv")
-    train_index = pd.read_csv(project / "data/02_intermediate/train_index.csv")
-    assert set(test_index["dataset"]) == {"synthB"} and set(train_index["dataset"]) == {"synthA"}
 
 
 def test_synthesis_smoke_writes_a_versioned_preview_logged_to_mlflow(project):

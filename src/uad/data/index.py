@@ -230,41 +230,125 @@ def _map_files(fn, items: list, max_workers: int | None = None, desc: str | None
     return [fn(x) for x in progress(items, **bar)]
 
 
-#: bytes hashed at each end of a file by :func:`content_fingerprint`
-SAMPLE_BYTES = 64 * 1024
+#: where file digests are cached, keyed by (path, size, mtime, ctime, inode): ``$UAD_CACHE_DIR``
+#: or ``$XDG_CACHE_HOME/uad`` (``~/.cache/uad``); a file whose stat is unchanged is not read again
+def _cache_path() -> Path:
+    root = os.environ.get("UAD_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
+                                                          os.path.expanduser("~/.cache"), "uad")
+    return Path(root) / "file_digests.sqlite"
 
 
-def _file_digest(path: str) -> str:
-    """``size:hash`` of a file's first and last :data:`SAMPLE_BYTES` (the whole file when smaller).
-    A PNG ends with the checksums of all its pixel data, so any change of its pixels changes the
-    tail; any change of size shows too. Missing files give ``missing``."""
+_CHUNK = 1 << 20
+
+
+def _hash_file(path: str) -> str:
+    """``size:blake2b`` of every byte of the file (read in 1 MiB chunks)."""
+    h = hashlib.blake2b(digest_size=16)
+    size = 0
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            size += len(chunk)
+            h.update(chunk)
+    return f"{size}:{h.hexdigest()}"
+
+
+class _DigestCache:
+    """File digests by stat signature in one SQLite file (safe for concurrent runs; a cache only:
+    any failure to open or write it falls back to hashing)."""
+
+    def __init__(self) -> None:
+        self._db = None
+        try:
+            import sqlite3
+
+            path = _cache_path()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
+            self._db.execute("CREATE TABLE IF NOT EXISTS digests (path TEXT PRIMARY KEY, stat TEXT, digest TEXT)")
+        except Exception:  # noqa: BLE001 - an unwritable cache only costs time
+            self._db = None
+
+    def get_many(self, stats: dict[str, str]) -> dict[str, str]:
+        if self._db is None or not stats:
+            return {}
+        out: dict[str, str] = {}
+        paths = list(stats)
+        try:
+            for s in range(0, len(paths), 500):
+                part = paths[s:s + 500]
+                rows = self._db.execute(f"SELECT path, stat, digest FROM digests WHERE path IN ({','.join('?' * len(part))})",
+                                        part).fetchall()
+                out.update({p: d for p, st, d in rows if stats.get(p) == st})
+        except Exception:  # noqa: BLE001
+            return {}
+        return out
+
+    def put_many(self, rows: list[tuple[str, str, str]]) -> None:
+        if self._db is None or not rows:
+            return
+        try:
+            with self._db:
+                self._db.executemany("INSERT OR REPLACE INTO digests (path, stat, digest) VALUES (?, ?, ?)", rows)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+
+
+def _stat_key(path: str) -> str | None:
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            h = hashlib.blake2b(digest_size=16)
-            h.update(f.read(SAMPLE_BYTES))
-            if size > SAMPLE_BYTES:
-                f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
-                h.update(f.read(SAMPLE_BYTES))
-        return f"{size}:{h.hexdigest()}"
+        st = os.stat(path)
     except OSError:
-        return "missing"
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}:{st.st_dev}"
+
+
+def file_digests(paths: list[str], max_workers: int | None = None) -> dict[str, str]:
+    """``size:blake2b`` of every byte of each file (``missing`` when it cannot be read), hashed once
+    and then cached by the file's stat signature: size, modification and change times, inode. A
+    change anywhere in the file (the middle rows of an uncompressed BMP or TIFF included) changes
+    its digest; an unchanged file is not read again."""
+    real = {p: os.path.realpath(p) for p in paths}
+    stats = {r: _stat_key(r) for r in set(real.values())}
+    cache = _DigestCache()
+    try:
+        known = cache.get_many({r: s for r, s in stats.items() if s is not None})
+        todo = sorted(r for r, s in stats.items() if s is not None and r not in known)
+
+        def digest(r: str) -> str:
+            try:
+                return _hash_file(r)
+            except OSError:
+                return "missing"
+
+        fresh = dict(zip(todo, _map_files(digest, todo, max_workers,
+                                          desc="hashing files" if len(todo) > 2000 else None)))
+        cache.put_many([(r, stats[r], d) for r, d in fresh.items() if d != "missing"])
+    finally:
+        cache.close()
+    found = {**known, **fresh}
+    return {p: found.get(r, "missing") for p, r in real.items()}
 
 
 def content_fingerprint(df: pd.DataFrame, max_workers: int | None = None) -> str:
     """What decides a training run's data, independent of where the dataset lies: for every row
-    its dataset, class, split, label, defect type, the *file names* of image and mask and a cheap
-    digest of their contents (:func:`_file_digest`). A moved project or dataset keeps the
+    its dataset, class, split, label, defect type, the *file names* of image and mask and a digest
+    of every byte of their contents (:func:`file_digests`, cached by stat). A moved project or dataset keeps the
     fingerprint; replaced images (same names) change it. ``sha256`` hex digest, row order free."""
     missing = [c for c in INDEX_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"index is missing columns {missing}")
     paths = sorted({str(p) for col in ("image_path", "mask_path") for p in df[col] if not _is_blank(p)})
-    digests = dict(zip(paths, _map_files(_file_digest, paths, max_workers)))
+    digests = file_digests(paths, max_workers)
 
     def describe(p) -> str:
         return "" if _is_blank(p) else f"{Path(str(p)).name}@{digests[str(p)]}"
 
     return _hash_lines(("\x1f".join([str(r.dataset), str(r.class_name), str(r.split), str(r.label),
                                       str(r.defect_type), describe(r.image_path), describe(r.mask_path)])
-                        for r in df[INDEX_COLUMNS].itertuples(index=False)), b"content-v1\n")
+                        for r in df[INDEX_COLUMNS].itertuples(index=False)), b"content-v2\n")

@@ -152,7 +152,8 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
             log.info("%s: finished before (MLflow run %s), not run again", head, run.info.run_id)
             reused = True
         else:
-            log.info("%s: kedro run --pipeline=%s --env=%s --params=%s ...", head, child["method"], env, child["params"])
+            log.info("%s: kedro run --pipeline=%s --env=%s --params=%s (its log: %s)", head, child["method"], env,
+                     child["params"], log_dir / f"{child['method']}-{child['key']}.log")
             t0 = time.perf_counter()
             code, out = _run_child(child, env, project, parent.info.run_id if parent else None, experiment, log_dir)
             if code != 0:
