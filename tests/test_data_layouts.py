@@ -10,6 +10,7 @@ from PIL import Image
 
 from uad.data.index import INDEX_COLUMNS, validate_index
 from uad.data.layouts import detect_layout, scan_dataset
+from uad.errors import DatasetLayoutError
 
 
 def _img(path, mask=False):
@@ -144,3 +145,26 @@ def test_errors(tmp_path):
         scan_dataset(tmp_path / "weird")
     with pytest.raises(ValueError, match="unknown layout 'foo'"):
         scan_dataset(tmp_path / "weird", layout="foo")
+
+
+@pytest.mark.parametrize("entry", ["../outside.png", "/etc/passwd", "candle/../../outside.png"])
+def test_split_file_entries_outside_the_root_are_refused(tmp_path, entry):
+    """A crafted VisA split file (or Real-IAD json) cannot make ingest read files outside the root."""
+    root = tmp_path / "visa"
+    _img(root / "candle/Data/Images/Normal/0000.JPG")
+    _img(tmp_path / "outside.png")
+    (root / "split_csv").mkdir()
+    (root / "split_csv" / "1cls.csv").write_text(
+        "object,split,label,image,mask\n"
+        "candle,train,normal,candle/Data/Images/Normal/0000.JPG,\n"
+        f"candle,test,normal,{entry},\n")
+    with pytest.raises(DatasetLayoutError, match="outside the dataset root") as err:
+        scan_dataset(root, "visa")
+    assert "1cls.csv" in str(err.value) and entry in str(err.value)
+    spec = {"train": [{"category": "c", "anomaly_class": "OK", "image_path": entry, "mask_path": None}], "test": []}
+    rroot = tmp_path / "realiad"
+    (rroot / "realiad_jsons").mkdir(parents=True)
+    (rroot / "realiad_1024" / "c").mkdir(parents=True)
+    (rroot / "realiad_jsons" / "c.json").write_text(json.dumps(spec))
+    with pytest.raises(DatasetLayoutError, match="outside the dataset root"):
+        scan_dataset(rroot, "realiad")

@@ -207,10 +207,23 @@ def _scan_visa(root: Path, dataset: str, split_csv: str | os.PathLike | None = N
         if lab not in ("normal", "anomaly"):
             raise DatasetLayoutError(f"{csv_path}: unknown label {r['label']!r} for {r['image']} (expected normal/anomaly); fix that row of the split file")
         anomalous = lab == "anomaly"
-        mask = str(root / r["mask"]) if (r["mask"] and anomalous) else ""
+        mask = str(_inside(root, r["mask"], csv_path)) if (r["mask"] and anomalous) else ""
         rows.append(_row(dataset, r["object"], split, int(anomalous), "anomaly" if anomalous else "good",
-                         root / r["image"], mask))
+                         _inside(root, r["image"], csv_path), mask))
     return rows
+
+
+def _inside(root: Path, entry: str, split_file: Path) -> Path:
+    """``root / entry`` when it stays inside ``root`` as written (no absolute path, no ``..`` out of
+    it); a split-file entry that points elsewhere (``/etc/passwd``, ``../../secret.png``) is refused:
+    a split file must not make ingest read files outside the dataset. Symlinks inside the tree (a
+    class folder on another disk) are the dataset's own business and stay allowed."""
+    base = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.join(base, entry))
+    if os.path.isabs(entry) or os.path.commonpath([base, path]) != base:
+        raise DatasetLayoutError(f"{split_file}: the entry {entry!r} points outside the dataset root {base}; "
+                                 "split files may only name files under the root: fix that row")
+    return root / entry
 
 
 def _realiad_json_dir(root: Path, json_dir: str | os.PathLike | None) -> Path:
@@ -265,8 +278,8 @@ def _scan_realiad(
                 normal = ac.upper() == "OK"
                 mask = item.get("mask_path") or ""
                 rows.append(_row(dataset, str(item.get("category") or cls), split, int(not normal),
-                                 "good" if normal else ac, base / item["image_path"],
-                                 (base / mask) if (mask and not normal) else ""))
+                                 "good" if normal else ac, _inside(base, str(item["image_path"]), jpath),
+                                 _inside(base, str(mask), jpath) if (mask and not normal) else ""))
     return rows
 
 
