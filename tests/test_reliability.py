@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from PIL import Image
 
 from kedro_harness import make_project_copy, run_pipeline, tracked_project
 from uad.data.synthetic import MARKER_NAME, ensure_synthetic_dataset
@@ -72,6 +73,53 @@ def test_cli_prints_one_line_for_a_project_error_and_no_deprecation_warning(tmp_
     last = [ln for ln in out.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("Error: data.root /no/such/folder is not a folder") and "UAD_DATA_ROOT" in last
     assert not (Path("/no/such/folder")).exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--pipeline=dinomaly", "--params=engine.batch_size=abc"], "Error: engine.batch_size: 'abc' is not an integer"),
+    (["--pipeline=dinomaly", "--params=engine.checkpoint_every=0"], "Error: engine.checkpoint_every: 0 is not >= 1"),
+    (["--pipeline=dinomaly", "--params=engine.iterations=-5"], "Error: engine.iterations: -5 is not >= 1"),
+    (["--pipeline=dinomaly", "--params=dinomaly.method.lr=fast"], "Error: dinomaly.method.lr: 'fast' is not a number"),
+    (["--pipeline=ingest", "--params=data.setting=bogus"], "Error: data.setting: 'bogus' is not one of"),
+    (["--pipeline=export", "--namespaces=dinomaly"], "Error: no trained dinomaly model in"),
+    (["--pipeline=infer", "--namespaces=rlr", "--params=infer.images={images}"], "Error: no trained rlr model in"),
+], ids=["batch_size", "checkpoint_every", "iterations", "method_lr", "setting", "export_untrained", "infer_untrained"])
+def test_every_bad_parameter_or_missing_model_is_one_error_line(tmp_path_factory, args, expected):
+    """Each bad parameter, and infer / export before any training, ends in exactly one ``Error:``
+    line naming the setting (or the model and the command to run first), exit 1, no traceback."""
+    project = make_project_copy(tmp_path_factory.mktemp("p"))
+    images = project / "new_images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "a.png")
+    args = [a.replace("{images}", str(images)) for a in args]
+    out = subprocess.run([str(BIN / "kedro"), "run", "--env=smoke", *args], cwd=project, env=_cli_env(project),
+                         capture_output=True, text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [ln for ln in text.splitlines() if ln.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), errors or text[-3000:]
+
+
+def test_infer_thresholds_that_are_not_numbers_are_refused():
+    from uad.errors import ConfigError
+    from uad.pipelines.method.serving import infer_images
+
+    with pytest.raises(ConfigError, match=r"infer.image_threshold: 'abc' is not a number"):
+        infer_images("patchcore", pd.DataFrame(), {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "layers": [2, 3],
+                                                   "resize": 64, "crop": 64},
+                     {"device": "cpu"}, {}, _tiny_patchcore_checkpoint(), {"image": 1.0}, {"image_threshold": "abc"})
+
+
+def _tiny_patchcore_checkpoint() -> dict:
+    import torch
+
+    from uad.methods.registry import build_method
+
+    m = build_method("patchcore", {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "layers": [2, 3],
+                                   "resize": 64, "crop": 64})
+    m.fit_from_features(torch.randn(2, m.cfg.target_dim, 2, 2))
+    return {"tensors": m.state_dict(), "meta": {**m.identity(), "stage": "fit"}, "path": "x/fit.safetensors"}
 
 
 def test_a_wrong_checkpoint_gives_one_short_error_naming_file_and_makers():

@@ -27,12 +27,34 @@ def cli() -> None:
     """Commands of the uad project."""
 
 
+def _missing_version(exc: BaseException) -> UadError | None:
+    """Kedro's "Did not find any versions for ..." (a pipeline that reads what no run wrote yet:
+    ``infer`` or ``export`` before training) as one line saying which run to do first."""
+    import re
+
+    text = str(exc)
+    if "Did not find any versions for" not in text:
+        return None
+    found = re.search(r"filepath=([^,)]+)", text)
+    path = found.group(1).strip().strip("'\"") if found else "the catalog"
+    parts = path.replace("\\", "/").split("/")
+    ns = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("06_models", "07_model_output", "08_reporting")), None)
+    if ns is None:
+        return UadError(f"nothing saved yet at {path}: run the pipeline that writes it first")
+    return UadError(f"no trained {ns} model in {'/'.join(parts[:-1])}: run kedro run --pipeline={ns} first "
+                    f"(with the same --env), then this command again")
+
+
 def _user_error(exc: BaseException) -> UadError | None:
-    """The project's own error behind ``exc`` (possibly wrapped by Kedro or a library), if any."""
+    """The project's own error behind ``exc`` (possibly wrapped by Kedro or a library), if any;
+    a known library failure (a dataset with no saved version) becomes one."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UadError):
             return exc
+        known = _missing_version(exc)
+        if known is not None:
+            return known
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None

@@ -80,7 +80,10 @@ def make_split(
     n_test`` (+ ``groups`` for one_class, ``shots`` and ``few_shot_choice`` for few_shot).
     """
     if setting not in SETTINGS:
-        raise ValueError(f"unknown setting {setting!r}; valid settings: {list(SETTINGS)}")
+        from uad.errors import ConfigError
+
+        raise ConfigError(f"data.setting: {setting!r} is not one of {', '.join(SETTINGS)}; "
+                          "e.g. --params=\"data.setting=one_class\"")
     _check_columns(train_source_df, "train_source_df")
     if test_source_df is not None:
         _check_columns(test_source_df, "test_source_df")

@@ -100,7 +100,16 @@ class EngineConfig:
         unknown = sorted(set(params) - valid)
         if unknown:
             raise ConfigError(f"unknown engine parameter(s) {unknown}; valid: {sorted(valid)}")
+        from uad.params import check_range, check_types
+
+        check_types(cls, params, "engine")
         cfg = cls(**params)
+        for key, low, none_ok in (("iterations", 1, True), ("batch_size", 1, True), ("infer_batch_size", 1, True),
+                                  ("num_workers", 0, False), ("checkpoint_every", 1, False), ("log_every", 1, False),
+                                  ("seed", 0, False), ("devices", 1, True), ("num_nodes", 1, False)):
+            check_range("engine", key, getattr(cfg, key), low, none_ok)
+        if cfg.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"engine.precision: {cfg.precision!r} is not bf16 or fp32; set engine.precision")
         if cfg.strategy not in ("single", "ddp"):
             raise ConfigError(f"engine.strategy must be 'single' or 'ddp', got {cfg.strategy!r}")
         CompileSpec.parse(cfg.compile, cfg.compile_backend)  # a bad value fails here, not mid-run

@@ -38,6 +38,9 @@ def check_param_names(config_class: type, params: Mapping[str, Any], label: str)
     unknown = sorted(set(params) - set(valid))
     if unknown:
         raise ConfigError(f"unknown {label} parameter(s) {unknown}; valid parameters: {', '.join(valid)}")
+    from uad.params import check_types
+
+    check_types(config_class, params, f"{label}.method")
 
 
 def parse_list_params(params: dict[str, Any], keys: Iterable[str]) -> dict[str, Any]:

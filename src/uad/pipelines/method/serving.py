@@ -81,6 +81,11 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     limit = infer.get("max_overlays")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ConfigError(f"infer.max_overlays: {limit!r} is not a positive integer; null writes one per image")
+    for key in ("image_threshold", "pixel_threshold"):
+        val = infer.get(key)
+        if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
+            raise ConfigError(f"infer.{key}: {val!r} is not a number (or null: the threshold the evaluation stored); "
+                              f"e.g. --params=\"infer.{key}=0.35\"")
     overlay_side = infer.get("overlay_max_side", 1024)
     if overlay_side is not None and (isinstance(overlay_side, bool) or not isinstance(overlay_side, int) or overlay_side < 16):
         raise ConfigError(f"infer.overlay_max_side: {overlay_side!r} is not an integer >= 16 (or null: full size)")
