@@ -142,3 +142,26 @@ def test_truncated_checkpoint_is_a_clear_error(tmp_path):
 def test_unknown_engine_parameter_is_rejected():
     with pytest.raises(ValueError, match="iteratons"):
         EngineConfig.from_params({"iteratons": 3})
+
+
+def test_a_checkpoint_with_flipped_tensor_bytes_is_refused_at_load(tmp_path):
+    """Bytes flipped inside the tensor data (header intact) no longer load silently: the digest
+    stored at save time names the damaged file; an intact file loads, and so does one of an older
+    version without a digest."""
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from uad.engine.checkpoint import CheckpointError, load_state, save_state
+
+    path = save_state(tmp_path / "a.safetensors", {"w": torch.randn(64, 64), "b": torch.arange(5)}, {"stage": "x"})
+    tensors, meta = load_state(path)
+    assert meta == {"stage": "x"} and set(tensors) == {"b", "w"}
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) - 100] ^= 0x5A  # inside w's data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"a\.safetensors is damaged"):
+        load_state(path)
+    old = tmp_path / "old.safetensors"
+    save_file({"w": torch.ones(2)}, str(old), metadata={"uad": "{}"})
+    assert torch.equal(load_state(old)[0]["w"], torch.ones(2))

@@ -11,6 +11,7 @@ target, so a run killed mid-write leaves the previous checkpoint intact.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,6 +32,21 @@ class CheckpointError(UadError, RuntimeError):
     """A checkpoint file that is missing, truncated or not one of ours."""
 
 
+_DIGEST_KEY = "uad_tensors_blake2b"
+
+
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """blake2b of every tensor's name, dtype, shape and bytes (names sorted): what a checkpoint
+    stores beside its tensors and checks when it is loaded."""
+    h = hashlib.blake2b(digest_size=20)
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_state(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None) -> Path:
     """Save ``tensors`` (+ JSON-able ``meta``) to ``path`` atomically as safetensors."""
     path = Path(path)
@@ -47,7 +63,7 @@ def save_state(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapp
         if ptr in seen and ptr != -1:
             clean[k] = t.clone()
         seen[ptr] = k
-    header = {_META_KEY: json.dumps(meta or {}, sort_keys=True)}
+    header = {_META_KEY: json.dumps(meta or {}, sort_keys=True), _DIGEST_KEY: tensors_digest(clean)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -70,10 +86,15 @@ def load_state(path: str | Path, device: str | torch.device = "cpu") -> tuple[di
     try:
         tensors: dict[str, torch.Tensor] = {}
         with safe_open(str(path), framework="pt", device=str(device)) as fh:
-            raw_meta = (fh.metadata() or {}).get(_META_KEY, "{}")
+            header = fh.metadata() or {}
+            raw_meta = header.get(_META_KEY, "{}")
             for k in fh.keys():
                 tensors[k] = fh.get_tensor(k)
         meta = json.loads(raw_meta)
+        stored = header.get(_DIGEST_KEY)
+        if stored is not None and tensors_digest(tensors) != stored:
+            raise CheckpointError(f"checkpoint {path} is damaged: its tensors no longer match the digest written with "
+                                  "them (bytes changed after it was saved); retrain, or restore the file from a copy")
     except CheckpointError:
         raise
     except Exception as exc:  # safetensors raises several types for truncated/foreign files
