@@ -91,3 +91,51 @@ def score(n: int = 11, batch: int = 4):
     scores, maps, masks = score_dataset(MeanMap(), ds, Trainer(cfg), cfg, "score")
     return {"scores": torch.from_numpy(scores), "maps": torch.from_numpy(maps.astype("float32")),
             "masks": torch.from_numpy(masks)}
+
+
+def _own_socket_inodes() -> set[str]:
+    import os
+
+    out = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[8:-1])
+    return out
+
+
+def _decode(addr: str) -> str:
+    """``/proc/net/tcp*`` local address (hex, little-endian words) as ``ip:port``."""
+    import ipaddress
+    import struct
+
+    host, port = addr.split(":")
+    raw = bytes.fromhex(host)
+    words = b"".join(struct.pack("<I", w) for w in struct.unpack(">" + "I" * (len(raw) // 4), raw))
+    return f"{ipaddress.ip_address(words)}:{int(port, 16)}"
+
+
+def socket_addresses() -> list[tuple[str, str]]:
+    """Every TCP socket this rank holds after a collective: ``(local address, state)`` (state 0A is
+    LISTEN), gathered from all ranks (rank 0 returns the lot)."""
+    import torch.distributed as dist
+
+    t = torch.ones(4)
+    dist.all_reduce(t)  # the collectives' connections exist now
+    mine = _own_socket_inodes()
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            parts = line.split()
+            if parts[9] in mine:
+                found.append((_decode(parts[1]), parts[3]))
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, found)
+    return [s for part in gathered for s in part]

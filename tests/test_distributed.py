@@ -74,3 +74,19 @@ def test_single_process_helpers_are_identities():
     assert distributed.world_size() == 1 and distributed.is_main()
     assert distributed.gather_cat(t) is t and distributed.sum_across(t) is t
     assert distributed.mean_across(torch.tensor(2.5)) == 2.5
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/net/tcp"), reason="needs Linux /proc/net/tcp")
+def test_single_node_ranks_listen_on_loopback_only():
+    """A 2-rank CPU group on one machine: every socket of both ranks (rendezvous and collectives)
+    is on a loopback address; none on a wildcard (0.0.0.0 / ::) reachable from the network."""
+    import ipaddress
+
+    from ddp_cases import socket_addresses
+
+    sockets = distributed.launch(socket_addresses, world=2, backend="gloo")
+    assert sockets, "no socket was seen"
+    for addr, state in sockets:
+        ip = ipaddress.ip_address(addr.rsplit(":", 1)[0])
+        assert not ip.is_unspecified, f"{addr} (state {state}) listens on every address"
+        assert ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped and ip.ipv4_mapped.is_loopback), addr

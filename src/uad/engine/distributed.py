@@ -68,6 +68,8 @@ def init_from_env(backend: str | None = None) -> bool:
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost", "::1"):
+        _bind_loopback()  # torchrun on one machine; with several, MASTER_ADDR says where to bind
     dist.init_process_group(backend=backend)
     return True
 
@@ -108,6 +110,24 @@ def _restore(obj: Any) -> Any:
     return obj
 
 
+def loopback_interface() -> str | None:
+    """The name of this machine's loopback interface (``lo`` on Linux, ``lo0`` on macOS), if any."""
+    try:
+        names = [name for _, name in socket.if_nameindex()]
+    except (OSError, AttributeError):
+        return None
+    return next((n for n in names if n in ("lo", "lo0")), next((n for n in names if n.startswith("lo")), None))
+
+
+def _bind_loopback() -> None:
+    """Collective sockets of a single-node group on the loopback interface only (gloo and NCCL
+    otherwise listen on every address); the user's own ``*_SOCKET_IFNAME`` wins."""
+    lo = loopback_interface()
+    if lo is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", lo)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", lo)
+
+
 def _worker(local_rank: int, world: int, port: int, backend: str, fn: Callable, args: tuple, kwargs: dict,
             out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(local_rank),
@@ -116,7 +136,11 @@ def _worker(local_rank: int, world: int, port: int, backend: str, fn: Callable, 
         torch.cuda.set_device(local_rank)
     else:  # CPU ranks share the cores instead of each taking all of them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group(backend=backend, rank=local_rank, world_size=world)
+    # one machine: the rendezvous is a file in the private folder (no TCP store listening on every
+    # address) and the collectives' sockets stay on the loopback interface
+    _bind_loopback()
+    store = dist.FileStore(os.path.join(out_dir, "rendezvous"), world)
+    dist.init_process_group(backend=backend, store=store, rank=local_rank, world_size=world)
     try:
         result = fn(*args, **kwargs)
         if local_rank == 0:
