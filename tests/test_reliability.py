@@ -101,6 +101,29 @@ def test_every_bad_parameter_or_missing_model_is_one_error_line(tmp_path_factory
     assert len(errors) == 1 and errors[0].startswith(expected), errors or text[-3000:]
 
 
+def test_a_dead_tracking_server_is_one_line_within_seconds(tmp_path):
+    """MLFLOW_TRACKING_URI pointing at nothing: one Error line naming the URI and the fix, before
+    anything runs, within seconds (MLflow alone retries for minutes)."""
+    import socket
+    import time
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    project = make_project_copy(tmp_path / "p")
+    env = {**_cli_env(project), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    t0 = time.monotonic()
+    out = subprocess.run([str(BIN / "kedro"), "run", "--env=smoke", "--pipeline=synthesis"], cwd=project, env=env,
+                         capture_output=True, text=True, timeout=300)
+    elapsed = time.monotonic() - t0
+    text = out.stdout + out.stderr
+    errors = [ln for ln in text.splitlines() if ln.startswith("Error:")]
+    assert out.returncode == 1 and "Traceback" not in text, text[-3000:]
+    assert len(errors) == 1 and f"http://127.0.0.1:{port}" in errors[0] and "unset MLFLOW_TRACKING_URI" in errors[0]
+    assert "Running node" not in text  # nothing ran
+    assert elapsed < 30, elapsed  # start-up included; the check itself waits at most 5 s
+
+
 def test_infer_thresholds_that_are_not_numbers_are_refused():
     from uad.errors import ConfigError
     from uad.pipelines.method.serving import infer_images

@@ -77,6 +77,36 @@ def run_identity(run_params: dict[str, Any], data: dict[str, Any] | None, env: s
     return out
 
 
+#: seconds a tracking server gets to answer before the run stops with one line
+SERVER_TIMEOUT_S = 5.0
+
+
+def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
+    """An ``http(s)://`` tracking URI must answer its ``/health`` endpoint within ``timeout``
+    seconds; otherwise one :class:`~uad.errors.ConfigError` names the URI and the two fixes,
+    before anything trains (MLflow itself would retry for minutes, then raise a long traceback)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    from uad.errors import ConfigError
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+            if resp.status < 500:
+                return
+            reason = f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        if exc.code < 500:  # it answered (an auth proxy, an older server without /health)
+            return
+        reason = f"HTTP {exc.code}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise ConfigError(f"MLflow tracking server {uri} does not answer ({reason}): start it (mlflow server --host "
+                      "127.0.0.1 --port <port> ...) or unset MLFLOW_TRACKING_URI to log to the local store mlflow.db")
+
+
 def experiment_for(data: dict[str, Any] | None) -> str:
     return f"uad-{dataset_name(data)}"
 
@@ -135,6 +165,7 @@ class TrackingHook(MlflowHook):
         if self._pending_setup is not None and _assert_mlflow_enabled(names, self.mlflow_config):
             config, context = self._pending_setup
             self._pending_setup = None
+            check_server(str(config.server.mlflow_tracking_uri or ""))
             if config.tracking.experiment.name == PER_DATASET:
                 config.tracking.experiment.name = experiment_for(data)
             config.setup(context)
