@@ -124,6 +124,46 @@ def test_a_dead_tracking_server_is_one_line_within_seconds(tmp_path):
     assert elapsed < 30, elapsed  # start-up included; the check itself waits at most 5 s
 
 
+def test_two_runs_at_once_in_one_project_do_not_corrupt_each_other(tmp_path):
+    """Two ``kedro run --pipeline=dinomaly --env=smoke`` started together on different classes: the
+    second waits for the first (saying so), each run's metrics are those of its own class, both
+    MLflow runs finish, and every checkpoint version loads."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from uad.engine.checkpoint import load_state
+
+    project = make_project_copy(tmp_path / "p")
+    env = _cli_env(project)
+    base = [str(BIN / "kedro"), "run", "--env=smoke", "--pipeline=dinomaly"]
+    logs = {c: open(tmp_path / f"{c}.log", "w") for c in ("fabric", "pcb")}
+    first = subprocess.Popen(base + ["--params=data.classes=fabric,engine.iterations=6"], cwd=project, env=env,
+                             stdout=logs["fabric"], stderr=subprocess.STDOUT)
+    time.sleep(3)
+    second = subprocess.Popen(base + ["--params=data.classes=pcb,engine.iterations=6"], cwd=project, env=env,
+                              stdout=logs["pcb"], stderr=subprocess.STDOUT)
+    assert first.wait(timeout=600) == 0 and second.wait(timeout=600) == 0, (tmp_path / "pcb.log").read_text()[-3000:]
+    for fh in logs.values():
+        fh.close()
+    assert "waiting for the run that holds this project" in (tmp_path / "pcb.log").read_text()
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("uad-synthetic")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`uad.method` = 'dinomaly'")
+    assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    seen = set()
+    for run in runs:
+        classes = {k.split("/")[0] for k in run.data.metrics
+                   if k.endswith("/image_auroc") and k.count("/") == 1 and not k.startswith("full_frame/")}
+        assert len(classes) == 1, classes  # one class each, its own
+        seen |= classes
+    assert seen == {"fabric", "pcb"}
+    versions = sorted((project / "data/06_models/dinomaly/train.safetensors").iterdir())
+    assert len(versions) == 2
+    for v in versions:
+        load_state(v / "train.safetensors")
+
+
 def test_infer_thresholds_that_are_not_numbers_are_refused():
     from uad.errors import ConfigError
     from uad.pipelines.method.serving import infer_images

@@ -12,7 +12,7 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from uad.hooks import DEFAULT_RUN_ENV, NodeTimesHook, RankZeroWritesHook, RunSummaryHook, RunTagsHook
+from uad.hooks import DEFAULT_RUN_ENV, NodeTimesHook, ProjectLockHook, RankZeroWritesHook, RunSummaryHook, RunTagsHook
 
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
@@ -58,7 +58,7 @@ _plain_logs_off_terminal()
 # pluggy calls hooks registered later first: the node times, then the summary, are the last lines
 # TrackingHook is kedro-mlflow's hook with readable run names, per-dataset experiments and
 # un-namespaced parameters (uad/tracking.py): the plug-in's own instance is disabled for it.
-HOOKS = (TrackingHook(), RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
+HOOKS = (TrackingHook(), ProjectLockHook(), RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
 
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry", "kedro_mlflow")
 
