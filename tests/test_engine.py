@@ -165,3 +165,21 @@ def test_a_checkpoint_with_flipped_tensor_bytes_is_refused_at_load(tmp_path):
     old = tmp_path / "old.safetensors"
     save_file({"w": torch.ones(2)}, str(old), metadata={"uad": "{}"})
     assert torch.equal(load_state(old)[0]["w"], torch.ones(2))
+
+
+def test_disk_full_while_saving_names_the_folder_and_the_space_needed(tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+    import torch
+
+    import uad.engine.checkpoint as ck
+    from uad.errors import UadError
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    with pytest.raises(UadError, match=r"no space left in .*ckpts: writing needed about 0\.2 MiB") as err:
+        ck.save_state(tmp_path / "ckpts" / "a.safetensors", {"w": torch.zeros(256, 256)})
+    assert "\n" not in str(err.value) and not list((tmp_path / "ckpts").glob("*.tmp"))  # nothing half-written left

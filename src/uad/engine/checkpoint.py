@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from uad.errors import UadError
-from uad.osutil import _umask, atomic_write_bytes  # noqa: F401  (re-exported)
+from uad.osutil import _umask, atomic_write_bytes, disk_full_error  # noqa: F401  (re-exported)
 
 _META_KEY = "uad"
 
@@ -72,8 +72,11 @@ def save_state(path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapp
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full_error(exc, path.parent, sum(t.numel() * t.element_size() for t in clean.values()))
+        if full is not None:
+            raise full from exc
         raise
     return path
 
