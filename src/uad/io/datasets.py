@@ -187,7 +187,20 @@ class JSONTagsDataset(_LocalVersionedDataset):
     """A small JSON dict (run information) kept on disk beside the run's other outputs."""
 
     def load(self) -> dict[str, Any]:
-        return json.loads(self._read().decode())
+        raw = self._read()
+        try:
+            data = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError) as exc:
+            from uad.errors import UadError
+
+            raise UadError(f"{self._path('load')} is not valid JSON ({exc}); it is damaged: delete that version "
+                           "folder (the run that wrote it can write it again) or restore it") from None
+        if not isinstance(data, dict):
+            from uad.errors import UadError
+
+            raise UadError(f"{self._path('load')} holds {type(data).__name__}, not a JSON object; delete that version "
+                           "folder or restore it")
+        return data
 
     def save(self, data: dict[str, Any]) -> None:
         self._write(json.dumps(data, indent=2, sort_keys=True, default=str).encode())
