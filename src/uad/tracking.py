@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -182,6 +183,7 @@ class TrackingHook(MlflowHook):
             if os.environ.get("UAD_BENCHMARK_KEY"):
                 tags["uad.benchmark_key"] = os.environ["UAD_BENCHMARK_KEY"]
             mlflow.set_tags(tags)
+            _mark_model_training(mlflow.active_run().info.experiment_id)
 
     @hook_impl
     def before_node_run(self, node, catalog, inputs: dict[str, Any], is_async: bool) -> None:
@@ -209,11 +211,24 @@ class TrackingHook(MlflowHook):
         index = pd.concat(frames, ignore_index=True)
         source = _catalog_file(self._catalog, "sample_index") or "sample_index"
         digest = content_fingerprint(index)[:16]
-        ds = mlflow.data.from_pandas(index[["dataset", "class_name", "split", "label", "defect_type"]],
-                                     source=str(Path(source).resolve()), name=self._identity.get("dataset", "dataset"),
-                                     digest=digest)
+        with warnings.catch_warnings():  # MLflow's schema hint about integer columns: not a model schema here
+            warnings.simplefilter("ignore", UserWarning)
+            ds = mlflow.data.from_pandas(index[["dataset", "class_name", "split", "label", "defect_type"]],
+                                         source=str(Path(source).resolve()), name=self._identity.get("dataset", "dataset"),
+                                         digest=digest)
         mlflow.log_input(ds, context="training")
         mlflow.set_tag("uad.data_digest", digest)
+
+
+def _mark_model_training(experiment_id: str) -> None:
+    """MLflow 3's UI opens an experiment on its GenAI pages unless the experiment says it holds
+    model training: tag it so (once), and the runs table is what a user sees first."""
+    try:
+        client = mlflow.tracking.MlflowClient()
+        if "mlflow.experimentKind" not in client.get_experiment(experiment_id).tags:
+            client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    except Exception as exc:  # noqa: BLE001 - presentation only
+        log.debug("could not tag the experiment's kind: %s", exc)
 
 
 def _catalog_file(catalog: Any, name: str) -> str | None:

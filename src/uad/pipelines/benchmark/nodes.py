@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,7 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
     table = pd.DataFrame(summaries)
     if table.empty:
         raise RuntimeError("benchmark: no child finished; see the logs under " + str(log_dir))
+    _log_parent_dataset(client, table, long)
     png = _heatmap_png(long, f"{dataset_name(parameters.get('data'))} · {env} · per class and mean")
     _log_parent_metrics(table)
     log.info("benchmark: %d child run(s) (%d reused) in %.0f s%s\n%s", len(table), int(table["reused"].sum()),
@@ -198,6 +200,27 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
     if failed:
         log.warning("benchmark: %d child run(s) failed; rerun the same command to retry only those", len(failed))
     return long, table, png, tags
+
+
+def _log_parent_dataset(client, table: pd.DataFrame, long: pd.DataFrame) -> None:
+    """The children's training data as the parent's dataset input too (the runs table's Dataset
+    column shows it on the collapsed parent row)."""
+    import mlflow
+
+    if client is None or mlflow.active_run() is None:
+        return
+    try:
+        inputs = client.get_run(str(table["run_id"].iloc[0])).inputs.dataset_inputs
+        if not inputs:
+            return
+        ds = inputs[0].dataset
+        source = json.loads(ds.source).get("uri") if ds.source_type == "local" else None
+        with warnings.catch_warnings():  # MLflow's schema hint about integer columns: not a model schema here
+            warnings.simplefilter("ignore", UserWarning)
+            data = mlflow.data.from_pandas(long, source=source, name=ds.name, digest=ds.digest)
+        mlflow.log_input(data, context="benchmark")
+    except Exception as exc:  # noqa: BLE001 - presentation only
+        log.debug("no dataset input on the benchmark run: %s", exc)
 
 
 def _heatmap_png(long: pd.DataFrame, title: str) -> bytes:
