@@ -164,6 +164,18 @@ def test_two_runs_at_once_in_one_project_do_not_corrupt_each_other(tmp_path):
         load_state(v / "train.safetensors")
 
 
+def test_an_untracked_run_after_a_tracked_one_leaves_no_mlflow_run_open(tmp_path, monkeypatch):
+    """Several sessions in one process (notebooks, tests): ``ingest`` (not tracked) after a tracked
+    run must not re-open the earlier run and leave it active for whatever comes next."""
+    import mlflow
+
+    project = make_project_copy(tmp_path / "p")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    run_pipeline(project, "synthesis")
+    run_pipeline(project, "ingest")
+    assert mlflow.active_run() is None
+
+
 def test_infer_thresholds_that_are_not_numbers_are_refused():
     from uad.errors import ConfigError
     from uad.pipelines.method.serving import infer_images

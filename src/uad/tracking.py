@@ -162,6 +162,9 @@ class TrackingHook(MlflowHook):
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         names = pipeline_names(run_params)
         data = self._params.get("data") or {}
+        # the hook outlives a session (several runs in one process: notebooks, tests); an untracked
+        # pipeline must not re-open the previous session's run in before_node_run
+        self.run_id = None
         self._identity = run_identity(run_params, data, run_params.get("env") or self._env)
         if self._pending_setup is not None and _assert_mlflow_enabled(names, self.mlflow_config):
             config, context = self._pending_setup
