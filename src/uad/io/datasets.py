@@ -213,9 +213,12 @@ class ThresholdsDataset(JSONTagsDataset):
 
     def load(self) -> dict[str, Any]:
         try:
-            return super().load()
-        except (DatasetError, FileNotFoundError):
+            path = self._path("load")  # no version saved yet: Kedro raises here
+        except DatasetError:
             return {}
+        if not self._fs.exists(path):
+            return {}
+        return super().load()  # a damaged file is an error naming it, never "no thresholds"
 
 
 class CsvTableDataset(_LocalVersionedDataset):
