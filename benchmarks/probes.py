@@ -66,6 +66,12 @@ def _images(folder: Path, n: int = 2) -> Path:
     return folder
 
 
+def _infer(p: "Project", tmp: Path, extra: str = ""):
+    """``kedro run --pipeline=infer --namespaces=patchcore`` on a small folder of new images."""
+    params = f"infer.images={_images(tmp / 'new')}" + (f",{extra}" if extra else "")
+    return p.run("--pipeline=infer", "--namespaces=patchcore", f"--params={params}")
+
+
 def _latest(folder: Path) -> Path:
     version = sorted(folder.iterdir())[-1]
     return version / folder.name
@@ -118,8 +124,7 @@ def _(p, tmp):
 
 @case("infer_before_training", "error")
 def _(p, tmp):
-    return _one_error(p.run("--pipeline=infer", "--namespaces=patchcore",
-                            f"--params=infer.images={_images(tmp / 'new')}"), "no trained patchcore model")
+    return _one_error(_infer(p, tmp), "no trained patchcore model")
 
 
 @case("dead_tracking_server", "error")
@@ -152,14 +157,12 @@ def _(p, tmp):
 
 @case("infer_threshold_not_a_number", "error")
 def _(p, tmp):
-    return _one_error(p.run("--pipeline=infer", "--namespaces=patchcore",
-                            f"--params=infer.images={_images(tmp / 'new')},infer.image_threshold=abc"), "infer.image_threshold")
+    return _one_error(_infer(p, tmp, "infer.image_threshold=abc"), "infer.image_threshold")
 
 
 @case("infer_max_overlays_zero", "error")
 def _(p, tmp):
-    return _one_error(p.run("--pipeline=infer", "--namespaces=patchcore",
-                            f"--params=infer.images={_images(tmp / 'new')},infer.max_overlays=0"), "infer.max_overlays")
+    return _one_error(_infer(p, tmp, "infer.max_overlays=0"), "infer.max_overlays")
 
 
 @case("same_names_in_subfolders", "recovered")
@@ -185,8 +188,7 @@ def _(p, tmp):
     raw[len(raw) - 4096] ^= 0xFF
     ckpt.write_bytes(bytes(raw))
     try:
-        return _one_error(p.run("--pipeline=infer", "--namespaces=patchcore",
-                                f"--params=infer.images={_images(tmp / 'new')}"), "is damaged")
+        return _one_error(_infer(p, tmp), "is damaged")
     finally:
         ckpt.write_bytes(backup)
 
@@ -197,8 +199,7 @@ def _(p, tmp):
     backup = thr.read_bytes()
     thr.write_text("{not json")
     try:
-        return _one_error(p.run("--pipeline=infer", "--namespaces=patchcore",
-                                f"--params=infer.images={_images(tmp / 'new')}"), "thresholds.json")
+        return _one_error(_infer(p, tmp), "thresholds.json")
     finally:
         thr.write_bytes(backup)
 

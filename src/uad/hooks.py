@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 _RUN_ENV: str | None = None
 
 
+def pipeline_names(run_params: dict[str, Any]) -> list[str]:
+    """The pipelines a run ran (``--pipeline`` / ``--pipelines``; ``__default__`` when none)."""
+    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
+    return [names] if isinstance(names, str) else list(names)
+
+
 def current_run_env() -> str:
     """The Kedro environment of the session running now (the default run env when none was given)."""
     return _RUN_ENV or DEFAULT_RUN_ENV
@@ -92,7 +98,7 @@ class RunTagsHook:
         mlflow.set_tags({
             "git_commit": git_commit(self._project_path or Path.cwd()),
             "kedro_env": str(env),
-            "pipeline": ",".join(run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]),
+            "pipeline": ",".join(pipeline_names(run_params)),
             "uad.host": socket.gethostname(),
             "uad.pid": str(os.getpid()),
         })
@@ -281,7 +287,7 @@ class NodeTimesHook:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"pipeline": ",".join(run_params.get("pipeline_names") or [run_params.get("pipeline_name") or "__default__"]),
+            tmp.write_text(json.dumps({"pipeline": ",".join(pipeline_names(run_params)),
                                        "env": run_params.get("env"), "total_seconds": round(total, 3),
                                        "nodes": {n: round(s, 3) for n, s in self._times.items()}}, indent=1))
             tmp.replace(out)

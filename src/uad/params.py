@@ -43,6 +43,21 @@ def _accepts(hint: Any, value: Any) -> tuple[bool, str]:
     return True, ""
 
 
+def cli_list(value: Any) -> list | None:
+    """A list parameter as a list. On the command line Kedro splits ``--params`` on commas, so a
+    list is written with ``+`` (``data.classes=fabric+pcb``, ``layers=2+3``); a single value
+    becomes a one-element list; None stays None."""
+    import re
+
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [v for v in re.split(r"[+\s;]+", value.strip()) if v]
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return [value]
+
+
 def check_types(config_class: type, params: Mapping[str, Any], prefix: str) -> None:
     """Raise ``ConfigError("<prefix>.<key>: <value> is not <kind>; ...")`` for the first given value
     whose kind does not fit its dataclass field's type hint."""

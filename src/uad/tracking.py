@@ -42,7 +42,7 @@ from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
 from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
 from kedro_mlflow.framework.hooks.utils import _assert_mlflow_enabled
 
-from uad.hooks import DEFAULT_RUN_ENV
+from uad.hooks import DEFAULT_RUN_ENV, pipeline_names
 from uad.pipelines.ingest.nodes import dataset_name
 
 log = logging.getLogger(__name__)
@@ -53,11 +53,6 @@ PER_DATASET = "per-dataset"
 RUN_BLOCKS = ("evaluation", "reporting", "infer", "export", "benchmark")
 #: pipeline name prefixes that use a trained model: the action in the run name
 ACTIONS = ("infer", "export", "evaluate", "features")
-
-
-def pipeline_names(run_params: dict[str, Any]) -> list[str]:
-    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
-    return [names] if isinstance(names, str) else list(names)
 
 
 def run_identity(run_params: dict[str, Any], data: dict[str, Any] | None, env: str | None) -> dict[str, str]:

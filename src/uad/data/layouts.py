@@ -359,9 +359,9 @@ def scan_dataset(
         lay = detect_layout(root)
     if lay not in _ADAPTERS:
         raise DatasetLayoutError(f"unknown layout {layout!r}; set data.layout to one of {list(LAYOUTS) + ['auto']}")
-    # a string is one class, or several joined with "+" (the command line's list: data.classes=fabric+pcb)
-    wanted = None if classes is None else ([c for c in classes.split("+") if c] if isinstance(classes, str)
-                                           else [str(c) for c in classes])
+    from uad.params import cli_list  # one class, a list, or the command line's fabric+pcb
+
+    wanted = None if classes is None else [str(c) for c in cli_list(classes)]
     name = dataset_name if dataset_name is not None else root.name
     rows = _ADAPTERS[lay](root, name, classes=wanted, **options)
     df = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()

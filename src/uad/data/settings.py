@@ -87,7 +87,9 @@ def make_split(
     _check_columns(train_source_df, "train_source_df")
     if test_source_df is not None:
         _check_columns(test_source_df, "test_source_df")
-    cls_list = None if classes is None else ([c for c in classes.split("+") if c] if isinstance(classes, str) else [str(c) for c in classes])
+    from uad.params import cli_list
+
+    cls_list = None if classes is None else [str(c) for c in cli_list(classes)]
 
     info: dict = {"setting": setting, "seed": int(seed)}
     if setting == "zero_shot":

@@ -47,18 +47,14 @@ def parse_list_params(params: dict[str, Any], keys: Iterable[str]) -> dict[str, 
     """List parameters as lists, in place: from the command line, where Kedro splits ``--params``
     on commas, a list is written with ``+`` (``layers=2+3``, ``attention=lca+mlka``); a single
     value becomes a one-element list. ``betas`` becomes a tuple of floats."""
-    import re
-
     if params.get("betas") is not None:
         params["betas"] = tuple(float(b) for b in params["betas"])
+    from uad.params import cli_list
+
     for key in keys:
-        val = params.get(key)
-        if isinstance(val, str):
-            val = [v for v in re.split(r"[+\s;]+", val.strip()) if v]
-        elif val is not None and not isinstance(val, (list, tuple)):
-            val = [val]
+        val = cli_list(params.get(key))
         if val is not None:
-            params[key] = list(val)
+            params[key] = val
     return params
 
 

@@ -84,7 +84,7 @@ def greedy_coreset(
     Two implementations, the same selection: on a GPU (``pruned=None`` picks by device) every
     step updates all ``N`` running minima with one matrix-vector product and the indices stay on
     the device (:func:`_greedy_dense`, no host synchronisation); on a CPU, where that product
-    reads the whole projection from memory at every step, :func:`_greedy_pruned` skips, by the
+    reads the whole projection from memory at every step, :func:`_greedy_lazy` skips, by the
     triangle inequality, every point whose nearest centre is too far from the new centre for the
     new centre to be nearer, and computes the others with the same formula.
     """

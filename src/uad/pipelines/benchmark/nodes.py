@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from uad.errors import ConfigError
+from uad.params import cli_list
 from uad.pipelines.ingest.nodes import dataset_name
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ KEY_TAG = "uad.benchmark_key"
 
 def plan_children(benchmark: dict[str, Any], parameters: dict[str, Any], env: str, commit: str) -> list[dict[str, Any]]:
     """The children of a benchmark: one per method x setting x seed, each with its key."""
-    methods = _as_list(benchmark.get("methods"))
+    methods = (cli_list(benchmark.get("methods")) or [])
     if not methods:
         raise ConfigError(f"benchmark.methods: {benchmark.get('methods')!r} names no method; "
                           f"e.g. --params=\"benchmark.methods=patchcore+dinomaly\" (known: {', '.join(KNOWN_METHODS)})")
@@ -46,8 +47,8 @@ def plan_children(benchmark: dict[str, Any], parameters: dict[str, Any], env: st
         if m not in KNOWN_METHODS and not (str(m).startswith("costfilter_") and str(m)[11:] in KNOWN_METHODS):
             raise ConfigError(f"benchmark.methods: {m!r} is not a method; use {', '.join(KNOWN_METHODS)} "
                               "or costfilter_<base>")
-    settings = _as_list(benchmark.get("settings")) or ["multi_class"]
-    seeds = _as_list(benchmark.get("seeds")) or [int((parameters.get("engine") or {}).get("seed", 1))]
+    settings = cli_list(benchmark.get("settings")) or ["multi_class"]
+    seeds = cli_list(benchmark.get("seeds")) or [int((parameters.get("engine") or {}).get("seed", 1))]
     children = []
     for method in methods:
         for setting in settings:
@@ -62,18 +63,6 @@ def plan_children(benchmark: dict[str, Any], parameters: dict[str, Any], env: st
                     raise ConfigError(f"benchmark.seeds: {seed!r} is not an integer; e.g. [1, 2, 3]") from None
                 children.append(_child(method, overrides, seed, parameters, env, commit))
     return children
-
-
-def _as_list(value: Any) -> list:
-    """A list parameter; from the command line (Kedro splits ``--params`` on commas) write its
-    items joined with ``+``: ``benchmark.methods=patchcore+agpnet``, ``benchmark.seeds=1+2+3``."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [v for v in value.split("+") if v]
-    if isinstance(value, (list, tuple)):
-        return list(value)
-    return [value]
 
 
 def _child(method: str, overrides: dict[str, Any], seed: int, parameters: dict[str, Any], env: str,
