@@ -54,3 +54,6 @@ def test_costfilter_over_dinomaly_and_patchcore_logs_base_and_gain(project):
         assert m[f"base/{name}"] == pytest.approx(base_run.data.metrics[name], abs=1e-6)
     assert m["pixel_auroc"] >= 0.7 and m["pixel_aupro"] >= 0.45 and m["image_auroc"] >= 0.58, m
     assert (project / "data/06_models/costfilter_patchcore/filter.safetensors").exists()
+    # its features stage: the reference pool, computed before the filter's training
+    assert (project / "data/04_feature/costfilter_patchcore/train_features.safetensors").exists()
+    assert (project / "data/05_model_input/costfilter_patchcore/synthesis_spec.json").exists()

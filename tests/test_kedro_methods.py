@@ -7,6 +7,7 @@ loadfile``); this module's project trains its own bases.
 
 from __future__ import annotations
 
+import json
 import os
 
 import pandas as pd
@@ -24,8 +25,14 @@ def project(tmp_path_factory):
 
 def test_inpformer_smoke_run_multi_class(project):
     run_pipeline(project, "inpformer")
-    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_metrics(run, "inpformer", 0.55)
+    # the synthesis stage: its spec and preview in the run, the spec's digest in the tags
+    assert sorted(a.path for a in client.list_artifacts(run.info.run_id, "synthesis")) == [
+        "synthesis/synthesis_preview.png", "synthesis/synthesis_spec.json"]
+    spec = json.loads(next((project / "data/05_model_input/inpformer/synthesis_spec.json").glob("*/synthesis_spec.json")).read_text())
+    assert spec["stages"] == {"residual": "draem"} and run.data.tags["synthesis_spec"] == spec["digest"][:16]
+    assert len(spec["textures"]["self"]["all"]) > 0 and spec["textures"]["procedural"]
     assert any(k.startswith("train_loss/reconstruction") for k in run.data.metrics)
     assert any(k.startswith("train_loss/residual") for k in run.data.metrics)
     assert run.data.tags["synthesis_texture_source"].startswith("fallback")

@@ -33,6 +33,12 @@ def test_pipeline_shapes_match_the_method_classes():
         cls = method_class(name)
         assert shape.stages == tuple(cls.stages), name
         assert shape.feature_cache == cls.uses_feature_cache(), name
+        assert shape.synthesis == any(cls.wants_synthesis(s) for s in cls.stages), name
+    from uad.methods.registry import PLUGIN_FEATURE_BASES
+
+    for name, bases in PLUGIN_FEATURE_BASES.items():
+        cls = method_class(name)
+        assert {b for b in PIPELINE_SHAPES if cls.caches_features_over(b)} == set(bases), name
 
 
 def test_lazy_node_runs_its_target_with_the_bound_arguments():

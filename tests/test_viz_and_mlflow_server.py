@@ -42,6 +42,25 @@ def test_kedro_viz_build_shows_every_pipeline_with_datasets_and_parameters(tmp_p
     assert {"train", "dinomaly.checkpoint_train", "params:dinomaly.method"} <= dino
     rlr = {n["name"] for n in json.loads((api / "rlr").read_text())["nodes"]}
     assert {"train", "predict", "rlr.checkpoint_train", "params:rlr.method"} <= rlr
+    # the stages between ingestion and training, as edges of the drawn graph
+    for pipe, stage, handed, trains in (
+            ("inpformer", "synthesis", "inpformer.synthesis_spec", {"train_reconstruction", "train_residual"}),
+            ("costfilter_dinomaly", "synthesis", "costfilter_dinomaly.synthesis_spec", {"train_filter"}),
+            ("costfilter_patchcore", "extract_features", "costfilter_patchcore.train_features", {"train_filter"}),
+            ("patchcore", "extract_features", "patchcore.train_features", {"train_fit"})):
+        edges = _edges(api / pipe)
+        assert ("train_index", stage) in edges and (stage, handed) in edges, pipe
+        assert {t for a, t in edges if a == handed} == trains, pipe
+    for pipe in ("dinomaly", "rlr", "agpnet", "patchcore"):
+        assert not any("synthesis" in a + b for a, b in _edges(api / pipe)), pipe
+    assert not any(a == "extract_features" for a, _ in _edges(api / "costfilter_dinomaly"))
+
+
+def _edges(path) -> set[tuple[str, str]]:
+    """(source name, target name) of every edge of a pipeline ``kedro viz build`` wrote."""
+    graph = json.loads(path.read_text())
+    names = {n["id"]: n["name"] for n in graph["nodes"]}
+    return {(names[e["source"]], names[e["target"]]) for e in graph["edges"] if e["source"] in names and e["target"] in names}
 
 
 def _free_port() -> int:

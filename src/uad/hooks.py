@@ -296,7 +296,7 @@ class NodeTimesHook:
 
 
 #: the outputs a person looks for after a run, in the order the summary names them
-_SUMMARY_OUTPUTS = ("checkpoint", "predictions", "metrics_table", "thresholds", "report_html", "overlays", "curves",
+_SUMMARY_OUTPUTS = ("synthesis_spec", "synthesis_preview", "checkpoint", "predictions", "metrics_table", "thresholds", "report_html", "overlays", "curves",
                     "per_class_chart", "infer_results", "infer_maps", "infer_overlays", "onnx_model", "export_spec",
                     "benchmark_table", "benchmark_per_class", "benchmark_heatmap")
 

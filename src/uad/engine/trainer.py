@@ -428,6 +428,10 @@ class Trainer:
                 continue
             if k == "data":
                 reasons.append(f"the training data changed (content fingerprint {str(a)[:12]} -> {str(b)[:12]})")
+            elif k == "synthesis" and isinstance(a, dict) and isinstance(b, dict):
+                what = ", ".join(f"{p} {a.get(p)} -> {b.get(p)}" for p in ("recipes", "textures", "parameters")
+                                 if a.get(p) != b.get(p)) or f"digest {a.get('digest')} -> {b.get('digest')}"
+                reasons.append(f"the synthesis spec changed ({what})")
             elif k == "params" and isinstance(a, dict) and isinstance(b, dict):
                 diff = ", ".join(f"{p}: {a.get(p)!r} -> {b.get(p)!r}" for p in sorted(set(a) | set(b)) if a.get(p) != b.get(p))
                 reasons.append(f"the method parameters changed ({diff})")

@@ -208,11 +208,13 @@ class AnomalyMethod(abc.ABC):
         dataset's hook contract); ``None`` (default) trains on the images as they are."""
         return None
 
-    def wants_synthesis(self, stage: str) -> bool:
+    @classmethod
+    def wants_synthesis(cls, stage: str) -> bool:
         """True when ``stage`` trains on pseudo anomalies from the synthesis stage."""
         return False
 
-    def synthesis_recipe(self, stage: str) -> str:
+    @classmethod
+    def synthesis_recipe(cls, stage: str) -> str:
         """The pseudo-anomaly recipe the method's paper trains ``stage`` with
         (:data:`uad.synthesis.RECIPES`); ``synthesis.recipe`` in the parameters overrides it."""
         return "draem"

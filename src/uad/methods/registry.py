@@ -30,17 +30,31 @@ class PipelineShape(NamedTuple):
 
     stages: tuple[str, ...]  #: ``AnomalyMethod.stages``: one ``train_<stage>`` node each
     feature_cache: bool  #: ``AnomalyMethod.uses_feature_cache()``: a ``features`` node first
+    synthesis: bool = False  #: a stage learns from pseudo anomalies (``wants_synthesis``): a ``synthesis`` node first
 
 
 #: name -> shape; tests/test_pipelines.py checks each entry against the imported class
 PIPELINE_SHAPES = {
     "patchcore": PipelineShape(("fit",), True),
     "dinomaly": PipelineShape(("train",), False),
-    "inpformer": PipelineShape(("reconstruction", "residual"), False),
+    "inpformer": PipelineShape(("reconstruction", "residual"), False, True),
     "rlr": PipelineShape(("train",), False),
     "agpnet": PipelineShape(("train",), False),
-    "costfilter": PipelineShape(("filter",), False),
+    "costfilter": PipelineShape(("filter",), False, True),
 }
+
+
+#: plug-in -> bases it reads frozen features of without perturbation (a features stage in its DAG);
+#: tests/test_startup.py checks it against ``caches_features_over`` of the class
+PLUGIN_FEATURE_BASES = {"costfilter": ("patchcore",)}
+
+
+def plugin_feature_cache(name: str, base: str) -> bool:
+    """True when plug-in ``name`` over ``base`` has a features stage (no import of either)."""
+    if name in PLUGIN_FEATURE_BASES:
+        return base in PLUGIN_FEATURE_BASES[name]
+    cls = method_class(name)
+    return bool(getattr(cls, "caches_features_over", lambda b: False)(base))
 
 
 def pipeline_shape(name: str) -> PipelineShape:
@@ -48,7 +62,7 @@ def pipeline_shape(name: str) -> PipelineShape:
     if name in PIPELINE_SHAPES:
         return PIPELINE_SHAPES[name]
     cls = method_class(name)  # a method registered at run time: ask the class
-    return PipelineShape(tuple(cls.stages), cls.uses_feature_cache())
+    return PipelineShape(tuple(cls.stages), cls.uses_feature_cache(), any(cls.wants_synthesis(s) for s in cls.stages))
 
 
 def register(name: str) -> Callable[[type[AnomalyMethod]], type[AnomalyMethod]]:

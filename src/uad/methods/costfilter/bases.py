@@ -246,8 +246,12 @@ class EmbeddingBase(FilterBase):
         return BaseView(queries, templates, queries, grid, base_map, pred, aligned=False)
 
 
+#: bases whose templates are nearest normal images by frozen-encoder features (no reconstruction)
+EMBEDDING_BASES = ("patchcore",)
+
+
 def make_base(name: str, method: AnomalyMethod, templates: int = 3, pool: int | None = 48,
               class_identity: bool = False, base_map: str = "own") -> FilterBase:
-    if name == "patchcore":
+    if name in EMBEDDING_BASES:
         return EmbeddingBase(method, templates, pool, class_identity, base_map)
     return ReconstructionBase(method, base_map)

@@ -85,10 +85,32 @@ class CostFilter(AnomalyMethod):
         self.base_method.to(self.device, self.autocast_dtype)
         self.base_method.eval_mode()
 
-    def wants_synthesis(self, stage: str) -> bool:
+    @classmethod
+    def wants_synthesis(cls, stage: str) -> bool:
         return True
 
-    def synthesis_recipe(self, stage: str) -> str:
+    @classmethod
+    def caches_features_over(cls, base: str) -> bool:
+        """Over an embedding base (PatchCore) the filter reads frozen-encoder features of clean
+        normal images, the reference pool: the pipeline computes them in its features stage."""
+        from .bases import EMBEDDING_BASES
+
+        return base in EMBEDDING_BASES
+
+    def extract_train_features(self, dataset: Any) -> dict[str, torch.Tensor]:
+        """The features stage over an embedding base: the reference pool (clean crops, their global
+        features, classes, rows) chosen from ``dataset`` with the filter's seed, exactly as
+        training would choose it; :meth:`load_train_features` hands it to the training."""
+        if not isinstance(self.base, EmbeddingBase):
+            raise ValueError(f"costfilter over {self.cfg.base!r}: no features stage (its templates are reconstructions)")
+        self.base.fit_references(dataset, self.cfg.seed, self.device)
+        return {f"ref.{k}": v for k, v in self.base.state().items()}
+
+    def load_train_features(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.base.load_state({k[len("ref."):]: v for k, v in tensors.items() if k.startswith("ref.")})
+
+    @classmethod
+    def synthesis_recipe(cls, stage: str) -> str:
         """CostFilter-AD trains on GLAD's pseudo anomalies (the released code's recipe)."""
         return "glad"
 

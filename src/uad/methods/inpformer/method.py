@@ -76,7 +76,8 @@ class INPFormer(ViTReconstructionMethod):
             seg_channels=cfg.seg_channels if cfg.residual_learning else None,
         )
 
-    def wants_synthesis(self, stage: str) -> bool:
+    @classmethod
+    def wants_synthesis(cls, stage: str) -> bool:
         """True for the stage whose batches must hold pseudo anomalies (``image`` + ``mask``):
         ``"residual"``. The reconstruction stage trains on normal images only (the paper avoids
         pseudo anomalies there on purpose)."""

@@ -33,6 +33,7 @@ from uad.metrics import METRIC_NAMES, compute_metrics
 from uad.metrics.metrics import auroc
 from uad.io.datasets import PARAM_PREFIX
 from uad.metrics.plots import figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
+from uad.synthesis.spec import spec_key
 
 log = logging.getLogger(__name__)
 
@@ -112,14 +113,17 @@ _split_state = split_group_state  # one class's model of a one-model-per-class c
 
 
 def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.DataFrame,
-                       synth: dict[str, Any], seed: int):
-    """The pseudo-anomaly hook for stages that learn from synthetic anomalies (None otherwise)."""
-    if not method.wants_synthesis(stage):
+                       spec: dict[str, Any] | None, seed: int, group: str | None):
+    """The pseudo-anomaly hook of a stage that learns from synthetic anomalies, made from the run's
+    synthesis spec (None for other stages)."""
+    if spec is None or not method.wants_synthesis(stage):
         return None, {}
-    from uad.pipelines.synthesis.nodes import build_augment
+    from uad.synthesis.spec import augment_from_spec
 
-    return build_augment(train_df, labelled, synth, seed, crop=method.input_spec["crop"],
-                         resize=method.input_spec["resize"], recipe=method.synthesis_recipe(stage))
+    aug, tags = augment_from_spec(spec, stage, train_df, labelled, seed, crop=method.input_spec["crop"],
+                                  resize=method.input_spec["resize"], group=group)
+    tags["synthesis_spec"] = spec["digest"][:16]
+    return aug, tags
 
 
 def _setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: dict[str, str]):
@@ -138,16 +142,25 @@ def _setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: di
     return pd.concat([df] * int(folds), ignore_index=True), fold
 
 
-def _check_synthesis_sources(method, synth: dict[str, Any]) -> None:
-    """Before a method's first stage trains: if any of its stages learns from pseudo anomalies,
-    the texture source must be usable now (a missing DTD folder fails here, not after hours of
-    the earlier stages)."""
-    if not any(method.wants_synthesis(s) for s in method.stages):
-        return
-    if synth.get("texture_source", "fallback") == "dtd":
-        from uad.synthesis.textures import make_texture_source
+def _synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, synthesis: dict | None,
+                    seed: int) -> dict[str, Any] | None:
+    """The synthesis spec a training uses: the one the pipeline's ``synthesis`` node wrote (checked
+    against the textures on disk now, so ``--from-nodes`` after a DTD change fails instead of
+    training on other textures than it records), or, when a caller hands raw ``params:synthesis``
+    (the library, notebooks), one built here the same way. None for a method that learns from no
+    pseudo anomalies."""
+    from uad.methods.registry import method_class
+    from uad.synthesis.spec import build_spec, check_spec_current, is_spec
 
-        make_texture_source("dtd", dtd_root=synth.get("dtd_root"))
+    cls = method_class(method_name)
+    stages = {s: cls.synthesis_recipe(s) for s in cls.stages if cls.wants_synthesis(s)}
+    if not stages:
+        return None
+    if is_spec(synthesis):
+        check_spec_current(synthesis, seed)
+        return synthesis
+    normal = train_index[train_index["label"] == 0]
+    return build_spec(method_name, stages, train_index, synthesis, seed, _groups(normal, data))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -162,6 +175,10 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
                 previous: dict | None = None, features: dict | None = None,
                 base: dict | None = None) -> tuple[dict, dict, dict]:
     """Train one stage of ``method_name``; returns (checkpoint, loss history for MLflow, run tags).
+
+    ``synthesis``: the run's synthesis spec (node ``synthesis``; :mod:`uad.synthesis.spec`) for a
+    method that learns from pseudo anomalies, or the raw ``synthesis`` parameters (a spec is then
+    built here).
 
     ``previous``: the checkpoint of the method's previous stage. ``features``: cached encoder
     features (``extract_features``) for methods that fit from them in one pass. ``base``: a
@@ -185,14 +202,13 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tags: dict[str, str] = {}
     identity: dict[str, str] = {}
     params: dict[str, str] = {}
+    spec = _synthesis_spec(method_name, train_index, data, synthesis, cfg.seed)  # validates the textures first
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))
         if not identity:  # first model of the node (one-class: first class)
             identity = method.identity()
-            params = model_params(method, data, cfg, synthesis)
-            if previous is None:  # the method's first stage
-                _check_synthesis_sources(method, synthesis or {})
+            params = model_params(method, data, cfg, None if spec is None else spec["parameters"])
         if base is not None:
             _check_base_setting(base, data)
             method.load_base(_split_state(base["tensors"], group), base.get("meta"), base.get("path"))
@@ -209,7 +225,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         # the setting's augmentation first (it replicates rows), then pseudo anomalies on every row
         df, fold = _setting_augment(method, str(data.get("setting", "multi_class")), df, cfg.seed, tags)
         aug, aug_tags = _synthesis_augment(method, stage, df, labelled if group is None else
-                                           labelled[labelled["class_name"] == group], synthesis or {}, cfg.seed)
+                                           labelled[labelled["class_name"] == group], spec, cfg.seed, group)
         tags.update(aug_tags)
         if fold is not None:
             from uad.data.augment import ChainAugment
@@ -219,7 +235,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         # resolved parameters: a changed code default must not resume an older training
         parts = {"method": method_name, "stage": stage, "group": group, "params": method.resolved_params(), "data": fingerprint,
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
-                 "synthesis": synthesis if aug is not None else None,
+                 "synthesis": spec_key(spec) if aug is not None else None,
                  "base": None if base is None else [str(base.get("path") or ""), (base.get("meta") or {}).get("params_sha")]}
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if world > 1:  # several ranks: their own random draws (dropout, noise), so their own resume folder
@@ -233,6 +249,10 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         if features is not None and hasattr(method, "fit_from_features"):
             result = method.fit_from_features(_split_state(features["tensors"], group)["features"])
         else:
+            if features is not None:  # what the features stage computed (a plug-in's reference pool)
+                if not hasattr(method, "load_train_features"):
+                    raise ValueError(f"{method_name} has no use for a features stage's output (no load_train_features)")
+                method.load_train_features(_split_state(features["tensors"], group))
             result = method.fit_stage(stage, loader, trainer)
         for step, loss in (result or {}).get("history", []):
             history.setdefault(metric, []).append({"step": int(step), "value": float(loss)})
@@ -302,21 +322,34 @@ def _base_tags(base: dict) -> dict[str, str]:
 
 @torch.no_grad()
 def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
-                     engine_override: dict) -> dict:
-    """Frozen-encoder features of every normal training image, computed once and cached."""
+                     engine_override: dict, base: dict | None = None) -> dict:
+    """The features stage: frozen-encoder features of every clean normal training image, computed
+    once and saved (no augmentation, no pseudo anomaly). PatchCore: its patch features, which its
+    fit reads instead of the images. A plug-in over an embedding base (CostFilter-AD over
+    PatchCore, ``base``: the trained base checkpoint): the reference pool its training reads
+    (``method.extract_train_features``)."""
     cfg = _engine_cfg(engine, engine_override)
     normal = train_index[train_index["label"] == 0]
     classes = sorted(train_index["class_name"].unique())
     tensors: dict[str, torch.Tensor] = {}
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
+        method.adapt_to_setting(str(data.get("setting", "multi_class")))
+        if base is not None:
+            _check_base_setting(base, data)
+            method.load_base(_split_state(base["tensors"], group), base.get("meta"), base.get("path"))
         trainer = Trainer(cfg)
         trainer.prepare(method)
         method.eval_mode()
         df = normal if group is None else normal[normal["class_name"] == group]
+        prefix = "" if group is None else f"{group}{_SEP}"
+        if hasattr(method, "extract_train_features"):
+            state = method.extract_train_features(_dataset(method, df, classes))
+            tensors.update({prefix + k: v.detach().cpu() for k, v in state.items()})
+            continue
         loader = trainer.loader(_dataset(method, df, classes), batch_size=cfg.batch_size or 8)
         feats = [method.features(b["image"].to(trainer.device)).float().cpu() for b in loader]
-        tensors[("" if group is None else f"{group}{_SEP}") + "features"] = torch.cat(feats)
+        tensors[prefix + "features"] = torch.cat(feats)
     return {"tensors": tensors, "meta": {"method": method_name, "params": method_params,
                                           "train_index_sha256": index_fingerprint(train_index)}}
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline, node
 
-from uad.methods.registry import pipeline_shape
+from uad.methods.registry import pipeline_shape, plugin_feature_cache
 from uad.pipelines.lazy import named
 
 # node functions by path: building the pipelines imports neither torch nor any method
 _NODES = "uad.pipelines.method.nodes"
 _SERVING = "uad.pipelines.method.serving"
+_SYNTHESIS = "uad.pipelines.synthesis.nodes"
 
 SHARED_INPUTS = {"train_index", "test_index"}
 SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting", "params:infer"}
@@ -61,24 +62,46 @@ def _common(method: str, base: str | None = None) -> dict[str, str]:
             "engine_override": "params:engine_override"}
 
 
-def _features_nodes(method: str) -> list:
-    return [node(named(f"{_NODES}:extract_features", "extract_features", method_name=method),
-                 {"train_index": "train_index", **_common(method)}, "train_features",
-                 name="extract_features", tags=["features"])]
+def _features_nodes(method: str, base: str | None = None) -> list:
+    """The features stage: frozen-encoder features of the clean normal training images, computed
+    once (PatchCore's patches; CostFilter-AD over an embedding base: its reference pool)."""
+    inputs = {"train_index": "train_index", **_common(method, base)}
+    if base is not None:
+        inputs["base"] = _base_checkpoint(base)
+    return [node(named(f"{_NODES}:extract_features", "extract_features", method_name=method), inputs,
+                 "train_features", name="extract_features", tags=["features", "train"])]
+
+
+def _caches_features(method: str, base: str | None) -> bool:
+    return pipeline_shape(method).feature_cache or (base is not None and plugin_feature_cache(method, base))
+
+
+def _synthesis_nodes(method: str) -> list:
+    """The synthesis stage: the spec of the pseudo anomalies (recipe, parameters, textures with
+    digests) that every training stage of the method consumes, and its preview grid."""
+    return [node(named(f"{_SYNTHESIS}:synthesis_spec", "synthesis_spec", method_name=method),
+                 {"train_index": "train_index", "data": "params:data", "synthesis": "params:synthesis",
+                  "engine": "params:engine", "engine_override": "params:engine_override"},
+                 ["synthesis_spec", "synthesis_preview", "synthesis_tags"], name="synthesis", tags=["synthesis", "train"])]
 
 
 def _training_nodes(method: str, base: str | None = None) -> list:
     shape = pipeline_shape(method)
     nodes, previous = [], None
-    if shape.feature_cache:
-        nodes += _features_nodes(method)
+    features = _caches_features(method, base)
+    if features:
+        nodes += _features_nodes(method, base)
+    if shape.synthesis:
+        nodes += _synthesis_nodes(method)
     for stage in shape.stages:
-        inputs = {"train_index": "train_index", **_common(method, base), "synthesis": "params:synthesis"}
+        inputs = {"train_index": "train_index", **_common(method, base)}
+        if shape.synthesis:  # every stage reads the spec: a bad texture folder fails before the first (long) stage
+            inputs["synthesis"] = "synthesis_spec"
         if previous is not None:
             inputs["previous"] = previous
         elif base is not None:
             inputs["base"] = _base_checkpoint(base)
-        if shape.feature_cache:
+        if features:
             inputs["features"] = "train_features"
         label = "train" if stage == "train" else f"train_{stage}"
         nodes.append(node(named(f"{_NODES}:train_stage", label, method_name=method, stage=stage), inputs,
