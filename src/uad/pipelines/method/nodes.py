@@ -235,7 +235,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         # resolved parameters: a changed code default must not resume an older training
         parts = {"method": method_name, "stage": stage, "group": group, "params": method.resolved_params(), "data": fingerprint,
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
-                 "synthesis": spec_key(spec) if aug is not None else None,
+                 "synthesis": spec_key(spec) if spec is not None and method.wants_synthesis(stage) else None,
                  "base": None if base is None else [str(base.get("path") or ""), (base.get("meta") or {}).get("params_sha")]}
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         if world > 1:  # several ranks: their own random draws (dropout, noise), so their own resume folder
