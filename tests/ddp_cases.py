@@ -44,29 +44,38 @@ def _method(name: str, stage_params: dict):
 
 
 def train(name: str, stage: str, params: dict, iterations: int, batch: int, ckpt_dir: str | None = None,
-          stop_after: int | None = None, forbid_writes_off_main: bool = True) -> dict[str, torch.Tensor]:
+          stop_after: int | None = None, forbid_writes_off_main: bool = True, record: bool = False) -> dict:
     """Train ``stage`` of ``name`` for ``iterations`` steps of global batch ``batch``; returns its
-    state. ``stop_after``: raise after that many optimiser steps (a killed run, for resume)."""
+    state. ``stop_after``: raise after that many optimiser steps (a killed run, for resume).
+    ``record``: return ``{"state", "grads" (every step's gradients after the all-reduce, as the
+    optimiser saw them), "losses" (every step's global-batch loss)}`` instead."""
     method = _method(name, params)
     cfg = EngineConfig(device="cpu", iterations=iterations, batch_size=batch, num_workers=0, seed=1,
-                       checkpoint_dir=ckpt_dir, checkpoint_every=2, progress=False)
+                       checkpoint_dir=ckpt_dir, checkpoint_every=2, progress=False, log_every=1, sync_every=1)
     trainer = Trainer(cfg, key="ddp-case")
     if forbid_writes_off_main and not distributed.is_main():
         def no_write(*a, **k):
             raise AssertionError(f"rank {distributed.rank()} tried to write a checkpoint")
         trainer._save = no_write  # type: ignore[method-assign]
         trainer._prune = no_write  # type: ignore[method-assign]
-    if stop_after is not None:
-        original = method.after_optimizer_step
+    grads: list[dict[str, torch.Tensor]] = []
+    original = method.after_optimizer_step
 
-        def stop(st, step):
-            original(st, step)
-            if step + 1 > stop_after:
-                raise RuntimeError(f"stopped after step {step}")
-        method.after_optimizer_step = stop  # type: ignore[method-assign]
+    def hook(st, step):
+        if record:
+            grads.append({n: p.grad.detach().clone() for mod in method.trainable_modules().values()
+                          for n, p in mod.named_parameters() if p.grad is not None})
+        original(st, step)
+        if stop_after is not None and step + 1 > stop_after:
+            raise RuntimeError(f"stopped after step {step}")
+    method.after_optimizer_step = hook  # type: ignore[method-assign]
     trainer.prepare(method)
-    method.fit_stage(stage, trainer.loader(Images(), batch_size=batch), trainer)
-    return {k: v.clone() for k, v in method.state_dict().items()}
+    result = method.fit_stage(stage, trainer.loader(Images(), batch_size=batch), trainer)
+    state = {k: v.clone() for k, v in method.state_dict().items()}
+    if not record:
+        return state
+    losses = torch.tensor([v for _, v in result["history"]], dtype=torch.float64)  # already the mean over ranks
+    return {"state": state, "grads": grads, "losses": losses}
 
 
 class MeanMap:

@@ -13,13 +13,6 @@ from uad.engine.trainer import StepSampler
 pytestmark = pytest.mark.slow
 
 
-def _close(a: dict, b: dict, tol: float = 1e-5) -> float:
-    assert set(a) == set(b)
-    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
-    assert worst <= tol, f"largest difference {worst}"
-    return worst
-
-
 def test_step_sampler_ranks_split_every_global_batch():
     one = list(StepSampler(10, 4, 5, seed=1))
     ranks = [list(StepSampler(10, 4, 5, seed=1, rank=r, world=2)) for r in range(2)]
@@ -35,9 +28,9 @@ _SINGLE: dict = {}
 
 
 def _single(name: str, stage: str) -> dict:
-    """One process's training (shared by the tests that compare with it)."""
+    """One process's training, recorded (shared by the tests that compare with it)."""
     if name not in _SINGLE:
-        _SINGLE[name] = train(name, stage, {}, iterations=4, batch=4)
+        _SINGLE[name] = train(name, stage, {}, iterations=4, batch=4, record=True)
     return _SINGLE[name]
 
 
@@ -46,20 +39,38 @@ def _single(name: str, stage: str) -> dict:
     ("inpformer", "reconstruction", {}),  # soft-mining weights from the global batch mean
 ])
 def test_two_ranks_equal_one_process(name, stage, params):
+    """2 ranks x 2 images equal one process with 4: the first step's gradient (after the
+    all-reduce) to float rounding (1e-5 of its largest entry), and every step's loss (relative
+    1e-5).
+
+    Not the weights, nor later gradients, entry by entry: Adam divides each gradient entry by its
+    own running magnitude, so an entry that is rounding noise on both sides (1e-9) still moves its
+    weight by about the learning rate, in whichever direction the noise points. Measured on torch
+    2.14 CPU: after 4 steps such weights differ by up to 7e-4 (updates 1.3e-3), and the second
+    step's gradients by 1.6e-4 of their largest entry, while the first step's agree to 1e-7. Ranks
+    that skip the all-reduce (each its own half) fail here (checked: 0.012 of 0.016, 0.0023 of
+    0.0037); a sum instead of a mean would not, as both methods clip the gradient to a fixed norm."""
     single = _single(name, stage)
-    double = distributed.launch(train, (name, stage, params, 4, 4), world=2, backend="gloo")
-    _close(single, double)
+    double = distributed.launch(train, (name, stage, params, 4, 4), world=2, backend="gloo", kwargs={"record": True})
+    assert len(single["grads"]) == len(double["grads"]) == 4
+    a, b = single["grads"][0], double["grads"][0]
+    assert set(a) == set(b) and a
+    scale = max(g.abs().max().item() for g in a.values())
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert scale > 0 and worst <= 1e-5 * scale, f"first step: gradients differ by {worst:.3g} (largest {scale:.3g})"
+    torch.testing.assert_close(single["losses"], double["losses"], rtol=1e-5, atol=0)
 
 
 def test_resume_under_ddp_is_exact(tmp_path):
     """A 2-rank run killed after step 2 and restarted resumes from rank 0's checkpoint (read by
-    both ranks) and ends where an uninterrupted run ends (one process: equal, as shown above)."""
-    whole = _single("dinomaly", "train")
+    both ranks) and ends exactly where an uninterrupted 2-rank run ends."""
+    whole = distributed.launch(train, ("dinomaly", "train", {}, 4, 4), world=2, backend="gloo")
     with pytest.raises(Exception, match="stopped after step"):
         distributed.launch(train, ("dinomaly", "train", {}, 4, 4, str(tmp_path), 2), world=2, backend="gloo")
     assert len(list(tmp_path.glob("*/last.safetensors"))) == 1  # written once, by rank 0
     resumed = distributed.launch(train, ("dinomaly", "train", {}, 4, 4, str(tmp_path)), world=2, backend="gloo")
-    _close(whole, resumed)
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k]), k
 
 
 def test_sharded_inference_equals_one_process():
