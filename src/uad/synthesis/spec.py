@@ -29,7 +29,7 @@ from PIL import Image
 
 from uad.data.augment import EpochForwarding
 from uad.data.images import load_image, load_mask
-from uad.errors import UadError
+from uad.errors import ConfigError, UadError
 from uad.synthesis.synthesizer import (
     GLAD_FOREGROUND,
     RECIPES,
@@ -56,7 +56,7 @@ def resolve_recipe(synth: Mapping[str, Any], method_recipe: str | None = None) -
     for CostFilter-AD), else DRAEM's."""
     recipe = synth.get("recipe") or method_recipe or "draem"
     if recipe not in RECIPES:
-        raise ValueError(f"synthesis.recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        raise ConfigError(f"synthesis.recipe must be one of {sorted(RECIPES)} (or null: the method's own), got {recipe!r}")
     return str(recipe)
 
 
@@ -154,6 +154,16 @@ def augment_from_spec(spec: Mapping[str, Any], stage: str, train_df: pd.DataFram
 
 
 # ------------------------------------------------------------------------------------ the spec
+def _checked(setting: str, make):
+    """``make()``, with a bad value's ValueError / TypeError turned into one ConfigError naming ``setting``."""
+    try:
+        return make()
+    except UadError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{setting}: {exc}") from None
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -167,9 +177,14 @@ def _file_entries(paths: Sequence[str], names: Sequence[str] | None = None) -> l
 
 
 def _dtd_entries(dtd_root: str | None) -> tuple[str, list[dict[str, str]]]:
-    if dtd_root is None or str(dtd_root) == "":
-        make_texture_source("dtd", dtd_root=None)  # raises the error that says what to set
-    source = DTDTextureSource(dtd_root, cache_size=1)  # the list training will sample from
+    if dtd_root is None or str(dtd_root) in ("", "None", "null"):
+        raise ConfigError("synthesis.texture_source is 'dtd' but synthesis.dtd_root is not set: set it to the DTD "
+                          "folder (--params synthesis.dtd_root=/data/dtd, or the environment variable UAD_DTD_ROOT), "
+                          "or choose synthesis.texture_source self, procedural or fallback")
+    try:
+        source = DTDTextureSource(dtd_root, cache_size=1)  # the list training will sample from
+    except UadError as exc:
+        raise type(exc)(f"synthesis.dtd_root: {exc}") from None
     names = [p.relative_to(source.images_dir).as_posix() for p in source.files]
     entries = _file_entries([str(p) for p in source.files], names)
     bad = [e["path"] for e in entries if e["digest"] == "missing"]
@@ -197,11 +212,15 @@ def build_spec(method: str, stage_recipes: Mapping[str, str], train_index: pd.Da
     synth = {k: v for k, v in dict(synth or {}).items() if k != "preview"}
     kind = str(synth.get("texture_source", "fallback"))
     if kind not in TEXTURE_KINDS:
-        raise ValueError(f"synthesis.texture_source must be one of {list(TEXTURE_KINDS)}, got {kind!r}")
+        raise ConfigError(f"synthesis.texture_source must be one of {list(TEXTURE_KINDS)}, got {kind!r}")
     stages = {str(s): resolve_recipe(synth, r) for s, r in stage_recipes.items()}
-    configs = {r: dataclasses.asdict(SynthesisConfig.for_recipe(r, synth.get("config"))) for r in sorted(set(stages.values()))}
+    configs = {r: dataclasses.asdict(_checked("synthesis.config", lambda r=r: SynthesisConfig.for_recipe(r, synth.get("config"))))
+               for r in sorted(set(stages.values()))}
     if synth.get("paste"):
-        PasteConfig(**dict(synth["paste"]))  # an unknown field fails here, naming it
+        _checked("synthesis.paste", lambda: PasteConfig(**dict(synth["paste"])))  # an unknown field fails here
+    n_self = _checked("synthesis.self_texture_images", lambda: int(synth.get("self_texture_images", 64)))
+    if n_self < 0:
+        raise ConfigError(f"synthesis.self_texture_images must be >= 0, got {n_self}")
     normal = train_index[train_index["label"] == 0]
     labelled = train_index[train_index["label"] == 1]
     classes = sorted(str(c) for c in train_index["class_name"].unique())
@@ -211,14 +230,14 @@ def build_spec(method: str, stage_recipes: Mapping[str, str], train_index: pd.Da
         root, files = _dtd_entries(synth.get("dtd_root"))
         textures["dtd"] = {"root": root, "count": len(files), "files": files}
     if kind in ("self", "fallback"):
-        n = int(synth.get("self_texture_images", 64))
+        n = n_self
         textures["self"] = {}
         for g in groups:
             rows = normal if g is None else normal[normal["class_name"] == g]
             picked = [str(rows.iloc[i]["image_path"]) for i in self_texture_picks(len(rows), n, seed)]
             textures["self"][ALL if g is None else str(g)] = _file_entries(picked)
         if kind == "self" and not any(textures["self"].values()):
-            raise ValueError("synthesis.texture_source 'self' needs training images (self_texture_images > 0)")
+            raise ConfigError("synthesis.texture_source 'self' needs training images (synthesis.self_texture_images > 0)")
     if kind in ("procedural", "fallback"):
         textures["procedural"] = list(ProceduralTextureSource.KINDS)
     textures["digest"] = _texture_digest(textures)
