@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import sys
 from copy import deepcopy
 from pathlib import PurePosixPath
 from typing import Any
@@ -76,9 +77,8 @@ class _LocalVersionedDataset(AbstractVersionedDataset):
     def _log_artifact(self, path: str) -> None:
         if self._mlflow_artifact_path is None:
             return
-        import mlflow
-
-        if mlflow.active_run() is not None:
+        mlflow = sys.modules.get("mlflow")  # never imported here: no run can be active (and no second of import)
+        if mlflow is not None and mlflow.active_run() is not None:
             mlflow.log_artifact(path, artifact_path=self._mlflow_artifact_path)
 
     def _read(self) -> bytes:
@@ -222,15 +222,24 @@ class ThresholdsDataset(JSONTagsDataset):
 
 
 class CsvTableDataset(_LocalVersionedDataset):
-    """A pandas table as CSV, versioned, written atomically (and logged to MLflow when asked)."""
+    """A pandas table as CSV, written atomically, versioned when the catalog says so (and logged
+    to MLflow when asked). ``load_args`` / ``save_args``: pandas' ``read_csv`` / ``to_csv``
+    arguments (defaults: blanks stay empty strings; no index column, floats ``%.6g``)."""
+
+    def __init__(self, filepath: str, version: Version | None = None, metadata: dict[str, Any] | None = None,
+                 mlflow_artifact_path: str | None = None, load_args: dict[str, Any] | None = None,
+                 save_args: dict[str, Any] | None = None):
+        super().__init__(filepath, version, metadata, mlflow_artifact_path)
+        self._load_args = {"keep_default_na": False} if load_args is None else dict(load_args)
+        self._save_args = {"index": False, "float_format": "%.6g"} if save_args is None else dict(save_args)
 
     def load(self):
         import pandas as pd
 
-        return pd.read_csv(io.BytesIO(self._read()), keep_default_na=False)
+        return pd.read_csv(io.BytesIO(self._read()), **self._load_args)
 
     def save(self, data) -> None:
-        self._write(data.to_csv(index=False, float_format="%.6g").encode())
+        self._write(data.to_csv(**self._save_args).encode())
 
 
 class PngFolderDataset(_LocalVersionedDataset):
@@ -258,11 +267,9 @@ class PngFolderDataset(_LocalVersionedDataset):
             atomic_write_bytes(f"{root}/{PurePosixPath(name).name}", bytes(png))
         self._invalidate_cache()
         self._mark_saved()
-        if self._mlflow_artifact_path is not None:
-            import mlflow
-
-            if mlflow.active_run() is not None:
-                mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
+        mlflow = sys.modules.get("mlflow")  # not imported: no run open
+        if self._mlflow_artifact_path is not None and mlflow is not None and mlflow.active_run() is not None:
+            mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
 
 
 class OnnxModelDataset(_LocalVersionedDataset):
@@ -379,11 +386,10 @@ class MlflowTagsDataset(AbstractDataset):
         return deepcopy(self._last)
 
     def save(self, data: dict[str, Any]) -> None:
-        import mlflow
-
+        mlflow = sys.modules.get("mlflow")  # not imported: no run open
         tags = {str(k): str(v) for k, v in data.items() if v is not None}
         self._last = tags
-        if mlflow.active_run() is not None:
+        if mlflow is not None and mlflow.active_run() is not None:
             params = {k[len(PARAM_PREFIX):]: v for k, v in tags.items() if k.startswith(PARAM_PREFIX)}
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith(PARAM_PREFIX)})
             _log_new_params(mlflow, params)
