@@ -52,3 +52,34 @@ def test_lazy_node_runs_its_target_with_the_bound_arguments():
     fmt = named("builtins:dict", "as_dict", method_name="m")
     assert fmt.__name__ == "as_dict"
     assert fmt(stage="s") == {"method_name": "m", "stage": "s"}
+
+
+def _kedro_modules(project, *args: str) -> tuple[set[str], str]:
+    """The modules a ``kedro <args>`` command in ``project`` imported by its end, and its output."""
+    import os
+
+    code = ("import atexit, sys\n"
+            "atexit.register(lambda: print('MODULES', ' '.join(sorted(sys.modules))))\n"
+            "from kedro.framework.cli.cli import main\n"
+            f"sys.argv = ['kedro', *{list(args)!r}]\n"
+            "main()\n")
+    env = dict(os.environ, KEDRO_DISABLE_TELEMETRY="1", DO_NOT_TRACK="1", MLFLOW_TRACKING_URI=f"sqlite:///{project}/m.db")
+    out = subprocess.run([sys.executable, "-c", code], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("MODULES "))
+    return set(line.split()[1:]), out.stdout + out.stderr
+
+
+def test_registry_list_and_ingest_import_neither_mlflow_nor_torch_and_mlflow_commands_still_load(tmp_path):
+    """kedro-mlflow's command group (uad.kedro_plugins) and hook (uad.hooks.LazyTrackingHook,
+    block_disabled_plugin_hooks) are imported only when a command or a tracked run needs them."""
+    from kedro_harness import make_project_copy
+
+    project = make_project_copy(tmp_path / "p")
+    mods, out = _kedro_modules(project, "registry", "list")
+    assert "inpformer" in out and not {"mlflow", "torch", "kedro_mlflow"} & mods, sorted({"mlflow", "torch"} & mods)
+    mods, out = _kedro_modules(project, "run", "--pipeline=ingest", "--env=smoke")
+    assert (project / "data/02_intermediate/train_index.csv").is_file()
+    assert not {"mlflow", "torch"} & mods and not any(m.startswith("kedro_mlflow") for m in mods)
+    mods, out = _kedro_modules(project, "mlflow", "--help")
+    assert "Use mlflow-specific commands" in out and "kedro_mlflow.framework.cli.cli" in mods

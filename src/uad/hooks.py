@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,45 @@ def pipeline_names(run_params: dict[str, Any]) -> list[str]:
     """The pipelines a run ran (``--pipeline`` / ``--pipelines``; ``__default__`` when none)."""
     names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
     return [names] if isinstance(names, str) else list(names)
+
+
+def _norm(name: str) -> str:
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def block_disabled_plugin_hooks() -> None:
+    """Make ``DISABLE_HOOKS_FOR_PLUGINS`` block a plug-in's hook entry points instead of importing
+    them and unregistering them afterwards, as Kedro does: kedro-mlflow's hook module imports
+    mlflow (about a second here) in every session, tracked or not. Same result (the plug-ins'
+    hooks are not registered), without the import. Idempotent; wraps the function in each Kedro
+    module that imported it by name."""
+    import importlib
+    import importlib.metadata
+
+    def blocking(original):
+        if getattr(original, "_uad_blocking", False):
+            return original
+
+        def register(hook_manager, disabled_plugins):
+            disabled = {_norm(n) for n in disabled_plugins}
+            for dist in importlib.metadata.distributions():
+                if _norm(str(dist.metadata["Name"] or "")) in disabled:
+                    for ep in dist.entry_points:
+                        if ep.group == "kedro.hooks":
+                            hook_manager.set_blocked(ep.name)
+            return original(hook_manager, disabled_plugins)
+
+        register._uad_blocking = True  # type: ignore[attr-defined]
+        return register
+
+    for module in ("kedro.framework.hooks.manager", "kedro.framework.session.session",
+                   "kedro.framework.session.service_session", "kedro.runner.task"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if hasattr(mod, "_register_hooks_entry_points"):
+            mod._register_hooks_entry_points = blocking(mod._register_hooks_entry_points)
 
 
 def current_run_env() -> str:
@@ -87,9 +127,8 @@ class RunTagsHook:
 
     @hook_impl(trylast=True)
     def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
-        try:
-            import mlflow
-        except ImportError:  # pragma: no cover - mlflow is a dependency
+        mlflow = _mlflow_if_imported()
+        if mlflow is None:
             return
         active = mlflow.active_run()
         if active is None:
@@ -413,10 +452,15 @@ def _metrics_rows(table: Any) -> list[str]:
     return rows
 
 
+def _mlflow_if_imported():
+    """mlflow when something imported it (the tracking hook does, for a tracked run), else None:
+    never imported, it can have no active run, and these hooks must not pay its import."""
+    return sys.modules.get("mlflow")
+
+
 def _mlflow_run_line() -> str | None:
-    try:
-        import mlflow
-    except ImportError:  # pragma: no cover
+    mlflow = _mlflow_if_imported()
+    if mlflow is None:
         return None
     run = mlflow.active_run()
     if run is None:
@@ -431,9 +475,8 @@ def _mlflow_run_line() -> str | None:
 
 def _log_metric(key: str, value: float) -> None:
     try:
-        import mlflow
-
-        if mlflow.active_run() is not None:
+        mlflow = _mlflow_if_imported()
+        if mlflow is not None and mlflow.active_run() is not None:
             mlflow.log_metric(key, float(value))
     except Exception as exc:  # noqa: BLE001 - bookkeeping must never stop a run
         log.debug("could not log %s to MLflow: %s", key, exc)

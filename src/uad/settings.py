@@ -12,7 +12,16 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from uad.hooks import DEFAULT_RUN_ENV, NodeTimesHook, ProjectLockHook, RankZeroWritesHook, RunSummaryHook, RunTagsHook
+from uad.hooks import (
+    DEFAULT_RUN_ENV,
+    NodeTimesHook,
+    ProjectLockHook,
+    RankZeroWritesHook,
+    RunSummaryHook,
+    RunTagsHook,
+    block_disabled_plugin_hooks,
+)
+from uad.lazy_tracking import LazyTrackingHook
 
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
@@ -31,8 +40,6 @@ class _DropKnownLibraryWarning(logging.Filter):
 
 
 logging.getLogger("py.warnings").addFilter(_DropKnownLibraryWarning())
-
-from uad.tracking import TrackingHook  # noqa: E402  (kedro-mlflow's model class warns when defined: filter first)
 
 
 def _plain_logs_off_terminal() -> None:
@@ -56,9 +63,12 @@ def _plain_logs_off_terminal() -> None:
 _plain_logs_off_terminal()
 
 # pluggy calls hooks registered later first: the node times, then the summary, are the last lines
-# TrackingHook is kedro-mlflow's hook with readable run names, per-dataset experiments and
-# un-namespaced parameters (uad/tracking.py): the plug-in's own instance is disabled for it.
-HOOKS = (TrackingHook(), ProjectLockHook(), RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
+# LazyTrackingHook loads uad.tracking.TrackingHook, kedro-mlflow's hook with readable run names,
+# per-dataset experiments and un-namespaced parameters, for tracked runs only (no mlflow import
+# otherwise); the plug-in's own instance is disabled for it (uad.cli: without importing it).
+block_disabled_plugin_hooks()  # DISABLE_HOOKS_FOR_PLUGINS below: blocked, never imported
+
+HOOKS = (LazyTrackingHook(), ProjectLockHook(), RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
 
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry", "kedro_mlflow")
 
