@@ -19,9 +19,8 @@ from PIL import Image
 
 from uad.data.images import load_image
 from uad.synthesis import preview_grid
-from uad.synthesis.spec import (  # noqa: F401  (re-exported: the names callers used before the spec)
+from uad.synthesis.spec import (  # noqa: F401  (build_augment, foreground_modes, resolve_recipe: also imported from here)
     ALL,
-    ClassAwareAugment,
     augment_from_spec,
     build_augment,
     build_spec,
@@ -32,7 +31,6 @@ from uad.synthesis.spec import (  # noqa: F401  (re-exported: the names callers 
 )
 
 log = logging.getLogger(__name__)
-_square = square
 
 
 def _preview_png(train_index: pd.DataFrame, make_augment, preview: dict[str, Any], crop: int) -> bytes:
