@@ -42,7 +42,7 @@ def test_rlr_smoke_run_localises_defects(project):
     """RLR on the bundled ImageNet Lite0 (real weights): pixel-level detection well above chance
     after 80 CPU steps. Image-level scores of so short a run are near chance on this dataset
     (README: why), so they are checked for presence only."""
-    client, run = last_run_after(project, "rlr")
+    client, run = last_run_after(project, "rlr", {"evaluation.full_frame": False})  # crop metrics only
     m = run.data.metrics
     for name in SEVEN:
         assert name in m and all(f"{cls}/{name}" in m for cls in CLASSES)
@@ -75,8 +75,8 @@ def test_agpnet_smoke_run_detects_defects(project):
     assert any(k.startswith("train_loss/train") for k in m)
 
 
-def last_run_after(project, pipeline):
-    run_pipeline(project, pipeline)
+def last_run_after(project, pipeline, params=None):
+    run_pipeline(project, pipeline, params=params)
     return last_run(os.environ["MLFLOW_TRACKING_URI"])
 
 
@@ -88,6 +88,7 @@ def test_inpformer_zero_shot_trains_on_one_dataset_and_tests_on_another(project)
                        "seed": 2, "generator": {"classes": ["wood", "pcb"]}}],
         "data.setting": "zero_shot",
         "engine.iterations": 4,  # what is checked here is where the data comes from, not learning
+        "evaluation.full_frame": False,
     }
     run_pipeline(project, "inpformer", params=params)
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
