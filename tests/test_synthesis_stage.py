@@ -129,6 +129,13 @@ def test_spec_is_location_free_and_names_bad_sources(tmp_path, monkeypatch):
     assert sorted(fb["textures"]["self"]) == ["washer", "wood"]
     assert all(len(v) == 3 for v in fb["textures"]["self"].values()) and fb["textures"]["procedural"]
     assert all("/wood/" in e["path"] for e in fb["textures"]["self"]["wood"])
+    from uad.synthesis.spec import SynthesisSpecError, augment_from_spec
+
+    normal = train[train["label"] == 0]
+    aug, _ = augment_from_spec(fb, "residual", normal[normal["class_name"] == "wood"], normal.iloc[:0], 3, 56, 64, "wood")
+    assert aug is not None
+    with pytest.raises(SynthesisSpecError, match=r"model group\(s\) \['washer', 'wood'\].*'all'"):
+        augment_from_spec(fb, "residual", normal, normal.iloc[:0], 3, 56, 64, None)  # one model, spec per class
     with pytest.raises(UadError, match="DTD texture folder not found"):
         build_spec("inpformer", {"residual": "draem"}, train, {"texture_source": "dtd", "dtd_root": str(tmp_path / "none")}, 3, [None])
     with pytest.raises(ValueError, match="texture_source must be one of"):

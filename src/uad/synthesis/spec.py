@@ -148,8 +148,13 @@ def augment_from_spec(spec: Mapping[str, Any], stage: str, train_df: pd.DataFram
     synth = spec["parameters"]
     images: list[np.ndarray] = []
     if synth.get("texture_source", "fallback") in ("self", "fallback"):
-        listed = spec["textures"]["self"].get(ALL if group is None else str(group), [])
-        images = [square(load_image(t["path"]), resize, crop) for t in listed]
+        key = ALL if group is None else str(group)
+        if key not in spec["textures"]["self"]:
+            raise SynthesisSpecError(
+                f"the synthesis spec lists self textures for the model group(s) {sorted(spec['textures']['self'])}, "
+                f"this training builds {key!r} (another data.setting?): run the pipeline's synthesis node again "
+                "with this run's parameters")
+        images = [square(load_image(t["path"]), resize, crop) for t in spec["textures"]["self"][key]]
     return _assemble(images, train_df, labelled, synth, spec["stages"][stage], seed, crop, resize)
 
 
