@@ -83,3 +83,21 @@ def test_registry_list_and_ingest_import_neither_mlflow_nor_torch_and_mlflow_com
     assert not {"mlflow", "torch"} & mods and not any(m.startswith("kedro_mlflow") for m in mods)
     mods, out = _kedro_modules(project, "mlflow", "--help")
     assert "Use mlflow-specific commands" in out and "kedro_mlflow.framework.cli.cli" in mods
+
+
+def test_an_untracked_run_switches_its_mlflow_datasets_off():
+    """A pipeline listed under disable_tracking.pipelines with kedro-mlflow metric datasets: they
+    are built and switched off (left on, the first metric would open an MLflow run by itself);
+    other datasets are not built."""
+    from kedro.io import DataCatalog
+    from kedro.pipeline import Pipeline, node
+
+    from uad.lazy_tracking import _switch_off_mlflow_datasets
+
+    catalog = DataCatalog.from_config({
+        "m": {"type": "kedro_mlflow.io.metrics.MlflowMetricsHistoryDataset"},
+        "t": {"type": "uad.io.CsvTableDataset", "filepath": "/nonexistent/t.csv"},
+    })
+    pipe = Pipeline([node(lambda t: t, "t", "m", name="n")])
+    _switch_off_mlflow_datasets(pipe, catalog)
+    assert catalog["m"]._logging_activated is False

@@ -41,8 +41,8 @@ def _missing_version(exc: BaseException) -> UadError | None:
     ns = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p in ("06_models", "07_model_output", "08_reporting")), None)
     spec = next((parts[i + 1] for i, p in enumerate(parts[:-1]) if p == "05_model_input"), None)
     if spec is not None and parts[-1] == "synthesis_spec.json":
-        return UadError(f"no synthesis spec for {spec} yet ({path}): run its synthesis stage first "
-                        f"(kedro run --pipeline={spec}, or add --from-nodes={spec}.synthesis), with the same --env")
+        return UadError(f"no synthesis spec for {spec} yet ({path}): run the whole pipeline once "
+                        f"(kedro run --pipeline={spec}, with the same --env), then this command again")
     if ns is None:
         return UadError(f"nothing saved yet at {path}: run the pipeline that writes it first")
     return UadError(f"no trained {ns} model in {'/'.join(parts[:-1])}: run kedro run --pipeline={ns} first "

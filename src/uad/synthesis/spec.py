@@ -152,8 +152,8 @@ def augment_from_spec(spec: Mapping[str, Any], stage: str, train_df: pd.DataFram
         if key not in spec["textures"]["self"]:
             raise SynthesisSpecError(
                 f"the synthesis spec lists self textures for the model group(s) {sorted(spec['textures']['self'])}, "
-                f"this training builds {key!r} (another data.setting?): run the pipeline's synthesis node again "
-                "with this run's parameters")
+                f"this training builds {key!r} (another data.setting?): run the pipeline again so its synthesis "
+                "node writes a new spec")
         images = [square(load_image(t["path"]), resize, crop) for t in spec["textures"]["self"][key]]
     return _assemble(images, train_df, labelled, synth, spec["stages"][stage], seed, crop, resize)
 
@@ -247,8 +247,11 @@ def build_spec(method: str, stage_recipes: Mapping[str, str], train_index: pd.Da
         textures["procedural"] = list(ProceduralTextureSource.KINDS)
     textures["digest"] = _texture_digest(textures)
     semi = {"anomalies": int(len(labelled)), "weight": float(synth.get("semi_supervised_weight", 0.5))} if len(labelled) else None
+    from uad.data.index import content_fingerprint
+
     spec = {"format": SPEC_FORMAT, "method": method, "seed": int(seed), "stages": stages, "parameters": synth,
-            "configs": configs, "foreground": foreground, "textures": textures, "semi_supervised": semi}
+            "configs": configs, "foreground": foreground, "textures": textures, "semi_supervised": semi,
+            "train_data": content_fingerprint(train_index)}  # checked by training, not part of the digest
     spec["digest"] = spec_digest(spec)
     return spec
 
@@ -286,6 +289,29 @@ def describe_spec(spec: Mapping[str, Any]) -> str:
     return "; ".join(parts) + f" (spec {spec['digest'][:12]})"
 
 
+def check_spec_matches(spec: Mapping[str, Any], synth: Mapping[str, Any] | None, train_data: str,
+                       groups: Sequence[str | None]) -> None:
+    """Raise :class:`SynthesisSpecError` when ``spec`` was made for other synthesis parameters,
+    other training data or other model groups than the training about to use it (a spec kept on
+    disk and read by ``--from-nodes`` after a change): training would otherwise follow the old spec."""
+    fix = "run the pipeline again so its synthesis node writes a new spec (kedro run --pipeline=<pipeline>)"
+    now = json.loads(json.dumps({k: v for k, v in dict(synth or {}).items() if k != "preview"}, default=str))
+    made = json.loads(json.dumps(dict(spec["parameters"]), default=str))
+    if now != made:
+        keys = sorted(k for k in set(now) | set(made) if now.get(k) != made.get(k))
+        raise SynthesisSpecError(f"the synthesis spec was made with other synthesis parameters than this run's "
+                                 f"({', '.join('synthesis.' + k for k in keys)}): {fix}")
+    if spec.get("train_data") not in (None, train_data):
+        raise SynthesisSpecError(f"the synthesis spec was made from other training data (fingerprint "
+                                 f"{str(spec['train_data'])[:12]}, this run's {train_data[:12]}): {fix}")
+    if "self" in spec["textures"]:
+        want = sorted(ALL if g is None else str(g) for g in groups)
+        if sorted(spec["textures"]["self"]) != want:
+            raise SynthesisSpecError(f"the synthesis spec lists self textures for the model group(s) "
+                                     f"{sorted(spec['textures']['self'])}, this training builds {want} "
+                                     f"(another data.setting?): {fix}")
+
+
 def check_spec_current(spec: Mapping[str, Any], seed: int, where: str = "") -> None:
     """Raise :class:`SynthesisSpecError` when ``spec`` no longer describes what is on disk (a DTD
     file added, removed or replaced, a self-texture image changed) or was made with another seed:
@@ -294,7 +320,7 @@ def check_spec_current(spec: Mapping[str, Any], seed: int, where: str = "") -> N
     from uad.data.index import file_digests
 
     origin = f"the synthesis spec{f' {where}' if where else ''}"
-    fix = "run the pipeline's synthesis node again (kedro run --pipeline=<method>, or --from-nodes=<ns>.synthesis)"
+    fix = "run the pipeline again so its synthesis node writes a new spec (kedro run --pipeline=<pipeline>)"
     if int(spec["seed"]) != int(seed):
         raise SynthesisSpecError(f"{origin} was made with seed {spec['seed']}, this training uses engine.seed {seed}: {fix}")
     t = spec["textures"]

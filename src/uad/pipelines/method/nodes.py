@@ -143,7 +143,7 @@ def _setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: di
 
 
 def _synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, synthesis: dict | None,
-                    seed: int) -> dict[str, Any] | None:
+                    seed: int, synthesis_params: dict | None = None, fingerprint: str = "") -> dict[str, Any] | None:
     """The synthesis spec a training uses: the one the pipeline's ``synthesis`` node wrote (checked
     against the textures on disk now, so ``--from-nodes`` after a DTD change fails instead of
     training on other textures than it records), or, when a caller hands raw ``params:synthesis``
@@ -156,10 +156,14 @@ def _synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, syn
     stages = {s: cls.synthesis_recipe(s) for s in cls.stages if cls.wants_synthesis(s)}
     if not stages:
         return None
+    normal = train_index[train_index["label"] == 0]
     if is_spec(synthesis):
+        from uad.synthesis.spec import check_spec_matches
+
+        if synthesis_params is not None:
+            check_spec_matches(synthesis, synthesis_params, fingerprint, _groups(normal, data))
         check_spec_current(synthesis, seed)
         return synthesis
-    normal = train_index[train_index["label"] == 0]
     return build_spec(method_name, stages, train_index, synthesis, seed, _groups(normal, data))
 
 
@@ -173,12 +177,13 @@ def compose_plugin_params(method_params: dict, base_name: str, base_params: dict
 def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: dict, method_params: dict,
                 engine: dict, engine_override: dict, synthesis: dict | None = None,
                 previous: dict | None = None, features: dict | None = None,
-                base: dict | None = None) -> tuple[dict, dict, dict]:
+                base: dict | None = None, synthesis_params: dict | None = None) -> tuple[dict, dict, dict]:
     """Train one stage of ``method_name``; returns (checkpoint, loss history for MLflow, run tags).
 
     ``synthesis``: the run's synthesis spec (node ``synthesis``; :mod:`uad.synthesis.spec`) for a
     method that learns from pseudo anomalies, or the raw ``synthesis`` parameters (a spec is then
-    built here).
+    built here). ``synthesis_params``: this run's ``params:synthesis``, with a spec: a spec made
+    for other parameters, data or model groups is an error before anything trains.
 
     ``previous``: the checkpoint of the method's previous stage. ``features``: cached encoder
     features (``extract_features``) for methods that fit from them in one pass. ``base``: a
@@ -190,7 +195,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     cfg = _engine_cfg(engine, engine_override)
     spawned = _launch_ranks(cfg, train_stage, method_name=method_name, stage=stage, train_index=train_index, data=data,
                             method_params=method_params, engine=engine, engine_override=engine_override,
-                            synthesis=synthesis, previous=previous, features=features, base=base)
+                            synthesis=synthesis, previous=previous, features=features, base=base,
+                            synthesis_params=synthesis_params)
     if spawned is not None:
         return tuple(spawned)  # type: ignore[return-value]
     normal = train_index[train_index["label"] == 0]
@@ -202,7 +208,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tags: dict[str, str] = {}
     identity: dict[str, str] = {}
     params: dict[str, str] = {}
-    spec = _synthesis_spec(method_name, train_index, data, synthesis, cfg.seed)  # validates the textures first
+    spec = _synthesis_spec(method_name, train_index, data, synthesis, cfg.seed, synthesis_params,
+                           fingerprint)  # validates the textures (and a kept spec) first
     for group in _groups(normal, data):
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))

@@ -97,6 +97,7 @@ def _training_nodes(method: str, base: str | None = None) -> list:
         inputs = {"train_index": "train_index", **_common(method, base)}
         if shape.synthesis:  # every stage reads the spec: a bad texture folder fails before the first (long) stage
             inputs["synthesis"] = "synthesis_spec"
+            inputs["synthesis_params"] = "params:synthesis"  # a kept spec (--from-nodes) must match them
         if previous is not None:
             inputs["previous"] = previous
         elif base is not None:
