@@ -345,3 +345,16 @@ def test_training_key_follows_contents_not_paths(tmp_path, monkeypatch, caplog):
     folders = list((moved / "data/06_models/checkpoints").glob("rlr-train-*"))
     assert len(folders) == 1 and (folders[0] / "last.safetensors").is_file()  # the earlier one is pruned
     assert "removed the earlier resume checkpoint" in log_c
+
+
+def test_a_from_nodes_run_after_an_in_memory_output_is_one_error_line_naming_where_to_start():
+    """``--from-nodes=costfilter_patchcore.synthesis`` skips ``compose_params`` (kept in memory):
+    Kedro's ValueError becomes one line that says which node to start from (that start was tried:
+    it runs)."""
+    from uad.cli import _user_error
+
+    kedro_error = ValueError("Pipeline input(s) {'costfilter_patchcore.method_params'} not found in the "
+                             "DataCatalogWithCatalogCommandsMixin")
+    err = _user_error(kedro_error)
+    assert err is not None and "--from-nodes=costfilter_patchcore.compose_params" in str(err)
+    assert _user_error(ValueError("some other bug")) is None  # a real bug keeps its traceback

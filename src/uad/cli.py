@@ -49,6 +49,21 @@ def _missing_version(exc: BaseException) -> UadError | None:
                     f"(with the same --env), then this command again")
 
 
+def _memory_input_missing(exc: BaseException) -> UadError | None:
+    """Kedro's "Pipeline input(s) {...} not found" for a ``--from-nodes`` / ``--to-outputs`` run that
+    starts after a node whose output is never saved (a plug-in's composed parameters) as one line."""
+    import re
+
+    found = re.search(r"Pipeline input\(s\) \{(.+?)\} not found", str(exc))
+    if found is None:
+        return None
+    names = [n.strip().strip("'\"") for n in found.group(1).split(",")]
+    ns = names[0].split(".")[0] if "." in names[0] else None
+    first = f"--from-nodes={ns}.compose_params" if ns and any(n.endswith(".method_params") for n in names) else None
+    return UadError(f"this run starts after the node that makes {', '.join(names)}, which is kept in memory, not "
+                    f"saved: start from that node ({first or 'an earlier --from-nodes'}) or run the whole pipeline")
+
+
 def _user_error(exc: BaseException) -> UadError | None:
     """The project's own error behind ``exc`` (possibly wrapped by Kedro or a library), if any;
     a known library failure (a dataset with no saved version) becomes one."""
@@ -56,7 +71,7 @@ def _user_error(exc: BaseException) -> UadError | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UadError):
             return exc
-        known = _missing_version(exc)
+        known = _missing_version(exc) or _memory_input_missing(exc)
         if known is not None:
             return known
         seen.add(id(exc))
