@@ -14,6 +14,7 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
+from uad.kedro_plugins import _norm
 from uad.osutil import pid_alive
 
 #: the environment ``kedro run`` uses without ``--env`` (settings.py reads it from here, so the
@@ -29,10 +30,6 @@ def pipeline_names(run_params: dict[str, Any]) -> list[str]:
     """The pipelines a run ran (``--pipeline`` / ``--pipelines``; ``__default__`` when none)."""
     names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
     return [names] if isinstance(names, str) else list(names)
-
-
-def _norm(name: str) -> str:
-    return name.lower().replace("-", "_").replace(".", "_")
 
 
 def block_disabled_plugin_hooks() -> None:

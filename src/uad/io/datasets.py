@@ -23,6 +23,13 @@ from kedro.io.core import AbstractDataset, AbstractVersionedDataset, DatasetErro
 from uad.osutil import atomic_write_bytes
 
 
+def _open_mlflow():
+    """mlflow when a run is open, else None; never imported here (not imported: no run can be open,
+    and a command that opens none must not pay its import)."""
+    mlflow = sys.modules.get("mlflow")
+    return mlflow if mlflow is not None and mlflow.active_run() is not None else None
+
+
 class _LocalVersionedDataset(AbstractVersionedDataset):
     """Shared plumbing: a local (or fsspec) file, versioned, written atomically.
 
@@ -77,8 +84,8 @@ class _LocalVersionedDataset(AbstractVersionedDataset):
     def _log_artifact(self, path: str) -> None:
         if self._mlflow_artifact_path is None:
             return
-        mlflow = sys.modules.get("mlflow")  # never imported here: no run can be active (and no second of import)
-        if mlflow is not None and mlflow.active_run() is not None:
+        mlflow = _open_mlflow()
+        if mlflow is not None:
             mlflow.log_artifact(path, artifact_path=self._mlflow_artifact_path)
 
     def _read(self) -> bytes:
@@ -267,8 +274,8 @@ class PngFolderDataset(_LocalVersionedDataset):
             atomic_write_bytes(f"{root}/{PurePosixPath(name).name}", bytes(png))
         self._invalidate_cache()
         self._mark_saved()
-        mlflow = sys.modules.get("mlflow")  # not imported: no run open
-        if self._mlflow_artifact_path is not None and mlflow is not None and mlflow.active_run() is not None:
+        mlflow = _open_mlflow()
+        if self._mlflow_artifact_path is not None and mlflow is not None:
             mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
 
 
@@ -386,10 +393,10 @@ class MlflowTagsDataset(AbstractDataset):
         return deepcopy(self._last)
 
     def save(self, data: dict[str, Any]) -> None:
-        mlflow = sys.modules.get("mlflow")  # not imported: no run open
+        mlflow = _open_mlflow()
         tags = {str(k): str(v) for k, v in data.items() if v is not None}
         self._last = tags
-        if mlflow is not None and mlflow.active_run() is not None:
+        if mlflow is not None:
             params = {k[len(PARAM_PREFIX):]: v for k, v in tags.items() if k.startswith(PARAM_PREFIX)}
             mlflow.set_tags({k: v for k, v in tags.items() if not k.startswith(PARAM_PREFIX)})
             _log_new_params(mlflow, params)

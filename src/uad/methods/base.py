@@ -214,6 +214,11 @@ class AnomalyMethod(abc.ABC):
         return False
 
     @classmethod
+    def synthesis_stages(cls) -> dict[str, str]:
+        """``{stage: recipe}`` of the stages that learn from pseudo anomalies (empty: none)."""
+        return {s: cls.synthesis_recipe(s) for s in cls.stages if cls.wants_synthesis(s)}
+
+    @classmethod
     def synthesis_recipe(cls, stage: str) -> str:
         """The pseudo-anomaly recipe the method's paper trains ``stage`` with
         (:data:`uad.synthesis.RECIPES`); ``synthesis.recipe`` in the parameters overrides it."""

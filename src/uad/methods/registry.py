@@ -62,7 +62,7 @@ def pipeline_shape(name: str) -> PipelineShape:
     if name in PIPELINE_SHAPES:
         return PIPELINE_SHAPES[name]
     cls = method_class(name)  # a method registered at run time: ask the class
-    return PipelineShape(tuple(cls.stages), cls.uses_feature_cache(), any(cls.wants_synthesis(s) for s in cls.stages))
+    return PipelineShape(tuple(cls.stages), cls.uses_feature_cache(), bool(cls.synthesis_stages()))
 
 
 def register(name: str) -> Callable[[type[AnomalyMethod]], type[AnomalyMethod]]:

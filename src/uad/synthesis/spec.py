@@ -206,14 +206,16 @@ def _texture_digest(textures: Mapping[str, Any]) -> str:
 
 
 def build_spec(method: str, stage_recipes: Mapping[str, str], train_index: pd.DataFrame,
-               synth: Mapping[str, Any] | None, seed: int, groups: Sequence[str | None]) -> dict[str, Any]:
+               synth: Mapping[str, Any] | None, seed: int, groups: Sequence[str | None],
+               train_data: str | None = None) -> dict[str, Any]:
     """The synthesis spec of ``method``'s training on ``train_index``.
 
     ``stage_recipes``: the method's own recipe of each stage that learns from pseudo anomalies
     (``synthesis.recipe`` overrides them). ``groups``: the model groups training will build
     (``[None]``: one model; class names: one model per class), each with its own self textures.
     Validates the texture source now: a missing or empty DTD folder, an unreadable texture file or
-    an unknown recipe / parameter raises before any training starts."""
+    an unknown recipe / parameter raises before any training starts. ``train_data``: the index's
+    :func:`~uad.data.index.content_fingerprint` when the caller has it already."""
     synth = {k: v for k, v in dict(synth or {}).items() if k != "preview"}
     kind = str(synth.get("texture_source", "fallback"))
     if kind not in TEXTURE_KINDS:
@@ -247,20 +249,26 @@ def build_spec(method: str, stage_recipes: Mapping[str, str], train_index: pd.Da
         textures["procedural"] = list(ProceduralTextureSource.KINDS)
     textures["digest"] = _texture_digest(textures)
     semi = {"anomalies": int(len(labelled)), "weight": float(synth.get("semi_supervised_weight", 0.5))} if len(labelled) else None
-    from uad.data.index import content_fingerprint
+    if train_data is None:
+        from uad.data.index import content_fingerprint
 
+        train_data = content_fingerprint(train_index)
     spec = {"format": SPEC_FORMAT, "method": method, "seed": int(seed), "stages": stages, "parameters": synth,
             "configs": configs, "foreground": foreground, "textures": textures, "semi_supervised": semi,
-            "train_data": content_fingerprint(train_index)}  # checked by training, not part of the digest
+            "train_data": train_data}  # checked by training, not part of the digest
     spec["digest"] = spec_digest(spec)
     return spec
+
+
+def _portable(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The spec's parameters without where the files lie (``dtd_root``)."""
+    return {k: v for k, v in dict(spec["parameters"]).items() if k != "dtd_root"}
 
 
 def spec_digest(spec: Mapping[str, Any]) -> str:
     """What decides the anomalies, independent of where the files lie: recipes, resolved configs,
     foreground rules, texture names and contents, seed (dtd_root and the file paths left out)."""
-    params = {k: v for k, v in dict(spec["parameters"]).items() if k != "dtd_root"}
-    return _digest({"format": spec["format"], "stages": spec["stages"], "parameters": params, "configs": spec["configs"],
+    return _digest({"format": spec["format"], "stages": spec["stages"], "parameters": _portable(spec), "configs": spec["configs"],
                     "foreground": spec["foreground"], "textures": spec["textures"]["digest"], "seed": spec["seed"],
                     "semi_supervised": spec.get("semi_supervised")})
 
@@ -269,7 +277,7 @@ def spec_key(spec: Mapping[str, Any]) -> dict[str, str]:
     """The part of a training key that stands for the spec (and lets the log say which part changed)."""
     return {"digest": spec["digest"][:16], "recipes": ",".join(f"{s}={r}" for s, r in sorted(spec["stages"].items())),
             "textures": f"{spec['textures']['source']}@{spec['textures']['digest'][:12]}",
-            "parameters": _digest({k: v for k, v in dict(spec["parameters"]).items() if k != "dtd_root"})[:12]}
+            "parameters": _digest(_portable(spec))[:12]}
 
 
 def is_spec(obj: Any) -> bool:

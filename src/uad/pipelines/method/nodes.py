@@ -72,7 +72,7 @@ def model_params(method, data: dict, cfg: EngineConfig, synthesis: dict | None) 
     out.update(flatten_params({k: v for k, v in (data or {}).items() if k not in ("train", "test")}, "data"))
     out["data.name"] = dataset_name(data)
     out.update(flatten_params(dataclasses.asdict(cfg), "engine"))
-    if synthesis and any(method.wants_synthesis(s) for s in method.stages):
+    if synthesis and method.synthesis_stages():
         out.update(flatten_params(synthesis, "synthesis"))
     return out
 
@@ -152,8 +152,7 @@ def _synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, syn
     from uad.methods.registry import method_class
     from uad.synthesis.spec import build_spec, check_spec_current, is_spec
 
-    cls = method_class(method_name)
-    stages = {s: cls.synthesis_recipe(s) for s in cls.stages if cls.wants_synthesis(s)}
+    stages = method_class(method_name).synthesis_stages()
     if not stages:
         return None
     normal = train_index[train_index["label"] == 0]
@@ -164,7 +163,7 @@ def _synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, syn
             check_spec_matches(synthesis, synthesis_params, fingerprint, _groups(normal, data))
         check_spec_current(synthesis, seed)
         return synthesis
-    return build_spec(method_name, stages, train_index, synthesis, seed, _groups(normal, data))
+    return build_spec(method_name, stages, train_index, synthesis, seed, _groups(normal, data), train_data=fingerprint or None)
 
 
 # ------------------------------------------------------------------------------------ training

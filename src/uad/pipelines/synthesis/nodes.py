@@ -89,8 +89,7 @@ def synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, synt
     from uad.methods.registry import method_class
     from uad.pipelines.method.nodes import _engine_cfg, _groups
 
-    cls = method_class(method_name)
-    stages = {s: cls.synthesis_recipe(s) for s in cls.stages if cls.wants_synthesis(s)}
+    stages = method_class(method_name).synthesis_stages()
     if not stages:
         raise ValueError(f"{method_name} trains on no pseudo anomalies: its pipeline has no synthesis stage")
     seed = _engine_cfg(engine, engine_override).seed
