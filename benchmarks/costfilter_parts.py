@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     os.chdir(ROOT)
     from uad.methods.registry import build_method
-    from uad.pipelines.method.nodes import _dataset
+    from uad.engine.orchestration import method_dataset as _dataset
 
     params, catalog = _session_params(args.env)
     test_index = catalog.load("test_index")

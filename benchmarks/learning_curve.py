@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from uad.engine import EngineConfig, Trainer
     from uad.methods.registry import build_method
-    from uad.pipelines.method.nodes import _dataset, _synthesis_augment, compose_plugin_params, score_dataset
+    from uad.engine.orchestration import compose_plugin_params, method_dataset as _dataset, synthesis_augment as _synthesis_augment
+    from uad.engine.scoring import score_dataset
 
     params, catalog = _session_params(args.env)
     ns = args.pipeline

@@ -184,7 +184,7 @@ def test_engine_drives_the_teacher_and_resume_restores_it(tmp_path, build):
     from uad.data.synthetic import ensure_synthetic_dataset
     from uad.data.torch_data import AnomalyImageDataset
     from uad.engine import Trainer
-    from uad.pipelines.ingest.nodes import build_sample_index
+    from uad.framework.pipelines.ingest.nodes import build_sample_index
 
     root = tmp_path / "d"
     ensure_synthetic_dataset(root, seed=0, classes=["wood"], n_train=4, n_test_good=1, n_test_bad_per_defect=1)
@@ -351,16 +351,16 @@ def test_few_shot_folds_keep_copy_zero_and_vary_the_rest():
 
 def test_few_shot_setting_trains_on_the_augmented_folds(tmp_path, monkeypatch, build):
     from uad.data.synthetic import ensure_synthetic_dataset
-    from uad.pipelines.ingest.nodes import build_sample_index
-    from uad.pipelines.method import nodes
+    from uad.framework.pipelines.ingest.nodes import build_sample_index
+    from uad.engine import orchestration as nodes
 
     root = tmp_path / "d"
     ensure_synthetic_dataset(root, seed=0, classes=["wood"], n_train=3, n_test_good=1, n_test_bad_per_defect=1)
     index = build_sample_index({"root": str(root), "layout": "mvtec"})
     train = index[index["split"] == "train"].head(2)
     sizes = []
-    real = nodes._dataset
-    monkeypatch.setattr(nodes, "_dataset", lambda *a, **k: sizes.append(len(a[1])) or real(*a, **k))
+    real = nodes.method_dataset
+    monkeypatch.setattr(nodes, "method_dataset", lambda *a, **k: sizes.append(len(a[1])) or real(*a, **k))
     monkeypatch.setattr(nodes, "build_method", lambda name, params: build(**params))
     _, _, tags = nodes.train_stage("agpnet", "train", train, {"setting": "few_shot"}, {"iterations": 1, "batch_size": 2,
                                    "few_shot_folds": 4}, {"device": "cpu", "progress": False}, {})
@@ -369,8 +369,8 @@ def test_few_shot_setting_trains_on_the_augmented_folds(tmp_path, monkeypatch, b
 
 def test_one_class_setting_trains_one_decoder_per_class(tmp_path, monkeypatch, build):
     from uad.data.synthetic import ensure_synthetic_dataset
-    from uad.pipelines.ingest.nodes import build_sample_index
-    from uad.pipelines.method import nodes
+    from uad.framework.pipelines.ingest.nodes import build_sample_index
+    from uad.engine import orchestration as nodes
 
     root = tmp_path / "d"
     ensure_synthetic_dataset(root, seed=0, classes=["wood", "fabric"], n_train=2, n_test_good=1, n_test_bad_per_defect=1)

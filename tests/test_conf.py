@@ -9,9 +9,10 @@ from kedro.config import OmegaConfigLoader
 
 from uad.engine import EngineConfig
 from uad.methods.registry import method_class
-from uad.pipeline_registry import METHODS
+from uad.methods.declaration import base_methods
 from uad.settings import CONFIG_LOADER_ARGS
 
+METHODS = base_methods()
 ENVS = ["quick", "smoke", "mvtec", "visa", "realiad"]
 
 

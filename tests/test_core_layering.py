@@ -10,14 +10,46 @@ import subprocess
 import sys
 from pathlib import Path
 
-CORE_MODULES = [
-    "uad.data", "uad.data.images", "uad.data.index", "uad.data.layouts", "uad.data.settings", "uad.data.synthetic",
-    "uad.data.torch_data", "uad.data.semi", "uad.backbones", "uad.metrics", "uad.metrics.plots", "uad.engine",
-    "uad.methods.registry", "uad.methods.common", "uad.methods.patchcore.method", "uad.methods.dinomaly.method",
-    "uad.methods.inpformer.method", "uad.methods.rlr.method", "uad.methods.agpnet.method", "uad.methods.common.ema",
-    "uad.synthesis", "uad.data.folder", "uad.data.augment", "uad.metrics.thresholds", "uad.export",
-    "uad.inference", "uad.methods.costfilter.method",
-]
+SRC = Path(__file__).resolve().parents[1] / "src" / "uad"
+#: the Kedro / MLflow layer: one package, plus the entry points Kedro looks for at the package's top
+KEDRO_LAYER = ("framework",)
+KEDRO_ENTRY_POINTS = ("settings.py", "pipeline_registry.py", "cli.py", "__main__.py")
+FRAMEWORK_IMPORTS = ("kedro", "kedro_datasets", "kedro_mlflow", "kedro_viz", "mlflow")
+
+
+def _core_files() -> list[Path]:
+    out = []
+    for f in sorted(SRC.rglob("*.py")):
+        rel = f.relative_to(SRC)
+        if rel.parts[0] in KEDRO_LAYER or (len(rel.parts) == 1 and rel.name in KEDRO_ENTRY_POINTS):
+            continue
+        out.append(f)
+    return out
+
+
+def _module(f: Path) -> str:
+    parts = ("uad",) + f.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+CORE_MODULES = [_module(f) for f in _core_files()]
+
+
+def test_the_tree_shows_the_layers():
+    """Every core file, found by walking src/uad (not a list kept by hand), has no import of kedro or
+    mlflow, even a lazy one inside a function; the Kedro layer is the one package ``uad.framework``."""
+    offenders = []
+    for f in _core_files():
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 else [])
+            offenders += [f"{f.relative_to(SRC)}: {n}" for n in names
+                          if n.split(".")[0] in FRAMEWORK_IMPORTS or n.startswith("uad.framework")]
+    assert not offenders, offenders
+    assert len(CORE_MODULES) > 60 and "uad.engine.orchestration" in CORE_MODULES and "uad.engine.scoring" in CORE_MODULES
+    top = sorted(p.name for p in SRC.iterdir() if p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))
+    framework_like = [n for n in top if n in ("hooks.py", "tracking.py", "lazy_tracking.py", "io", "pipelines", "mlflow_model.py")]
+    assert not framework_like, f"Kedro-layer modules outside uad.framework: {framework_like}"
 
 
 def test_core_imports_without_kedro_or_mlflow():
@@ -30,7 +62,8 @@ def test_core_imports_without_kedro_or_mlflow():
         "            raise ImportError('core must not import ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         f"import importlib\nfor m in {CORE_MODULES!r}:\n    importlib.import_module(m)\n"
-        "from uad.methods.registry import build_method, available_methods\n"
+        "from uad.methods.registry import build_method, available_methods, method_class\n"
+        "for n in available_methods():\n    method_class(n)\n"
         "print('ok', available_methods())\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

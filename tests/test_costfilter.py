@@ -375,7 +375,7 @@ def test_structure_anomalies_change_only_the_masked_pixels():
 def test_recipe_resolution_and_foreground_modes():
     import pandas as pd
 
-    from uad.pipelines.synthesis.nodes import foreground_modes, resolve_recipe
+    from uad.synthesis.spec import foreground_modes, resolve_recipe
 
     assert resolve_recipe({}, "glad") == "glad"
     assert resolve_recipe({"recipe": "draem"}, "glad") == "draem"

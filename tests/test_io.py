@@ -7,7 +7,7 @@ import pytest
 import torch
 from kedro.io.core import DatasetError, Version
 
-from uad.io import NpzDataset, PngDataset, SafetensorsDataset
+from uad.framework.io import NpzDataset, PngDataset, SafetensorsDataset
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 16
 

@@ -28,13 +28,13 @@ def project(tmp_path_factory):
 
 
 def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project, monkeypatch):
-    import uad.hooks
+    from uad.framework.hooks import run_summary
 
     # the hooks' own log lines, read at the logger (Kedro's logging set-up, applied when a session
     # configures the project, drops handlers that tests attach to the root or to uad.*)
     said: list[str] = []
-    info = uad.hooks.log.info
-    monkeypatch.setattr(uad.hooks.log, "info", lambda msg, *a, **k: (said.append(msg % a if a else msg), info(msg, *a, **k)))
+    info = run_summary.log.info
+    monkeypatch.setattr(run_summary.log, "info", lambda msg, *a, **k: (said.append(msg % a if a else msg), info(msg, *a, **k)))
     run_pipeline(project, "patchcore")
     client, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     _check_metrics(run, "patchcore", 0.75)
@@ -100,7 +100,7 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     from uad.data.torch_data import AnomalyImageDataset
     from uad.engine import load_state
     from uad.export import onnx_predict
-    from uad.pipelines.method.serving import _load_method
+    from uad.inference import load_trained
 
     if not (project / "data/06_models/dinomaly/train.safetensors").exists():
         run_pipeline(project, "dinomaly")
@@ -139,7 +139,7 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     spec = __import__("json").loads(_latest(project / "data/06_models/dinomaly/model.json", "model.json").read_text())
     assert spec["thresholds"]["image"] == thresholds["image"] and spec["preprocessing"]["crop"] == 112
     params = yaml.safe_load((project / "conf/smoke/parameters_dinomaly.yml").read_text())["dinomaly"]["method"]
-    method = _load_method("dinomaly", params, {"tensors": tensors, "meta": meta, "path": str(ckpt_path)}, None, "export")
+    method = load_trained("dinomaly", params, tensors, meta, str(ckpt_path), None, "export")
     sp = method.input_spec
     df = pd.DataFrame({"image_path": [str(project / preds["image_paths"][i]) for i in picks], "class_name": "x",
                        "label": 0, "mask_path": ""})

@@ -163,7 +163,7 @@ def test_aggregate_patches_shapes_and_pooling():
 # ----------------------------------------------------------------------------------- method
 def test_fit_predict_state_roundtrip(method, tmp_path):
     m = method
-    assert m.stages == ("fit",) and m.cacheable_features
+    assert m.stages == ("fit",) and m.uses_feature_cache()
     assert m.input_spec == {"resize": 64, "crop": 64, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
     tags = m.tags()
     assert tags["backbone"] == "tf_efficientnet_lite0" and tags["weights_source"] == "bundled"

@@ -9,8 +9,8 @@ import pandas as pd
 from uad.data.layouts import scan_dataset
 from uad.data.semi import hold_out_labelled_anomalies
 from uad.data.settings import make_split
-from uad.pipelines.method.nodes import evaluate
-from uad.pipelines.synthesis.nodes import build_augment
+from uad.framework.pipelines.method.nodes import evaluate
+from uad.synthesis.spec import build_augment
 
 
 def _split(root):
@@ -91,7 +91,7 @@ def test_per_class_few_shot_trains_one_model_per_class():
     import pandas as pd
     import pytest
 
-    from uad.pipelines.method.nodes import _groups, per_class_models
+    from uad.engine.orchestration import model_groups as _groups, per_class_models
 
     df = pd.DataFrame({"class_name": ["b", "a", "b"]})
     assert _groups(df, {"setting": "few_shot", "per_class": True}) == ["a", "b"]

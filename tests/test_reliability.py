@@ -178,7 +178,7 @@ def test_an_untracked_run_after_a_tracked_one_leaves_no_mlflow_run_open(tmp_path
 
 def test_infer_thresholds_that_are_not_numbers_are_refused():
     from uad.errors import ConfigError
-    from uad.pipelines.method.serving import infer_images
+    from uad.framework.pipelines.method.serving import infer_images
 
     with pytest.raises(ConfigError, match=r"infer.image_threshold: 'abc' is not a number"):
         infer_images("patchcore", pd.DataFrame(), {"backbone": "tf_efficientnet_lite0", "weights": "bundled", "layers": [2, 3],
@@ -202,7 +202,7 @@ def test_a_wrong_checkpoint_gives_one_short_error_naming_file_and_makers():
     line naming the file, what made it and what was expected (not hundreds of missing keys)."""
     from uad.errors import CheckpointMismatchError
     from uad.methods.registry import build_method
-    from uad.pipelines.method.nodes import predict
+    from uad.framework.pipelines.method.nodes import predict
 
     rlr_params = dict(backbone="tf_efficientnet_lite0", weights="bundled", resize=64, crop=64, windows=[5, 3, 3])
     patchcore_ckpt = {"tensors": {"extra.memory_bank": __import__("torch").zeros(4, 8)},
@@ -262,7 +262,7 @@ def test_ingest_decodes_every_image_and_warns_about_empty_class_folders(my_data,
     """A half-written PNG fails ingest (not training, hours later), listed with every other
     problem; an empty class folder is reported, not dropped without a word."""
     from uad.data.index import DatasetValidationError
-    from uad.pipelines.ingest.nodes import build_sample_index
+    from uad.framework.pipelines.ingest.nodes import build_sample_index
 
     root = tmp_path / "parts"
     shutil.copytree(my_data, root)
@@ -287,11 +287,11 @@ def test_missing_dtd_fails_before_the_first_stage_trains(tmp_path):
     """INP-Former++ with texture_source dtd and no DTD folder: the reconstruction stage (hours at
     paper scale) must not start."""
     from uad.errors import UadError
-    from uad.pipelines.method.nodes import train_stage
+    from uad.framework.pipelines.method.nodes import train_stage
 
     root = tmp_path / "d"
     ensure_synthetic_dataset(root, seed=0, classes=["wood"], n_train=2, n_test_good=1, n_test_bad_per_defect=1)
-    from uad.pipelines.ingest.nodes import build_sample_index
+    from uad.framework.pipelines.ingest.nodes import build_sample_index
 
     index = build_sample_index({"root": str(root), "layout": "mvtec"})
     train = index[index["split"] == "train"]
@@ -309,8 +309,8 @@ def test_training_key_follows_contents_not_paths(tmp_path, monkeypatch, caplog):
     import numpy as np
     from PIL import Image
 
-    from uad.pipelines.ingest.nodes import build_sample_index
-    from uad.pipelines.method.nodes import train_stage
+    from uad.framework.pipelines.ingest.nodes import build_sample_index
+    from uad.framework.pipelines.method.nodes import train_stage
 
     params = dict(backbone="tf_efficientnet_lite0", weights="bundled", resize=64, crop=64, windows=[5, 3, 3],
                   iterations=2, batch_size=2)
@@ -351,7 +351,7 @@ def test_a_from_nodes_run_after_an_in_memory_output_is_one_error_line_naming_whe
     """``--from-nodes=costfilter_patchcore.synthesis`` skips ``compose_params`` (kept in memory):
     Kedro's ValueError becomes one line that says which node to start from (that start was tried:
     it runs)."""
-    from uad.cli import _user_error
+    from uad.framework.cli import _user_error
 
     kedro_error = ValueError("Pipeline input(s) {'costfilter_patchcore.method_params'} not found in the "
                              "DataCatalogWithCatalogCommandsMixin")

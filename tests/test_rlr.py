@@ -287,8 +287,8 @@ def test_state_round_trip_gives_identical_predictions(method):
 def test_one_class_setting_trains_one_model_per_class(tmp_path):
     """The shared settings reach RLR: one_class trains a model per class into one checkpoint."""
     from uad.data.synthetic import ensure_synthetic_dataset
-    from uad.pipelines.ingest.nodes import build_sample_index
-    from uad.pipelines.method.nodes import train_stage
+    from uad.framework.pipelines.ingest.nodes import build_sample_index
+    from uad.framework.pipelines.method.nodes import train_stage
 
     root = tmp_path / "d"
     ensure_synthetic_dataset(root, seed=0, classes=["wood", "fabric"], n_train=2, n_test_good=1, n_test_bad_per_defect=1)

@@ -258,7 +258,7 @@ def test_host_results_equal_the_plain_copy():
 def test_uint8_batches_train_and_score_exactly_as_float_batches(small, synthetic_root, tmp_path):
     from uad.data.layouts import scan_dataset
     from uad.data.torch_data import AnomalyImageDataset
-    from uad.pipelines.method.nodes import score_dataset
+    from uad.engine.scoring import score_dataset
 
     df = scan_dataset(synthetic_root, layout="mvtec")
     train = df[df["split"] == "train"].head(4).reset_index(drop=True)

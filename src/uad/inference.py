@@ -1,7 +1,8 @@
 """Score whole images with a trained model: the one inference path of the project.
 
 :class:`Inferencer` is what the ``infer`` pipeline's node, the notebooks and the MLflow model
-(:mod:`uad.mlflow_model`) all call::
+(:mod:`uad.framework.mlflow_model`) all call; its forward inputs go through the one scoring
+loop's :func:`uad.engine.scoring.forward`::
 
     from uad import Inferencer
 
@@ -32,8 +33,8 @@ Maps are returned at each input image's own height and width (bilinear from the 
 Decisions apply the stored thresholds (``score >= image threshold``); a non-finite score is an
 ``error``, never a verdict.
 
-Core library: torch / numpy / PIL only; ``from_catalog`` imports Kedro and ``from_mlflow`` MLflow
-when called, nothing at import.
+Core library: torch / numpy / PIL only (``from_catalog`` reads the catalog's folders; a logged MLflow
+model is opened by :func:`uad.framework.mlflow_model.inferencer_from_mlflow`).
 """
 
 from __future__ import annotations
@@ -284,7 +285,7 @@ def _decode(item: Any, index: int) -> tuple[str, np.ndarray]:
 class Inferencer:
     """A trained method with its thresholds, scoring images of any size (see the module docstring).
 
-    Build it with :meth:`from_checkpoint`, :meth:`from_catalog` or :meth:`from_mlflow`; or directly
+    Build it with :meth:`from_checkpoint`, :meth:`from_catalog` or :meth:`from_model_folder`; or directly
     from a loaded ``method`` (the ``infer`` node does: the catalog already loaded the checkpoint).
 
     ``image_threshold`` / ``pixel_threshold`` override the stored ones. ``device``: ``auto``
@@ -334,7 +335,7 @@ class Inferencer:
                     raise ConfigError(f"infer.{key}_threshold: {val!r} is not a number") from None
         self.class_id: int | None = None
         self.vocab = sorted(classes)
-        self.wants_class = bool(getattr(method, "wants_class_ids", False))
+        self.wants_class = bool(method.wants_class_ids)
         if self.wants_class and class_name is not None:
             if class_name not in self.vocab:
                 raise ConfigError(f"infer.class_name {class_name!r} is not a class of the model "
@@ -389,16 +390,15 @@ class Inferencer:
         return cls.from_checkpoint(ckpt, thr, class_name=class_name, **options)
 
     @classmethod
-    def from_mlflow(cls, model_uri: str, **options: Any) -> "Inferencer":
-        """From a model logged by the ``export`` pipeline (``models:/uad-<method>/<version>`` or
-        ``runs:/<id>/model``): its checkpoint and thresholds artifacts."""
-        import mlflow
-
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri))
+    def from_model_folder(cls, folder: str | os.PathLike, **options: Any) -> "Inferencer":
+        """From a model folder written by the ``export`` pipeline (the MLflow model's files, once
+        downloaded: ``artifacts/<checkpoint>.safetensors``, ``thresholds.json``, ``inference.json``).
+        :func:`uad.framework.mlflow_model.inferencer_from_mlflow` downloads one by its MLflow URI."""
+        local = Path(folder)
         arts = local / "artifacts"
         ckpt = next(iter(sorted(arts.glob("*.safetensors"))), None) if arts.is_dir() else None
         if ckpt is None:
-            raise ConfigError(f"{model_uri} holds no checkpoint artifact: it was not logged by this project's export pipeline")
+            raise ConfigError(f"{local} holds no checkpoint artifact: it was not written by this project's export pipeline")
         thr = arts / "thresholds.json"
         settings = json.loads((arts / "inference.json").read_text()) if (arts / "inference.json").is_file() else {}
         return cls.from_checkpoint(ckpt, thr if thr.is_file() else None, **{**settings, **options})
@@ -428,12 +428,12 @@ class Inferencer:
 
     @torch.no_grad()
     def _forward(self, batch: list[torch.Tensor], class_ids: list[int] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        x = torch.stack(batch).to(self.device, non_blocking=True).float().div_(255.0)
-        x = (x - self._mean.to(self.device)) / self._std.to(self.device)
-        if self.wants_class:
-            out = self.method.predict(x, class_ids=torch.tensor(class_ids, dtype=torch.long, device=self.device))
-        else:
-            out = self.method.predict(x)
+        from uad.engine.scoring import forward, normalise_uint8
+
+        x = normalise_uint8(torch.stack(batch).to(self.device, non_blocking=True), self._mean.to(self.device),
+                            self._std.to(self.device))
+        ids = torch.tensor(class_ids, dtype=torch.long, device=self.device) if self.wants_class else None
+        out = forward(self.method, x, ids)
         maps = out.maps.float().cpu().numpy()
         return out.scores.float().cpu().numpy(), list(maps)
 

@@ -14,6 +14,9 @@ from typing import Any, Mapping
 
 from uad.errors import ConfigError
 
+#: a run-tags entry ``"param:<key>"`` is a parameter of the run (the Kedro layer logs it to MLflow as ``<key>``)
+PARAM_PREFIX = "param:"
+
 _WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a text value"}
 
 

@@ -1,7 +1,9 @@
-"""Project pipelines. Every method pipeline is the shared template under the method's namespace.
+"""Project pipelines (Kedro's entry point; thin). Every method pipeline is the shared template under
+the method's namespace, one per declared method and one per plug-in pairing
+(:mod:`uad.methods.declaration`: no list of methods is kept here).
 
-Building them imports no node code (``uad.pipelines.lazy``): torch, timm and the methods are
-imported by the first node that needs them, so ``kedro registry list`` and the ingest pipeline
+Building them imports no node code (``uad.framework.pipelines.lazy``): torch, timm and the methods
+are imported by the first node that needs them, so ``kedro registry list`` and the ingest pipeline
 start without them.
 """
 
@@ -9,40 +11,42 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from uad.methods.registry import pipeline_shape
-from uad.pipelines import benchmark, ingest, method, synthesis
+from uad.framework.pipelines import benchmark, ingest, method, synthesis
+from uad.methods.declaration import base_methods, declarations, plugin_namespace, plugins
 
-#: methods with a Kedro pipeline (name == registry name == namespace == parameters key)
-METHODS = ("patchcore", "dinomaly", "inpformer", "rlr", "agpnet")
-#: CostFilter-AD over each trained base: pipeline / namespace / parameters key costfilter_<base>
-COSTFILTER_BASES = METHODS
+#: the pipeline ``kedro run`` runs without ``--pipeline``
+DEFAULT_PIPELINE = "patchcore"
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     ing = ingest.create_pipeline()
     pipes: dict[str, Pipeline] = {"ingest": ing, "synthesis": ing + synthesis.create_pipeline()}
-    for name in METHODS:
+    methods = base_methods()
+    for name in methods:
         pipes[name] = ing + method.create_pipeline(name)
-    pipes["features"] = ing + sum((method.features_pipeline(m) for m in METHODS if pipeline_shape(m).feature_cache),
+    pipes["features"] = ing + sum((method.features_pipeline(m) for m in methods if declarations()[m].features_stage),
                                   Pipeline([]))
-    pipes["evaluate"] = sum((method.evaluation_pipeline(m) for m in METHODS), Pipeline([]))
+    pipes["evaluate"] = sum((method.evaluation_pipeline(m) for m in methods), Pipeline([]))
     # use a trained model: kedro run --pipeline=infer --namespaces=<method> (or infer_<method>)
-    pipes["infer"] = sum((method.infer_pipeline(m) for m in METHODS), Pipeline([]))
-    pipes["export"] = sum((method.export_pipeline(m) for m in METHODS), Pipeline([]))
-    for m in METHODS:
+    pipes["infer"] = sum((method.infer_pipeline(m) for m in methods), Pipeline([]))
+    pipes["export"] = sum((method.export_pipeline(m) for m in methods), Pipeline([]))
+    for m in methods:
         pipes[f"infer_{m}"] = method.infer_pipeline(m)
         pipes[f"export_{m}"] = method.export_pipeline(m)
-    # CostFilter-AD over a trained base (kedro run --pipeline=<base> first): costfilter_<base>
-    for b in COSTFILTER_BASES:
-        ns = method.plugin_namespace("costfilter", b)
-        pipes[ns] = ing + method.create_pipeline("costfilter", base=b)
-        pipes[f"infer_{ns}"] = method.infer_pipeline("costfilter", base=b)
-        pipes[f"export_{ns}"] = method.export_pipeline("costfilter", base=b)
-        pipes["infer"] += pipes[f"infer_{ns}"]
-        pipes["export"] += pipes[f"export_{ns}"]
-        pipes["evaluate"] += method.evaluation_pipeline(ns)
-    pipes["costfilter"] = pipes["costfilter_dinomaly"]  # the released code's base
+    # a plug-in over each trained base it reads (kedro run --pipeline=<base> first): <plugin>_<base>
+    for plugin, bases in plugins().items():
+        for b in bases:
+            ns = plugin_namespace(plugin, b)
+            pipes[ns] = ing + method.create_pipeline(plugin, base=b)
+            pipes[f"infer_{ns}"] = method.infer_pipeline(plugin, base=b)
+            pipes[f"export_{ns}"] = method.export_pipeline(plugin, base=b)
+            pipes["infer"] += pipes[f"infer_{ns}"]
+            pipes["export"] += pipes[f"export_{ns}"]
+            pipes["evaluate"] += method.evaluation_pipeline(ns)
+        default = declarations()[plugin].default_base
+        if default in bases:
+            pipes[plugin] = pipes[plugin_namespace(plugin, default)]  # --pipeline=costfilter: its default base
     # the papers' main table: each method of params:benchmark as a child run, compared side by side
     pipes["benchmark"] = benchmark.create_pipeline()
-    pipes["__default__"] = pipes["patchcore"]
+    pipes["__default__"] = pipes[DEFAULT_PIPELINE]
     return pipes

@@ -1,4 +1,4 @@
-"""Kedro project settings (Kedro layer).
+"""Kedro project settings (Kedro's entry point; the hooks live in :mod:`uad.framework.hooks`).
 
 Telemetry: kedro-telemetry is switched off for this project by the committed ``.telemetry``
 file (``consent: false``) and its project hooks are disabled here, so Kedro never prompts and
@@ -12,16 +12,16 @@ from omegaconf.resolvers import oc
 
 from kedro.config import OmegaConfigLoader
 
-from uad.hooks import (
+from uad.framework.hooks import (
     DEFAULT_RUN_ENV,
+    LazyTrackingHook,
     NodeTimesHook,
     ProjectLockHook,
     RankZeroWritesHook,
     RunSummaryHook,
     RunTagsHook,
-    block_disabled_plugin_hooks,
 )
-from uad.lazy_tracking import LazyTrackingHook
+from uad.framework.kedro_internals import block_disabled_plugin_hooks
 
 # OmegaConf 2.4 deprecates the resolver API that Kedro and kedro-mlflow still call; the warning is
 # theirs to fix and only buries the run's own log lines.
@@ -63,7 +63,7 @@ def _plain_logs_off_terminal() -> None:
 _plain_logs_off_terminal()
 
 # pluggy calls hooks registered later first: the node times, then the summary, are the last lines
-# LazyTrackingHook loads uad.tracking.TrackingHook, kedro-mlflow's hook with readable run names,
+# LazyTrackingHook loads uad.framework.hooks.tracking.TrackingHook, kedro-mlflow's hook with readable run names,
 # per-dataset experiments and un-namespaced parameters, for tracked runs only (no mlflow import
 # otherwise); the plug-in's own instance is disabled for it (uad.cli: without importing it).
 block_disabled_plugin_hooks()  # DISABLE_HOOKS_FOR_PLUGINS below: blocked, never imported

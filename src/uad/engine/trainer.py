@@ -301,7 +301,9 @@ class Trainer:
         iterations = int(cfg.iterations or setup.iterations)
         # A schedule built for the method's own budget is rebuilt by the method when the engine
         # overrides iterations: methods read ``trainer_iterations`` through this hook.
-        if cfg.iterations and hasattr(method, "rescale_schedule"):
+        from uad.methods.capabilities import RescalableSchedule
+
+        if cfg.iterations and isinstance(method, RescalableSchedule):
             setup = method.rescale_schedule(setup, iterations)
         params = setup.parameters or [p for m in method.trainable_modules().values() for p in m.parameters() if p.requires_grad]
 

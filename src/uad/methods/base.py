@@ -3,7 +3,7 @@
 A method is a plain object (no Kedro, no MLflow) built from a name and a parameter dict by
 :func:`uad.methods.registry.build_method`. The shared training engine
 (:class:`uad.engine.trainer.Trainer`) drives its optimisation loop; the Kedro template pipeline
-(``uad.pipelines.method``) only calls the methods below, so every method runs through the same
+(``uad.framework.pipelines.method``) only calls the methods below, so every method runs through the same
 train -> predict -> evaluate nodes.
 
 Lifecycle::
@@ -89,18 +89,31 @@ class AnomalyMethod(abc.ABC):
 
     name: str = "base"
     stages: tuple[str, ...] = ("train",)
-    #: True when the method is fit in one pass from frozen-encoder features that training never
-    #: perturbs, and implements ``features(images)`` and ``fit_from_features(features)``: the
-    #: ``features`` pipeline then computes them once and caches them through the catalog.
-    cacheable_features: bool = False
     #: True when every use of the frozen ``encoder`` runs under :meth:`autocast`: its Linear / Conv
     #: weights are then held in the autocast dtype once (:func:`uad.engine.speed.hold_frozen_weights`)
     #: instead of being cast at every call; same output, bit for bit.
     hold_frozen_encoder: bool = False
 
+    #: True when :meth:`predict` reads each image's class id (``predict(images, class_ids=...)``)
+    wants_class_ids: bool = False
+
+    @classmethod
+    def declaration(cls):
+        """This method's :class:`~uad.methods.declaration.MethodDeclaration` (its folder's
+        ``declaration.py``); a class registered at run time without one (a test's) is declared as
+        its class attributes say: no features stage, no pseudo anomalies, no base."""
+        from .declaration import MethodDeclaration, declarations
+
+        found = declarations().get(cls.name)
+        if found is not None:
+            return found
+        return MethodDeclaration.undeclared(cls.name, cls.__module__, tuple(cls.stages))
+
     @classmethod
     def uses_feature_cache(cls) -> bool:
-        return bool(cls.cacheable_features) and hasattr(cls, "features") and hasattr(cls, "fit_from_features")
+        """A features stage caches frozen-encoder features that :meth:`fit_from_features` fits from
+        (declared ``features_stage``; the class is a :class:`~uad.methods.capabilities.FeatureFitting`)."""
+        return bool(cls.declaration().features_stage)
 
     def __init__(self, params: Mapping[str, Any] | None = None):
         self.params = dict(params or {})
@@ -210,19 +223,19 @@ class AnomalyMethod(abc.ABC):
 
     @classmethod
     def wants_synthesis(cls, stage: str) -> bool:
-        """True when ``stage`` trains on pseudo anomalies from the synthesis stage."""
-        return False
+        """True when ``stage`` trains on pseudo anomalies from the synthesis stage (declared)."""
+        return stage in cls.declaration().synthesis
 
     @classmethod
     def synthesis_stages(cls) -> dict[str, str]:
-        """``{stage: recipe}`` of the stages that learn from pseudo anomalies (empty: none)."""
-        return {s: cls.synthesis_recipe(s) for s in cls.stages if cls.wants_synthesis(s)}
+        """``{stage: recipe}`` of the stages that learn from pseudo anomalies (empty: none), as declared."""
+        return cls.declaration().synthesis_stages()
 
     @classmethod
     def synthesis_recipe(cls, stage: str) -> str:
         """The pseudo-anomaly recipe the method's paper trains ``stage`` with
-        (:data:`uad.synthesis.RECIPES`); ``synthesis.recipe`` in the parameters overrides it."""
-        return "draem"
+        (:data:`uad.synthesis.RECIPES`, declared); ``synthesis.recipe`` in the parameters overrides it."""
+        return cls.declaration().synthesis.get(stage, "draem")
 
     def fit_stage(self, stage: str, loader: Iterable, trainer: Any) -> dict[str, float]:
         """Fit one stage. Default: hand the loop to the shared engine."""

@@ -1,7 +1,9 @@
 """Method registry: build any method from a name and a parameter dict (timm's factory idea).
 
-Methods register themselves with :func:`register`; :func:`build_method` imports the method's
-module lazily, so importing the registry stays cheap.
+What methods exist is read from their declarations (:mod:`uad.methods.declaration`: one
+``declaration.py`` per method folder, or an installed package's ``uad.methods`` entry point);
+:func:`method_class` imports the module a declaration names, whose class registers itself with
+:func:`register`, which checks it against its declaration. Importing the registry imports no torch.
 """
 
 from __future__ import annotations
@@ -9,66 +11,56 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
-if TYPE_CHECKING:  # the registry itself stays torch-free: pipelines are built from PIPELINE_SHAPES
+from .declaration import declaration, declarations
+
+if TYPE_CHECKING:  # the registry itself stays torch-free: pipelines are built from the declarations
     from .base import AnomalyMethod
 
 _REGISTRY: dict[str, type[AnomalyMethod]] = {}
-
-# name -> module that registers it on import
-_KNOWN = {
-    "patchcore": "uad.methods.patchcore.method",
-    "dinomaly": "uad.methods.dinomaly.method",
-    "inpformer": "uad.methods.inpformer.method",
-    "rlr": "uad.methods.rlr.method",
-    "agpnet": "uad.methods.agpnet.method",
-    "costfilter": "uad.methods.costfilter.method",
-}
 
 
 class PipelineShape(NamedTuple):
     """What the Kedro template needs to lay out a method's nodes, known without importing it."""
 
-    stages: tuple[str, ...]  #: ``AnomalyMethod.stages``: one ``train_<stage>`` node each
-    feature_cache: bool  #: ``AnomalyMethod.uses_feature_cache()``: a ``features`` node first
-    synthesis: bool = False  #: a stage learns from pseudo anomalies (``wants_synthesis``): a ``synthesis`` node first
+    stages: tuple[str, ...]  #: one ``train_<stage>`` node each
+    feature_cache: bool  #: a ``features`` node first
+    synthesis: bool = False  #: a stage learns from pseudo anomalies: a ``synthesis`` node first
 
 
-#: name -> shape; tests/test_pipelines.py checks each entry against the imported class
-PIPELINE_SHAPES = {
-    "patchcore": PipelineShape(("fit",), True),
-    "dinomaly": PipelineShape(("train",), False),
-    "inpformer": PipelineShape(("reconstruction", "residual"), False, True),
-    "rlr": PipelineShape(("train",), False),
-    "agpnet": PipelineShape(("train",), False),
-    "costfilter": PipelineShape(("filter",), False, True),
-}
-
-
-#: plug-in -> bases it reads frozen features of without perturbation (a features stage in its DAG);
-#: tests/test_startup.py checks it against ``caches_features_over`` of the class
-PLUGIN_FEATURE_BASES = {"costfilter": ("patchcore",)}
+def pipeline_shape(name: str) -> PipelineShape:
+    """The stages, features and synthesis stages of method ``name`` (from its declaration)."""
+    d = declaration(name)
+    return PipelineShape(tuple(d.stages), bool(d.features_stage), bool(d.synthesis))
 
 
 def plugin_feature_cache(name: str, base: str) -> bool:
     """True when plug-in ``name`` over ``base`` has a features stage (no import of either)."""
-    if name in PLUGIN_FEATURE_BASES:
-        return base in PLUGIN_FEATURE_BASES[name]
-    cls = method_class(name)
-    return bool(getattr(cls, "caches_features_over", lambda b: False)(base))
+    return declaration(name).features_over(declaration(base))
 
 
-def pipeline_shape(name: str) -> PipelineShape:
-    """The stages and feature caching of method ``name`` (no import of the method, nor of torch)."""
-    if name in PIPELINE_SHAPES:
-        return PIPELINE_SHAPES[name]
-    cls = method_class(name)  # a method registered at run time: ask the class
-    return PipelineShape(tuple(cls.stages), cls.uses_feature_cache(), bool(cls.synthesis_stages()))
+def _check_against_declaration(name: str, cls: type) -> None:
+    from .capabilities import FeatureFitting, ReferencePool
+
+    d = declarations().get(name)
+    if d is None:
+        return  # registered at run time without a declaration (a test's throw-away class)
+    problems = []
+    if tuple(cls.stages) != tuple(d.stages):
+        problems.append(f"stages {tuple(cls.stages)} != declared {tuple(d.stages)}")
+    if d.features_stage and not issubclass(cls, FeatureFitting):
+        problems.append("declares a features stage but is not a FeatureFitting")
+    if d.plugin_features_over and not issubclass(cls, ReferencePool):
+        problems.append("declares a features stage over bases but is not a ReferencePool")
+    if problems:
+        raise TypeError(f"method {name!r} ({cls.__module__}.{cls.__qualname__}) disagrees with its declaration "
+                        f"({d.module.rsplit('.', 1)[0]}.declaration): " + "; ".join(problems))
 
 
 def register(name: str) -> Callable[[type[AnomalyMethod]], type[AnomalyMethod]]:
     def deco(cls: type[AnomalyMethod]) -> type[AnomalyMethod]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise ValueError(f"method {name!r} registered twice")
+        _check_against_declaration(name, cls)
         cls.name = name
         _REGISTRY[name] = cls
         return cls
@@ -77,14 +69,18 @@ def register(name: str) -> Callable[[type[AnomalyMethod]], type[AnomalyMethod]]:
 
 
 def available_methods() -> list[str]:
-    return sorted(set(_KNOWN) | set(_REGISTRY))
+    return sorted(set(declarations()) | set(_REGISTRY))
 
 
 def method_class(name: str) -> type[AnomalyMethod]:
     if name not in _REGISTRY:
-        if name not in _KNOWN:
+        decls = declarations()
+        if name not in decls:
             raise KeyError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
-        importlib.import_module(_KNOWN[name])
+        importlib.import_module(decls[name].module)
+        if name not in _REGISTRY:
+            raise KeyError(f"method {name!r}: importing {decls[name].module} registered no class "
+                           f"(decorate it with @register({name!r}))")
     return _REGISTRY[name]
 
 

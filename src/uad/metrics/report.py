@@ -20,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-__all__ = ["CASE_KINDS", "pick_cases", "map_scale", "case_png", "case_grid", "colour_scale_png", "html_report"]
+__all__ = ["CASE_KINDS", "pick_cases", "map_scale", "case_png", "case_grid", "colour_scale_png", "html_report",
+           "run_title", "build_report"]
 
 #: kind -> (label, colour) of the case tiles
 CASE_KINDS = {
@@ -233,3 +234,91 @@ def html_report(title: str, facts: Sequence[tuple[str, str]], table: Any, figure
         parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------ the run's report
+def run_title(method_name: str, data: dict | None, run_id: str = "") -> tuple[str, list[tuple[str, str]]]:
+    """``<method> · <dataset> · <setting> · run <id>`` and the facts the report lists."""
+    from uad.data.sources import dataset_name
+
+    data = data or {}
+    dataset = dataset_name(data).replace("+", ", ")
+    setting = str(data.get("setting", "multi_class"))
+    title = " · ".join([method_name, dataset, setting] + ([f"run {run_id[:8]}"] if run_id else []))
+    facts = [("method", method_name), ("dataset", dataset), ("setting", setting)]
+    if run_id:
+        facts.append(("MLflow run", run_id))
+    return title, facts
+
+
+def build_report(method_name: str, predictions: dict[str, np.ndarray], metrics_table: Any, reporting: dict,
+                 thresholds: dict | None = None, data: dict | None = None,
+                 run_id: str = "") -> tuple[bytes, bytes, bytes, str]:
+    """The evaluation's pictures and page: the cases at the stored threshold per class (worst
+    false alarm, worst miss, a detection, a normal image; :mod:`uad.metrics.report`), ROC / PR
+    curves computed exactly as the metrics table, the per-class chart, and one self-contained
+    HTML page with all of it and the per-class table; every title names method, dataset,
+    setting and run."""
+    from .plots import figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
+
+    title, facts = run_title(method_name, data, run_id)
+    thresholds = thresholds or {}
+    per_kind = int(reporting.get("overlays_per_class", 2))
+    labels, scores = predictions["labels"], predictions["scores"]
+    classes = predictions["class_names"]
+    thr = float(thresholds["image"]) if thresholds.get("image") is not None else float(np.median(scores))
+    px = float(thresholds["pixel"]) if thresholds.get("pixel") is not None else None
+    crop = predictions["maps"].shape[-1]
+    resize = int(predictions["input_resize"]) if "input_resize" in predictions else crop
+    cache: dict[int, np.ndarray] = {}
+
+    def display(i: int) -> np.ndarray:
+        if i not in cache:
+            cache[i] = _display_image(predictions["image_paths"][i], resize, crop)
+        return cache[i]
+
+    cases = pick_cases(labels, scores, classes, thr, per_kind=max(1, per_kind))
+    maps = predictions["maps"]
+    masks = predictions["masks"].astype(bool)
+    scale = map_scale(maps, px)
+    overlay = case_grid(cases, display, maps, masks, scores, thr, px, title, scale)
+    curves = roc_pr_curves(labels, scores, masks, maps, classes, title=title)
+    table = metrics_table.set_index("class_name")
+    bars = per_class_bar_chart(table, title=title)
+    overlay_png, curves_png, bars_png = figure_to_png_bytes(overlay), figure_to_png_bytes(curves), figure_to_png_bytes(bars)
+    pngs, captions = {}, {}
+    for kinds in cases.values():
+        for idx in kinds.values():
+            for i in idx:
+                if i not in pngs:
+                    pngs[i] = case_png(display(i), maps[i].astype(np.float32), masks[i], scale, px)
+                    captions[i] = (f"score {float(scores[i]):.4g} · {predictions['defect_types'][i]} · "
+                                   f"{_short_path(predictions['image_paths'][i])}")
+    facts += [("image threshold", f"{thr:.6g} ({thresholds.get('image_source', 'median of the scores: none stored')})"),
+              ("pixel threshold", f"{px:.6g} ({thresholds.get('pixel_source', '')})" if px is not None else "none"),
+              ("test images", f"{len(scores)} ({int(np.sum(labels))} defective)")]
+    notes = ["Metrics: the papers' protocol (resize, centre crop). Curves: every pixel, as the table."]
+    full = thresholds.get("full") if isinstance(thresholds.get("full"), dict) else None
+    if full and full.get("image") is not None:
+        notes.append(f"infer scores the whole frame; its thresholds, set on the test split scored that way: image "
+                     f"{float(full['image']):.6g}" + (f", pixel {float(full['pixel']):.6g}" if full.get("pixel") is not None else ""))
+    page = html_report(title, facts, metrics_table, [("Cases per class", overlay_png), ("ROC and PR curves", curves_png),
+                                                     ("Metrics per class", bars_png)],
+                       cases, pngs, captions, colour_scale_png(scale, px), notes)
+    return overlay_png, curves_png, bars_png, page
+
+
+def _short_path(path: str, keep: int = 3) -> str:
+    parts = str(path).replace("\\", "/").split("/")
+    return "/".join(parts[-keep:])
+
+
+def _display_image(path: str, resize: int, crop: int) -> np.ndarray:
+    """The test image as the model saw it (square resize, then centre crop) for overlays."""
+    from PIL import Image
+
+    from uad.data.images import load_image
+
+    img = np.asarray(Image.fromarray(load_image(path)).resize((resize, resize), Image.BILINEAR))
+    top = (resize - crop) // 2
+    return img[top:top + crop, top:top + crop]

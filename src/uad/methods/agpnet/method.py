@@ -33,6 +33,7 @@ from torch import nn
 from uad.errors import ConfigError
 
 from ..base import AnomalyMethod, OptimSetup, Prediction
+from ..capabilities import Reconstruction, RescalableSchedule
 from ..common.ema import MeanTeacher
 from ..common.features import local_average, to_common_grid
 from ..registry import register
@@ -56,7 +57,7 @@ __all__ = ["AGPNet"]
 
 
 @register("agpnet")
-class AGPNet(AnomalyMethod):
+class AGPNet(AnomalyMethod, Reconstruction, RescalableSchedule):
     """Attention-guided perturbation of frozen features; see the module docstring."""
 
     stages = ("train",)

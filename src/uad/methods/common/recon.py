@@ -26,6 +26,7 @@ from torch import nn
 from uad.engine.speed import CompiledFn, CompileSpec, describe_error
 
 from ..base import AnomalyMethod, OptimSetup, Prediction, check_param_names
+from ..capabilities import GroupReconstruction, RescalableSchedule
 from .groups import resolve_groups
 from .optim import StableAdamW, WarmCosineSchedule
 from .scoring import anomaly_map_from_pairs, topk_mean_score
@@ -133,7 +134,7 @@ class ReconConfig:
         return dataclasses.asdict(self)
 
 
-class ViTReconstructionMethod(AnomalyMethod):
+class ViTReconstructionMethod(AnomalyMethod, GroupReconstruction, RescalableSchedule):
     """Frozen ViT encoder + trainable reconstruction model; see the module docstring."""
 
     config_class: ClassVar[type[ReconConfig]] = ReconConfig

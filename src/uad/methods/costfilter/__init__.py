@@ -1,14 +1,43 @@
-"""CostFilter-AD: matching-cost filtering over any trained base detector (see :mod:`.method`)."""
+"""CostFilter-AD: matching-cost filtering over any trained base detector (see :mod:`.method`).
 
-from .bases import BaseView, EmbeddingBase, FilterBase, ReconstructionBase, make_base
-from .config import PRESETS, CostFilterConfig
-from .losses import costfilter_loss, focal_gamma, focal_loss, soft_iou_loss, ssim_loss
-from .method import CostFilter
-from .network import CostFilterNet, convert_official_state_dict
-from .volume import aligned_distance_map, build_volume, cost_matrix, select_matching
+Importing this package imports no torch: ``declaration.py`` describes the method to the rest of the
+project, and the names below are loaded from their modules on first use.
+"""
 
-__all__ = [
-    "PRESETS", "BaseView", "CostFilter", "CostFilterConfig", "CostFilterNet", "EmbeddingBase", "FilterBase",
-    "ReconstructionBase", "aligned_distance_map", "build_volume", "convert_official_state_dict", "cost_matrix",
-    "costfilter_loss", "focal_gamma", "focal_loss", "make_base", "select_matching", "soft_iou_loss", "ssim_loss",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the module (relative) that defines it
+_EXPORTS = {
+    "BaseView": ".bases",
+    "EmbeddingBase": ".bases",
+    "FilterBase": ".bases",
+    "ReconstructionBase": ".bases",
+    "make_base": ".bases",
+    "PRESETS": ".config",
+    "CostFilterConfig": ".config",
+    "costfilter_loss": ".losses",
+    "focal_gamma": ".losses",
+    "focal_loss": ".losses",
+    "soft_iou_loss": ".losses",
+    "ssim_loss": ".losses",
+    "CostFilter": ".method",
+    "CostFilterNet": ".network",
+    "convert_official_state_dict": ".network",
+    "aligned_distance_map": ".volume",
+    "build_volume": ".volume",
+    "cost_matrix": ".volume",
+    "select_matching": ".volume",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

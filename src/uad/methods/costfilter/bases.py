@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from uad.errors import ConfigError
 
 from ..base import AnomalyMethod, Prediction
+from ..capabilities import GroupReconstruction, Reconstruction
 from ..common.features import local_average, to_common_grid
 from .volume import aligned_distance_map
 
@@ -110,12 +111,12 @@ class ReconstructionBase(FilterBase):
         m = self.method
         pred = None
         with torch.no_grad():
-            if hasattr(m, "reconstruct_groups"):  # Dinomaly, INP-Former++
+            if isinstance(m, GroupReconstruction):  # Dinomaly, INP-Former++
                 enc, inputs, recs = m.reconstruct_groups(images)
                 if with_prediction:
                     pred = m.prediction_from(images, enc, inputs, recs)
                 grid = tuple(enc.grid)
-            else:  # RLR (several grids), AGPNet (one)
+            elif isinstance(m, Reconstruction):  # RLR (several grids), AGPNet (one)
                 inputs, recs = m.reconstruct(images)
                 if with_prediction:
                     pred = m.prediction_from(images, inputs, recs)
@@ -123,6 +124,9 @@ class ReconstructionBase(FilterBase):
                 grid = grids[len(grids) // 2]
                 inputs = self._on_grid(inputs, grids, grid)
                 recs = self._on_grid(recs, grids, grid)
+            else:
+                raise TypeError(f"costfilter: {type(m).__name__} is declared a reconstruction base but is neither "
+                                "a GroupReconstruction nor a Reconstruction (uad.methods.capabilities)")
             inputs = [t.float() for t in inputs]
             recs = [t.float() for t in recs]
             if self.base_map == "cosine":
@@ -246,12 +250,15 @@ class EmbeddingBase(FilterBase):
         return BaseView(queries, templates, queries, grid, base_map, pred, aligned=False)
 
 
-#: bases whose templates are nearest normal images by frozen-encoder features (no reconstruction)
-EMBEDDING_BASES = ("patchcore",)
-
-
 def make_base(name: str, method: AnomalyMethod, templates: int = 3, pool: int | None = 48,
               class_identity: bool = False, base_map: str = "own") -> FilterBase:
-    if name in EMBEDDING_BASES:
+    """The adapter for base ``name``, by the base kind its declaration names: ``embedding``
+    (templates are nearest normal images by frozen-encoder features) or ``reconstruction``."""
+    from uad.methods.declaration import declaration
+
+    kind = declaration(name).base_kind
+    if kind == "embedding":
         return EmbeddingBase(method, templates, pool, class_identity, base_map)
-    return ReconstructionBase(method, base_map)
+    if kind == "reconstruction":
+        return ReconstructionBase(method, base_map)
+    raise ValueError(f"costfilter: {name!r} declares no base kind: it cannot be read as a base")

@@ -52,14 +52,20 @@ from uad.errors import ConfigError
 
 from ..base import check_param_names, parse_list_params
 
-__all__ = ["CostFilterConfig", "PRESETS", "QUERY_SIDES", "GUIDANCE_MAPS", "GAMMA_RULES", "BASES"]
+__all__ = ["CostFilterConfig", "PRESETS", "QUERY_SIDES", "GUIDANCE_MAPS", "GAMMA_RULES", "bases"]
 
 QUERY_SIDES = ("input", "template")
 GUIDANCE_MAPS = ("min", "base")
 GAMMA_RULES = ("paper", "official", "fixed")
 BASE_MAP_CHOICES = ("own", "cosine", "auto")
-#: methods that can serve as a base, and how their templates are made
-BASES = ("dinomaly", "inpformer", "rlr", "agpnet", "patchcore")
+
+
+def bases() -> tuple[str, ...]:
+    """The methods CostFilter-AD can read as a base: every declared method whose declaration names a
+    base kind this plug-in reads (:mod:`uad.methods.declaration`), so a new method joins by itself."""
+    from uad.methods.declaration import plugins
+
+    return tuple(plugins().get("costfilter", ()))
 
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": {
@@ -138,7 +144,7 @@ class CostFilterConfig:
                 setattr(self, key, value)
                 self._from_preset.add(key)
         self.betas = tuple(float(b) for b in self.betas)
-        checks = (("base", BASES), ("query_side", QUERY_SIDES), ("guidance_map", GUIDANCE_MAPS),
+        checks = (("base", bases()), ("query_side", QUERY_SIDES), ("guidance_map", GUIDANCE_MAPS),
                   ("gamma_rule", GAMMA_RULES), ("base_map", BASE_MAP_CHOICES))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:

@@ -31,6 +31,7 @@ from torch import nn
 from uad.errors import ConfigError
 
 from ..base import AnomalyMethod, OptimSetup, Prediction
+from ..capabilities import ReferencePool, RescalableSchedule
 from ..common.optim import EpochPlateau
 from ..registry import build_method, register
 from .bases import BaseView, EmbeddingBase, make_base
@@ -43,7 +44,7 @@ __all__ = ["CostFilter"]
 
 
 @register("costfilter")
-class CostFilter(AnomalyMethod):
+class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
     config_class = CostFilterConfig
     stages = ("filter",)
 
@@ -85,18 +86,6 @@ class CostFilter(AnomalyMethod):
         self.base_method.to(self.device, self.autocast_dtype)
         self.base_method.eval_mode()
 
-    @classmethod
-    def wants_synthesis(cls, stage: str) -> bool:
-        return True
-
-    @classmethod
-    def caches_features_over(cls, base: str) -> bool:
-        """Over an embedding base (PatchCore) the filter reads frozen-encoder features of clean
-        normal images, the reference pool: the pipeline computes them in its features stage."""
-        from .bases import EMBEDDING_BASES
-
-        return base in EMBEDDING_BASES
-
     def extract_train_features(self, dataset: Any) -> dict[str, torch.Tensor]:
         """The features stage over an embedding base: the reference pool (clean crops, their global
         features, classes, rows) chosen from ``dataset`` with the filter's seed, exactly as
@@ -108,11 +97,6 @@ class CostFilter(AnomalyMethod):
 
     def load_train_features(self, tensors: Mapping[str, torch.Tensor]) -> None:
         self.base.load_state({k[len("ref."):]: v for k, v in tensors.items() if k.startswith("ref.")})
-
-    @classmethod
-    def synthesis_recipe(cls, stage: str) -> str:
-        """CostFilter-AD trains on GLAD's pseudo anomalies (the released code's recipe)."""
-        return "glad"
 
     # --- shapes ----------------------------------------------------------------------------------
     def _probe(self) -> BaseView:

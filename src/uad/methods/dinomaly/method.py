@@ -27,9 +27,8 @@ __all__ = ["Dinomaly"]
 class Dinomaly(ViTReconstructionMethod):
     config_class = DinomalyConfig
     stages = ("train",)
-    # Training is iterative (not one pass over cached features), so the ``features`` pipeline
-    # does not apply; caching 8 layers of tokens per image would cost more disk than it saves.
-    cacheable_features = False
+    # Training is iterative (not one pass over cached features), so it declares no features stage;
+    # caching 8 layers of tokens per image would cost more disk than it saves.
     cfg: DinomalyConfig
 
     def __init__(self, params: Mapping[str, Any] | None = None):

@@ -1,17 +1,33 @@
 """INP-Former++ (Luo et al.): intrinsic normal prototypes + residual learning for universal
-anomaly detection."""
+anomaly detection.
 
-from .config import INPFormerConfig
-from .method import INPFormer
-from .model import INPExtractor, INPFormerModel, INPGuidedAttention, INPGuidedDecoderBlock, SegmentationHead, residual_features
+Importing this package imports no torch: ``declaration.py`` describes the method to the rest of the
+project, and the names below are loaded from their modules on first use.
+"""
 
-__all__ = [
-    "INPExtractor",
-    "INPFormer",
-    "INPFormerConfig",
-    "INPFormerModel",
-    "INPGuidedAttention",
-    "INPGuidedDecoderBlock",
-    "SegmentationHead",
-    "residual_features",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: public name -> the module (relative) that defines it
+_EXPORTS = {
+    "INPFormerConfig": ".config",
+    "INPFormer": ".method",
+    "INPExtractor": ".model",
+    "INPFormerModel": ".model",
+    "INPGuidedAttention": ".model",
+    "INPGuidedDecoderBlock": ".model",
+    "SegmentationHead": ".model",
+    "residual_features": ".model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -76,13 +76,6 @@ class INPFormer(ViTReconstructionMethod):
             seg_channels=cfg.seg_channels if cfg.residual_learning else None,
         )
 
-    @classmethod
-    def wants_synthesis(cls, stage: str) -> bool:
-        """True for the stage whose batches must hold pseudo anomalies (``image`` + ``mask``):
-        ``"residual"``. The reconstruction stage trains on normal images only (the paper avoids
-        pseudo anomalies there on purpose)."""
-        return stage == "residual"
-
     def _check_stage(self, stage: str) -> None:
         if stage not in self.stages:
             raise ValueError(f"inpformer has no stage {stage!r}; stages: {self.stages}")

@@ -1,17 +1,31 @@
-"""PatchCore (Roth et al., CVPR 2022): the memory-bank baseline. See README.md."""
+"""PatchCore (Roth et al., CVPR 2022): the memory-bank baseline. See README.md.
 
-from .config import PatchCoreConfig
-from .model import aggregate_patches, greedy_coreset, nearest_neighbors, reweighted_image_score, smooth_maps
+Importing this package imports no torch: ``declaration.py`` describes the method to the rest of the
+project, and the names below are loaded from their modules on first use.
+"""
 
-__all__ = [
-    "PatchCoreConfig",
-    "aggregate_patches",
-    "greedy_coreset",
-    "nearest_neighbors",
-    "reweighted_image_score",
-    "smooth_maps",
-]
+from __future__ import annotations
 
-from .method import PatchCore  # noqa: E402  (registers "patchcore")
+import importlib
+from typing import Any
 
-__all__ += ["PatchCore"]
+#: public name -> the module (relative) that defines it
+_EXPORTS = {
+    "PatchCoreConfig": ".config",
+    "aggregate_patches": ".model",
+    "greedy_coreset": ".model",
+    "nearest_neighbors": ".model",
+    "reweighted_image_score": ".model",
+    "smooth_maps": ".model",
+    "PatchCore": ".method",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

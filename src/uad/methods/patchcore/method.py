@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..base import AnomalyMethod, Prediction
+from ..capabilities import FeatureFitting
 from ..registry import register
 from .config import PatchCoreConfig
 from .model import aggregate_patches, flatten_patches, greedy_coreset, nearest_neighbors, reweighted_image_score, smooth_maps
@@ -30,14 +31,12 @@ log = logging.getLogger("uad.methods.patchcore")
 
 
 @register("patchcore")
-class PatchCore(AnomalyMethod):
+class PatchCore(AnomalyMethod, FeatureFitting):
     """Memory-bank anomaly detection on frozen CNN patch features (no gradient training)."""
 
     config_class = PatchCoreConfig
 
-    stages = ("fit",)
-    # the encoder is frozen and training sees no augmentation: features may be cached
-    cacheable_features = True
+    stages = ("fit",)  # the encoder is frozen and training sees no augmentation: a features stage (declared)
 
     def __init__(self, params: Mapping[str, Any] | None = None):
         super().__init__(params)

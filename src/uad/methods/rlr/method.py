@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..base import AnomalyMethod, OptimSetup, Prediction
+from ..capabilities import Reconstruction
 from ..common.scoring import gaussian_blur
 from ..registry import register
 from .config import RLRConfig
@@ -29,7 +30,7 @@ __all__ = ["RLR"]
 
 
 @register("rlr")
-class RLR(AnomalyMethod):
+class RLR(AnomalyMethod, Reconstruction):
     """Reconstruct frozen CNN features from a learnable reference; see the module docstring."""
 
     stages = ("train",)

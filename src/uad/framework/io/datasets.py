@@ -308,7 +308,7 @@ class OnnxModelDataset(_LocalVersionedDataset):
 
 
 class ServedModelDataset(AbstractDataset):
-    """The servable MLflow model (:mod:`uad.mlflow_model`): saving logs it to the active run as a
+    """The servable MLflow model (:mod:`uad.framework.mlflow_model`): saving logs it to the active run as a
     pyfunc named ``model`` with the checkpoint, thresholds and frame settings as artifacts, and
     registers it as ``registered_model_name`` (description and tags on the version). Outside an
     MLflow run, nothing is logged (a log line says so); loading returns the last saved payload."""
@@ -333,7 +333,7 @@ class ServedModelDataset(AbstractDataset):
         if mlflow.active_run() is None:
             logging.getLogger(__name__).info("no active MLflow run: the servable model is not logged")
             return
-        from uad.mlflow_model import log_served_model
+        from uad.framework.mlflow_model import log_served_model
 
         info = log_served_model(data["checkpoint_path"], data["thresholds"], data["settings"], self._registered_model_name,
                                 data.get("description", ""), data.get("tags"))
@@ -355,7 +355,7 @@ def _active_run_id() -> str | None:
 
 
 #: a run-tags entry ``"param:<key>"`` is logged as the MLflow parameter ``<key>``
-PARAM_PREFIX = "param:"
+from uad.params import PARAM_PREFIX  # noqa: E402
 
 
 def _log_new_params(mlflow, params: dict[str, str]) -> None:

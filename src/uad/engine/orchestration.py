@@ -1,12 +1,18 @@
-"""The train -> predict -> evaluate -> report template every method shares (thin Kedro nodes).
+"""Training, feature extraction and prediction of a method over a run's index: the engine's
+orchestration, called by the Kedro nodes, the library, the benchmarks and the tests alike.
 
-Each node builds the method from its name and parameters through the registry and calls the
-core library; nothing here is specific to one method. Settings:
+- :func:`train_stage`: one stage of a method over the training index: the model groups (one model
+  for all classes, or one per class: ``one_class``, or ``few_shot`` with ``per_class``; their
+  states in one checkpoint, keys ``<class>::<name>``), data-parallel ranks when asked, the
+  setting's augmentation and the stage's pseudo anomalies chained, the resume key, the loss
+  history and the run's tags and parameters.
+- :func:`extract_features`: the features stage (frozen-encoder features of clean normals, or a
+  plug-in's reference pool).
+- :func:`predict_split`: the test split scored by the evaluation protocol (crop) through
+  :func:`uad.engine.scoring.score_dataset`, and in the full frame through
+  :class:`uad.inference.Inferencer`, the same loop ``infer`` uses.
 
-- ``multi_class`` / ``few_shot`` / ``zero_shot``: one model for all training classes;
-- ``one_class``: one model per class; their states live in one checkpoint, keys prefixed
-  ``<class>::``. ``data.per_class: true`` does the same in the ``few_shot`` setting (the per-class
-  few-shot protocol the papers' few-shot tables compare with).
+Core library: torch / numpy / pandas; no kedro, no mlflow.
 """
 
 from __future__ import annotations
@@ -22,27 +28,28 @@ import torch
 import torch.nn.functional as F
 
 from uad.data.index import content_fingerprint, index_fingerprint
-from uad.data.images import load_image
+from uad.data.sources import dataset_name
 from uad.data.torch_data import AnomalyImageDataset
-from uad.engine import EngineConfig, Trainer
-from uad.engine.speed import HostResults
+from uad.engine.scoring import score_dataset
+from uad.engine.trainer import EngineConfig, Trainer
 from uad.inference import GROUP_SEP, split_group_state
-from uad.pipelines.ingest.nodes import dataset_name
+from uad.methods.capabilities import FeatureFitting, ReferencePool
 from uad.methods.registry import build_method
-from uad.metrics import METRIC_NAMES, compute_metrics
-from uad.metrics.metrics import auroc
-from uad.io.datasets import PARAM_PREFIX
-from uad.metrics.plots import figure_to_png_bytes, per_class_bar_chart, roc_pr_curves
+from uad.params import PARAM_PREFIX
 from uad.synthesis.spec import spec_key
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ONE_CLASS", "PARAM_PREFIX", "engine_config", "flatten_params", "model_params", "checkpoint_params",
+           "per_class_models", "model_groups", "method_dataset", "synthesis_augment", "resolve_synthesis_spec",
+           "compose_plugin_params", "train_stage", "extract_features", "predict_split", "launch_ranks"]
 
 ONE_CLASS = "one_class"
 _SEP = GROUP_SEP
 
 
-# ------------------------------------------------------------------------------------ helpers
-def _engine_cfg(engine: dict | None, override: dict | None) -> EngineConfig:
+def engine_config(engine: dict | None, override: dict | None = None) -> EngineConfig:
+    """The engine settings of a run: ``engine`` with a method's ``engine_override`` over it."""
     merged = {**(engine or {}), **(override or {})}
     return EngineConfig.from_params(merged)
 
@@ -92,7 +99,7 @@ def per_class_models(setting_or_meta: dict[str, Any]) -> bool:
     return setting_or_meta.get("setting") == ONE_CLASS or bool(setting_or_meta.get("per_class"))
 
 
-def _groups(train_df: pd.DataFrame, data: dict[str, Any]) -> list[str | None]:
+def model_groups(train_df: pd.DataFrame, data: dict[str, Any]) -> list[str | None]:
     if data.get("per_class") and data.get("setting") not in (ONE_CLASS, "few_shot"):
         raise ValueError(f"data.per_class trains one model per class in the few_shot setting (one_class always "
                          f"does); the {data.get('setting')} setting trains one model for all classes: set "
@@ -102,17 +109,14 @@ def _groups(train_df: pd.DataFrame, data: dict[str, Any]) -> list[str | None]:
     return [None]
 
 
-def _dataset(method, df: pd.DataFrame, classes: list[str], augment=None, shared_cache: str | None = None) -> AnomalyImageDataset:
+def method_dataset(method, df: pd.DataFrame, classes: list[str], augment=None, shared_cache: str | None = None) -> AnomalyImageDataset:
     spec = method.input_spec
     return AnomalyImageDataset(df.reset_index(drop=True), resize=spec["resize"], crop=spec["crop"],
                                mean=spec["mean"], std=spec["std"], augment=augment, class_names=classes,
                                shared_cache=shared_cache)
 
 
-_split_state = split_group_state  # one class's model of a one-model-per-class checkpoint
-
-
-def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.DataFrame,
+def synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.DataFrame,
                        spec: dict[str, Any] | None, seed: int, group: str | None):
     """The pseudo-anomaly hook of a stage that learns from synthetic anomalies, made from the run's
     synthesis spec (None for other stages)."""
@@ -126,7 +130,7 @@ def _synthesis_augment(method, stage: str, train_df: pd.DataFrame, labelled: pd.
     return aug, tags
 
 
-def _setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: dict[str, str]):
+def setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: dict[str, str]):
     """The method's augmentation for ``setting`` (AGPNet's 32-fold few-shot augmentation):
     ``(rows repeated folds times, hook)``, copy 0 as it is, the others transformed;
     ``(df, None)`` when the method asks for none."""
@@ -142,7 +146,7 @@ def _setting_augment(method, setting: str, df: pd.DataFrame, seed: int, tags: di
     return pd.concat([df] * int(folds), ignore_index=True), fold
 
 
-def _synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, synthesis: dict | None,
+def resolve_synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, synthesis: dict | None,
                     seed: int, synthesis_params: dict | None = None, fingerprint: str = "") -> dict[str, Any] | None:
     """The synthesis spec a training uses: the one the pipeline's ``synthesis`` node wrote (checked
     against the textures on disk now, so ``--from-nodes`` after a DTD change fails instead of
@@ -160,10 +164,10 @@ def _synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, syn
         from uad.synthesis.spec import check_spec_matches
 
         if synthesis_params is not None:
-            check_spec_matches(synthesis, synthesis_params, fingerprint, _groups(normal, data))
+            check_spec_matches(synthesis, synthesis_params, fingerprint, model_groups(normal, data))
         check_spec_current(synthesis, seed)
         return synthesis
-    return build_spec(method_name, stages, train_index, synthesis, seed, _groups(normal, data), train_data=fingerprint or None)
+    return build_spec(method_name, stages, train_index, synthesis, seed, model_groups(normal, data), train_data=fingerprint or None)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -191,8 +195,8 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     With ``engine.strategy: ddp`` outside a process group, the node starts ``engine.devices``
     local ranks that run this same function data-parallel; rank 0's result comes back here and
     only this process returns it to the catalog. Under ``torchrun`` the ranks exist already."""
-    cfg = _engine_cfg(engine, engine_override)
-    spawned = _launch_ranks(cfg, train_stage, method_name=method_name, stage=stage, train_index=train_index, data=data,
+    cfg = engine_config(engine, engine_override)
+    spawned = launch_ranks(cfg, train_stage, method_name=method_name, stage=stage, train_index=train_index, data=data,
                             method_params=method_params, engine=engine, engine_override=engine_override,
                             synthesis=synthesis, previous=previous, features=features, base=base,
                             synthesis_params=synthesis_params)
@@ -207,21 +211,21 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     tags: dict[str, str] = {}
     identity: dict[str, str] = {}
     params: dict[str, str] = {}
-    spec = _synthesis_spec(method_name, train_index, data, synthesis, cfg.seed, synthesis_params,
+    spec = resolve_synthesis_spec(method_name, train_index, data, synthesis, cfg.seed, synthesis_params,
                            fingerprint)  # validates the textures (and a kept spec) first
-    for group in _groups(normal, data):
+    for group in model_groups(normal, data):
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))
         if not identity:  # first model of the node (one-class: first class)
             identity = method.identity()
             params = model_params(method, data, cfg, None if spec is None else spec["parameters"])
         if base is not None:
-            _check_base_setting(base, data)
-            method.load_base(_split_state(base["tensors"], group), base.get("meta"), base.get("path"))
-            tags.update(_base_tags(base))
+            check_base_setting(base, data)
+            method.load_base(split_group_state(base["tensors"], group), base.get("meta"), base.get("path"))
+            tags.update(base_tags(base))
         if previous is not None:
             method.check_checkpoint(previous.get("meta") or {}, previous.get("path"))
-            method.load_state_dict(_split_state(previous["tensors"], group))
+            method.load_state_dict(split_group_state(previous["tensors"], group))
         if stage not in method.stages:  # a stage switched off by the parameters (an ablation)
             log.info("%s: stage %r is disabled by the parameters; passing the previous state on", method_name, stage)
             tensors.update(previous["tensors"] if previous is not None else {})
@@ -229,15 +233,15 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
             continue
         df = normal if group is None else normal[normal["class_name"] == group]
         # the setting's augmentation first (it replicates rows), then pseudo anomalies on every row
-        df, fold = _setting_augment(method, str(data.get("setting", "multi_class")), df, cfg.seed, tags)
-        aug, aug_tags = _synthesis_augment(method, stage, df, labelled if group is None else
+        df, fold = setting_augment(method, str(data.get("setting", "multi_class")), df, cfg.seed, tags)
+        aug, aug_tags = synthesis_augment(method, stage, df, labelled if group is None else
                                            labelled[labelled["class_name"] == group], spec, cfg.seed, group)
         tags.update(aug_tags)
         if fold is not None:
             from uad.data.augment import ChainAugment
 
             aug = fold if aug is None else ChainAugment(fold, aug)
-        ds = _dataset(method, df, classes, augment=aug, shared_cache=cfg.decoded_cache)
+        ds = method_dataset(method, df, classes, augment=aug, shared_cache=cfg.decoded_cache)
         # resolved parameters: a changed code default must not resume an older training
         parts = {"method": method_name, "stage": stage, "group": group, "params": method.resolved_params(), "data": fingerprint,
                  "seed": cfg.seed, "iterations": cfg.iterations, "batch_size": cfg.batch_size,
@@ -251,14 +255,14 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         trainer.prepare(method)
         global_batch = cfg.batch_size or int(getattr(getattr(method, "config", None), "batch_size", 8))
         loader = trainer.loader(ds, batch_size=global_batch)
-        tags.update(_ddp_tags(global_batch))
-        if features is not None and hasattr(method, "fit_from_features"):
-            result = method.fit_from_features(_split_state(features["tensors"], group)["features"])
+        tags.update(ddp_tags(global_batch))
+        if features is not None and isinstance(method, FeatureFitting):
+            result = method.fit_from_features(split_group_state(features["tensors"], group)["features"])
         else:
             if features is not None:  # what the features stage computed (a plug-in's reference pool)
-                if not hasattr(method, "load_train_features"):
-                    raise ValueError(f"{method_name} has no use for a features stage's output (no load_train_features)")
-                method.load_train_features(_split_state(features["tensors"], group))
+                if not isinstance(method, ReferencePool):
+                    raise ValueError(f"{method_name} has no use for a features stage's output (not a ReferencePool)")
+                method.load_train_features(split_group_state(features["tensors"], group))
             result = method.fit_stage(stage, loader, trainer)
         for step, loss in (result or {}).get("history", []):
             history.setdefault(metric, []).append({"step": int(step), "value": float(loss)})
@@ -279,7 +283,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     return {"tensors": tensors, "meta": meta}, history, tags
 
 
-def _launch_ranks(cfg: EngineConfig, fn: Callable, **kwargs: Any) -> Any:
+def launch_ranks(cfg: EngineConfig, fn: Callable, **kwargs: Any) -> Any:
     """``fn(**kwargs)`` in ``engine.devices`` spawned ranks when ``engine.strategy`` is ``ddp``
     and no process group exists yet; None when this process should run ``fn`` itself."""
     from uad.engine import distributed
@@ -296,7 +300,7 @@ def _launch_ranks(cfg: EngineConfig, fn: Callable, **kwargs: Any) -> Any:
     return distributed.launch(fn, world=world, backend=cfg.backend, kwargs=kwargs)
 
 
-def _ddp_tags(global_batch: int) -> dict[str, str]:
+def ddp_tags(global_batch: int) -> dict[str, str]:
     """A data-parallel run records its ranks and the split of the (unchanged) global batch."""
     from uad.engine import distributed
 
@@ -307,7 +311,7 @@ def _ddp_tags(global_batch: int) -> dict[str, str]:
             "ddp_batch_per_rank": str(global_batch // world), "ddp_backend": str(torch.distributed.get_backend())}
 
 
-def _check_base_setting(base: dict, data: dict) -> None:
+def check_base_setting(base: dict, data: dict) -> None:
     meta = base.get("meta") or {}
     made = meta.get("setting", "multi_class")
     want = data.get("setting", "multi_class")
@@ -318,7 +322,7 @@ def _check_base_setting(base: dict, data: dict) -> None:
                          f"setting (or pick its checkpoint with --load-versions)")
 
 
-def _base_tags(base: dict) -> dict[str, str]:
+def base_tags(base: dict) -> dict[str, str]:
     meta = base.get("meta") or {}
     out = {"base_checkpoint": str(base.get("path") or ""), "base_params_sha": str(meta.get("params_sha", ""))}
     if meta.get("mlflow_run_id"):
@@ -334,107 +338,30 @@ def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, me
     fit reads instead of the images. A plug-in over an embedding base (CostFilter-AD over
     PatchCore, ``base``: the trained base checkpoint): the reference pool its training reads
     (``method.extract_train_features``)."""
-    cfg = _engine_cfg(engine, engine_override)
+    cfg = engine_config(engine, engine_override)
     normal = train_index[train_index["label"] == 0]
     classes = sorted(train_index["class_name"].unique())
     tensors: dict[str, torch.Tensor] = {}
-    for group in _groups(normal, data):
+    for group in model_groups(normal, data):
         method = build_method(method_name, method_params)
         method.adapt_to_setting(str(data.get("setting", "multi_class")))
         if base is not None:
-            _check_base_setting(base, data)
-            method.load_base(_split_state(base["tensors"], group), base.get("meta"), base.get("path"))
+            check_base_setting(base, data)
+            method.load_base(split_group_state(base["tensors"], group), base.get("meta"), base.get("path"))
         trainer = Trainer(cfg)
         trainer.prepare(method)
         method.eval_mode()
         df = normal if group is None else normal[normal["class_name"] == group]
         prefix = "" if group is None else f"{group}{_SEP}"
-        if hasattr(method, "extract_train_features"):
-            state = method.extract_train_features(_dataset(method, df, classes))
+        if isinstance(method, ReferencePool):
+            state = method.extract_train_features(method_dataset(method, df, classes))
             tensors.update({prefix + k: v.detach().cpu() for k, v in state.items()})
             continue
-        loader = trainer.loader(_dataset(method, df, classes), batch_size=cfg.batch_size or 8)
+        loader = trainer.loader(method_dataset(method, df, classes), batch_size=cfg.batch_size or 8)
         feats = [method.features(b["image"].to(trainer.device)).float().cpu() for b in loader]
         tensors[prefix + "features"] = torch.cat(feats)
     return {"tensors": tensors, "meta": {"method": method_name, "params": method_params,
                                           "train_index_sha256": index_fingerprint(train_index)}}
-
-
-# ------------------------------------------------------------------------------------ prediction
-@torch.no_grad()
-def score_dataset(method, ds, trainer: Trainer, cfg, desc: str, errors: list[str] | None = None,
-                  on_batch: Callable[[dict, Any], None] | None = None,
-                  base: dict[str, list] | None = None, shard: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(scores float32 (N,), maps float16 (N, crop, crop), masks uint8 (N, crop, crop))`` of a
-    prepared method over ``ds``, streamed by the engine's loader (workers, pinned memory) with a
-    progress bar. The one scoring loop of evaluation and inference. With a dataset whose samples
-    carry ``error`` (:class:`uad.data.torch_data.SkipUnreadable`), ``errors`` receives them in
-    order (the flagged samples' scores and maps are placeholders for the caller to drop).
-    ``on_batch(batch, prediction)`` sees every batch as it is scored (pictures made from the
-    decoded images, without decoding them again). ``base`` receives a plug-in's base predictions
-    (``scores`` / ``maps`` lists) when the method returns them. A method with ``wants_class_ids``
-    is given the batch's class ids. In a data-parallel run (``shard``) each rank scores a block of
-    whole batches and every rank receives all the results, in order (a callback's pictures need
-    every image in one process: with ``on_batch`` the process scores everything itself)."""
-    from uad.engine import distributed
-    from uad.progress import progress
-
-    batch_size = cfg.infer_batch_size or cfg.batch_size or 8
-    if shard and distributed.world_size() > 1 and on_batch is None:  # sharded: whole batches per rank
-        part = _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size)
-        return _gather_shards(part, errors, base)
-    # pictures (on_batch) read the normalised images of the batch: uint8 transfer only without them
-    loader = trainer.loader(ds, batch_size=batch_size, uint8=on_batch is None)
-    normalise = getattr(loader, "uad_normalise", None)
-    host = HostResults(len(ds), trainer.device)
-    for batch in progress(loader, desc=desc, unit="batch", enabled=bool(cfg.progress)):
-        if errors is not None:
-            errors.extend(batch.get("error") or [""] * len(batch["image"]))
-        images = batch["image"].to(trainer.device, non_blocking=True)
-        if normalise is not None and images.dtype == torch.uint8:
-            images = normalise(images)
-        if getattr(method, "wants_class_ids", False):
-            out = method.predict(images, class_ids=batch["class_id"].to(trainer.device))
-        elif on_batch is not None:  # pictures need the maps on the host now
-            out = method.predict(images)
-        else:  # results stay on the device; HostResults copies them behind the next batch
-            out = getattr(method, "predict_on_device", method.predict)(images)
-        if base is not None and out.base is not None:
-            base.setdefault("scores", []).append(out.base.scores.float().cpu().numpy())
-            base.setdefault("maps", []).append(out.base.maps.float().cpu().numpy().astype(np.float16))
-        if on_batch is not None:
-            on_batch(batch, out)
-        host.add(out.scores, out.maps, batch["mask"])
-    return host.result()
-
-
-def _score_shard(method, ds, trainer, cfg, desc, errors, base, batch_size):
-    from uad.engine import distributed
-
-    idx = distributed.shard_indices(len(ds), batch=batch_size)
-    local_errors: list[str] | None = [] if errors is not None else None
-    local_base: dict[str, list] | None = {} if base is not None else None
-    quiet = cfg if distributed.is_main() else dataclasses.replace(cfg, progress=False)
-    if not idx:
-        return None, local_errors, local_base
-    out = score_dataset(method, torch.utils.data.Subset(ds, idx), trainer, quiet, desc, local_errors, None, local_base,
-                        shard=False)
-    return out, local_errors, local_base
-
-
-def _gather_shards(part, errors, base):
-    """Every rank's shard, concatenated in rank order (= the dataset's order), on every rank."""
-    from uad.engine import distributed
-
-    parts = [p for p in distributed.all_gather_objects(part) if p[0] is not None]
-    scores, maps, masks = (np.concatenate([p[0][i] for p in parts]) for i in range(3))
-    if errors is not None:
-        errors.extend(e for p in parts for e in (p[1] or []))
-    if base is not None:
-        for p in parts:
-            for key, chunks in (p[2] or {}).items():
-                base.setdefault(key, []).extend(chunks)
-    return scores, maps, masks
 
 
 def _full_frame_part(method, df: pd.DataFrame, classes: list[str], cfg, infer: dict, method_name: str,
@@ -464,7 +391,7 @@ def _full_frame_part(method, df: pd.DataFrame, classes: list[str], cfg, infer: d
 
 
 @torch.no_grad()
-def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
+def predict_split(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
             engine_override: dict, checkpoint: dict, infer: dict | None = None,
             evaluation: dict | None = None) -> dict[str, np.ndarray]:
     """Anomaly maps and scores for every test image (maps float16 at the crop size), and the same
@@ -472,8 +399,8 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
     for the thresholds inference applies; ``evaluation.full_frame: false`` skips them). Under
     ``engine.strategy: ddp`` the ranks score blocks of whole batches (sharded inference) and the
     results are gathered in order: equal to one process's."""
-    cfg = _engine_cfg(engine, engine_override)
-    spawned = _launch_ranks(cfg, predict, method_name=method_name, test_index=test_index, data=data,
+    cfg = engine_config(engine, engine_override)
+    spawned = launch_ranks(cfg, predict_split, method_name=method_name, test_index=test_index, data=data,
                             method_params=method_params, engine=engine, engine_override=engine_override,
                             checkpoint=checkpoint, infer=infer, evaluation=evaluation)
     if spawned is not None:
@@ -488,11 +415,11 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
         df = test_index if group is None else test_index[test_index["class_name"] == group]
         method = build_method(method_name, method_params)
         method.check_checkpoint(checkpoint.get("meta") or {}, checkpoint.get("path"))
-        method.load_state_dict(_split_state(checkpoint["tensors"], group))
+        method.load_state_dict(split_group_state(checkpoint["tensors"], group))
         trainer = Trainer(cfg)
         trainer.prepare(method)
         method.eval_mode()
-        ds = _dataset(method, df, classes)
+        ds = method_dataset(method, df, classes)
         base: dict[str, list] = {}
         t0 = time.perf_counter()
         scores, maps, masks = score_dataset(method, ds, trainer, cfg, f"{method_name}:predict" + (f":{group}" if group else ""),
@@ -520,162 +447,3 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
     return out
 
 
-# ------------------------------------------------------------------------------------ evaluation
-def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.DataFrame, dict, dict]:
-    """The seven metrics per class and their mean (the papers' protocol), and the decision
-    thresholds inference will apply (:func:`uad.metrics.thresholds.compute_thresholds`: F1-optimal
-    on this labelled split, or at ``evaluation.threshold_fpr`` on normal images without labels)."""
-    from uad.metrics.thresholds import compute_thresholds
-
-    has_masks = bool(predictions["masks"].any()) and evaluation.get("pixel", True)
-    table = compute_metrics(predictions["labels"], predictions["scores"], predictions["masks"].astype(bool),
-                            predictions["maps"], predictions["class_names"], pixel=has_masks)
-    mlflow_metrics: dict[str, dict[str, float]] = {}
-    for cls, row in table.iterrows():
-        for name in METRIC_NAMES:
-            val = row.get(name)
-            if val is None or not np.isfinite(val):
-                continue
-            key = name if cls == "mean" else f"{cls}/{name}"
-            mlflow_metrics[key] = {"value": float(val), "step": 0}
-    if "scoring_img_per_s" in predictions:
-        mlflow_metrics["scoring_img_per_s"] = {"value": float(predictions["scoring_img_per_s"]), "step": 0}
-    mlflow_metrics["n_test_images"] = {"value": float(len(predictions["scores"])), "step": 0}
-    mean = table.loc["mean"]
-    shown = ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m]))
-    log.info("mean over classes: %s", shown or "no metric (the test split has no anomalous image: normal-only data)")
-    if "base_scores" in predictions:  # a plug-in: the base's metrics and the gain, side by side
-        base = compute_metrics(predictions["labels"], predictions["base_scores"], predictions["masks"].astype(bool),
-                               predictions["base_maps"], predictions["class_names"], pixel=has_masks)
-        for cls, row in base.iterrows():
-            for name in METRIC_NAMES:
-                val, mine = row.get(name), table.loc[cls].get(name)
-                if val is None or not np.isfinite(val):
-                    continue
-                key = name if cls == "mean" else f"{cls}/{name}"
-                mlflow_metrics[f"base/{key}"] = {"value": float(val), "step": 0}
-                if mine is not None and np.isfinite(mine):
-                    mlflow_metrics[f"gain/{key}"] = {"value": float(mine - val), "step": 0}
-        table = table.join(base[[m for m in METRIC_NAMES if m in base.columns]].add_prefix("base_"))
-        log.info("base detector: %s", ", ".join(f"{m}={base.loc['mean'][m]:.4f}" for m in METRIC_NAMES
-                                                 if m in base.columns and np.isfinite(base.loc["mean"][m])))
-    thresholds = compute_thresholds(predictions["labels"], predictions["scores"],
-                                    predictions["masks"] if has_masks else None,
-                                    predictions["maps"] if has_masks else None,
-                                    fpr=float(evaluation.get("threshold_fpr", 0.01)))
-    thresholds["frame"] = "crop"
-    if "full_scores" in predictions:  # the full frame inference scores: its own thresholds and headline metrics
-        full = compute_thresholds(predictions["labels"], predictions["full_scores"],
-                                  predictions["full_masks"] if has_masks else None,
-                                  predictions["full_maps"] if has_masks else None,
-                                  fpr=float(evaluation.get("threshold_fpr", 0.01)))
-        thresholds["full"] = {**full, "frame": "full"}
-        for key in ("image", "pixel"):
-            if key in full:
-                mlflow_metrics[f"full_frame/threshold_{key}"] = {"value": float(full[key]), "step": 0}
-        labels = np.asarray(predictions["labels"])
-        if 0 < labels.sum() < labels.size:
-            mlflow_metrics["full_frame/image_auroc"] = {"value": float(auroc(labels, predictions["full_scores"])), "step": 0}
-        if has_masks:
-            m, v = predictions["full_masks"].reshape(-1).astype(bool), predictions["full_maps"].reshape(-1).astype(np.float32)
-            step = max(1, v.size // 4_000_000)
-            mlflow_metrics["full_frame/pixel_auroc"] = {"value": float(auroc(m[::step], v[::step])), "step": 0}
-        log.info("full frame (what infer scores): %s; thresholds image %.6g%s", ", ".join(
-            f"{k.split('/')[1]}={v['value']:.4f}" for k, v in mlflow_metrics.items() if k.startswith("full_frame/") and "auroc" in k),
-            full["image"], f", pixel {full['pixel']:.6g}" if "pixel" in full else "")
-    for key in ("image", "pixel"):
-        if key in thresholds:
-            mlflow_metrics[f"threshold_{key}"] = {"value": float(thresholds[key]), "step": 0}
-    log.info("decision thresholds: image %.6g (%s)%s", thresholds["image"], thresholds["image_source"],
-             f", pixel {thresholds['pixel']:.6g} ({thresholds['pixel_source']})" if "pixel" in thresholds else "")
-    return table.reset_index().rename(columns={"index": "class_name"}), mlflow_metrics, thresholds
-
-
-def _run_title(method_name: str, data: dict | None) -> tuple[str, list[tuple[str, str]]]:
-    """``<method> · <dataset> · <setting> · run <id>`` and the facts the report lists."""
-    data = data or {}
-    dataset = dataset_name(data).replace("+", ", ")
-    setting = str(data.get("setting", "multi_class"))
-    run_id = ""
-    try:
-        import mlflow
-
-        run = mlflow.active_run()
-        run_id = run.info.run_id if run is not None else ""
-    except Exception:  # noqa: BLE001
-        pass
-    title = " · ".join([method_name, dataset, setting] + ([f"run {run_id[:8]}"] if run_id else []))
-    facts = [("method", method_name), ("dataset", dataset), ("setting", setting)]
-    if run_id:
-        facts.append(("MLflow run", run_id))
-    return title, facts
-
-
-def report(method_name: str, predictions: dict[str, np.ndarray], metrics_table: pd.DataFrame, reporting: dict,
-           thresholds: dict | None = None, data: dict | None = None) -> tuple[bytes, bytes, bytes, str]:
-    """The evaluation's pictures and page: the cases at the stored threshold per class (worst
-    false alarm, worst miss, a detection, a normal image; :mod:`uad.metrics.report`), ROC / PR
-    curves computed exactly as the metrics table, the per-class chart, and one self-contained
-    HTML page with all of it and the per-class table; every title names method, dataset,
-    setting and run."""
-    from uad.metrics.report import case_grid, case_png, colour_scale_png, html_report, map_scale, pick_cases
-
-    title, facts = _run_title(method_name, data)
-    thresholds = thresholds or {}
-    per_kind = int(reporting.get("overlays_per_class", 2))
-    labels, scores = predictions["labels"], predictions["scores"]
-    classes = predictions["class_names"]
-    thr = float(thresholds["image"]) if thresholds.get("image") is not None else float(np.median(scores))
-    px = float(thresholds["pixel"]) if thresholds.get("pixel") is not None else None
-    crop = predictions["maps"].shape[-1]
-    resize = int(predictions["input_resize"]) if "input_resize" in predictions else crop
-    cache: dict[int, np.ndarray] = {}
-
-    def display(i: int) -> np.ndarray:
-        if i not in cache:
-            cache[i] = _display_image(predictions["image_paths"][i], resize, crop)
-        return cache[i]
-
-    cases = pick_cases(labels, scores, classes, thr, per_kind=max(1, per_kind))
-    maps = predictions["maps"]
-    masks = predictions["masks"].astype(bool)
-    scale = map_scale(maps, px)
-    overlay = case_grid(cases, display, maps, masks, scores, thr, px, title, scale)
-    curves = roc_pr_curves(labels, scores, masks, maps, classes, title=title)
-    table = metrics_table.set_index("class_name")
-    bars = per_class_bar_chart(table, title=title)
-    overlay_png, curves_png, bars_png = figure_to_png_bytes(overlay), figure_to_png_bytes(curves), figure_to_png_bytes(bars)
-    pngs, captions = {}, {}
-    for kinds in cases.values():
-        for idx in kinds.values():
-            for i in idx:
-                if i not in pngs:
-                    pngs[i] = case_png(display(i), maps[i].astype(np.float32), masks[i], scale, px)
-                    captions[i] = (f"score {float(scores[i]):.4g} · {predictions['defect_types'][i]} · "
-                                   f"{_short_path(predictions['image_paths'][i])}")
-    facts += [("image threshold", f"{thr:.6g} ({thresholds.get('image_source', 'median of the scores: none stored')})"),
-              ("pixel threshold", f"{px:.6g} ({thresholds.get('pixel_source', '')})" if px is not None else "none"),
-              ("test images", f"{len(scores)} ({int(np.sum(labels))} defective)")]
-    notes = ["Metrics: the papers' protocol (resize, centre crop). Curves: every pixel, as the table."]
-    full = thresholds.get("full") if isinstance(thresholds.get("full"), dict) else None
-    if full and full.get("image") is not None:
-        notes.append(f"infer scores the whole frame; its thresholds, set on the test split scored that way: image "
-                     f"{float(full['image']):.6g}" + (f", pixel {float(full['pixel']):.6g}" if full.get("pixel") is not None else ""))
-    page = html_report(title, facts, metrics_table, [("Cases per class", overlay_png), ("ROC and PR curves", curves_png),
-                                                     ("Metrics per class", bars_png)],
-                       cases, pngs, captions, colour_scale_png(scale, px), notes)
-    return overlay_png, curves_png, bars_png, page
-
-
-def _short_path(path: str, keep: int = 3) -> str:
-    parts = str(path).replace("\\", "/").split("/")
-    return "/".join(parts[-keep:])
-
-
-def _display_image(path: str, resize: int, crop: int) -> np.ndarray:
-    """The test image as the model saw it (square resize, then centre crop) for overlays."""
-    from PIL import Image
-
-    img = np.asarray(Image.fromarray(load_image(path)).resize((resize, resize), Image.BILINEAR))
-    top = (resize - crop) // 2
-    return img[top:top + crop, top:top + crop]

@@ -22,7 +22,7 @@ from uad.data.folder import scan_image_folder
 from uad.errors import ConfigError
 from uad.inference import load_trained
 
-from .nodes import _engine_cfg, checkpoint_params
+from uad.engine.orchestration import checkpoint_params, engine_config
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     from uad.inference import Inferencer, frame_options
     from uad.metrics.plots import image_overlay_png
 
-    cfg = _engine_cfg(engine, engine_override)
+    cfg = engine_config(engine, engine_override)
     meta = checkpoint.get("meta") or {}
     method = _load_method(method_name, method_params, checkpoint, infer.get("class_name"), "infer")
     limit = infer.get("max_overlays")
@@ -165,7 +165,7 @@ def export_model(method_name: str, method_params: dict, checkpoint: dict, thresh
                  metrics_table: pd.DataFrame | None = None) -> tuple[bytes, dict[str, Any], dict[str, Any], dict[str, str]]:
     """The ONNX model of the whole inference path (preprocessed image in; map and score out), the
     JSON a runtime needs beside it (preprocessing, thresholds, provenance), and the servable
-    MLflow model (:mod:`uad.mlflow_model`: the checkpoint, thresholds and frame settings, behind
+    MLflow model (:mod:`uad.framework.mlflow_model`: the checkpoint, thresholds and frame settings, behind
     :class:`uad.inference.Inferencer`; images in, scores, decisions and maps out)."""
     from uad.export import export_onnx, preprocessing_spec
 
@@ -198,7 +198,7 @@ def _mean_metrics(table: pd.DataFrame | None) -> dict[str, float]:
 
 def served_model_payload(method_name: str, checkpoint: dict, thresholds: dict, export: dict, method,
                          metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """What :class:`uad.io.ServedModelDataset` logs and registers: the checkpoint file, the stored
+    """What :class:`uad.framework.io.ServedModelDataset` logs and registers: the checkpoint file, the stored
     thresholds, the frame settings (``params:export``'s ``frame`` / ``short_side`` / ``max_side`` /
     ``tile_overlap``, the infer defaults otherwise), a description and tags naming the method,
     data, training run, thresholds and metrics."""

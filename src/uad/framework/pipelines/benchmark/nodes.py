@@ -27,12 +27,18 @@ import pandas as pd
 
 from uad.errors import ConfigError
 from uad.params import cli_list
-from uad.pipelines.ingest.nodes import dataset_name
+from uad.data.sources import dataset_name
+from uad.methods.declaration import base_methods, plugin_namespace, plugins, split_namespace
 
 log = logging.getLogger(__name__)
 
 METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
-KNOWN_METHODS = ("patchcore", "dinomaly", "inpformer", "rlr", "agpnet")
+
+
+def known_methods() -> list[str]:
+    """What a benchmark can run: every declared method and every plug-in pairing (``costfilter_<base>``)."""
+    return base_methods() + [plugin_namespace(p, b) for p, bases in plugins().items() for b in bases]
+
 #: a child run is found again by this tag
 KEY_TAG = "uad.benchmark_key"
 
@@ -42,11 +48,10 @@ def plan_children(benchmark: dict[str, Any], parameters: dict[str, Any], env: st
     methods = (cli_list(benchmark.get("methods")) or [])
     if not methods:
         raise ConfigError(f"benchmark.methods: {benchmark.get('methods')!r} names no method; "
-                          f"e.g. --params=\"benchmark.methods=patchcore+dinomaly\" (known: {', '.join(KNOWN_METHODS)})")
+                          f"e.g. --params=\"benchmark.methods=patchcore+dinomaly\" (known: {', '.join(known_methods())})")
     for m in methods:
-        if m not in KNOWN_METHODS and not (str(m).startswith("costfilter_") and str(m)[11:] in KNOWN_METHODS):
-            raise ConfigError(f"benchmark.methods: {m!r} is not a method; use {', '.join(KNOWN_METHODS)} "
-                              "or costfilter_<base>")
+        if m not in known_methods():
+            raise ConfigError(f"benchmark.methods: {m!r} is not a method; use one of {', '.join(known_methods())}")
     settings = cli_list(benchmark.get("settings")) or ["multi_class"]
     seeds = cli_list(benchmark.get("seeds")) or [int((parameters.get("engine") or {}).get("seed", 1))]
     children = []
@@ -68,8 +73,9 @@ def plan_children(benchmark: dict[str, Any], parameters: dict[str, Any], env: st
 def _child(method: str, overrides: dict[str, Any], seed: int, parameters: dict[str, Any], env: str,
            commit: str) -> dict[str, Any]:
     block = parameters.get(method) or {}
-    if method.startswith("costfilter_"):
-        block = {"filter": block, "base": parameters.get(method[11:]) or {}}
+    _, base = split_namespace(method)
+    if base is not None:  # a plug-in over a base: both blocks make the child what it is
+        block = {"filter": block, "base": parameters.get(base) or {}}
     fingerprint = {"method": method, "overrides": overrides, "seed": seed, "env": env, "commit": commit,
                    "params": block, "data": {**(parameters.get("data") or {}), **overrides},
                    "engine": parameters.get("engine"), "synthesis": parameters.get("synthesis")}
@@ -134,7 +140,7 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from uad.hooks import current_run_env, git_commit
+    from uad.framework.hooks.common import current_run_env, git_commit
 
     env = str(benchmark.get("env") or current_run_env())
     project = Path.cwd()

@@ -13,17 +13,10 @@ from uad.data.index import validate_index
 from uad.data.layouts import scan_dataset
 from uad.data.semi import hold_out_labelled_anomalies
 from uad.data.settings import hold_out_normals, make_split
+from uad.data.sources import sources as _sources, train_sources
 from uad.data.synthetic import ensure_synthetic_dataset
 
 log = logging.getLogger(__name__)
-
-
-def _sources(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
-    """``data.<key>``: one source dict or a list (super-multi-class: several datasets at once)."""
-    src = data.get(key)
-    if src is None:
-        return []
-    return [dict(s) for s in (src if isinstance(src, list) else [src])]
 
 
 def _scan(sources: list[dict[str, Any]], classes) -> pd.DataFrame:
@@ -53,29 +46,6 @@ def _holdout_fraction(data: dict[str, Any]) -> float:
         raise ConfigError(f"data.normal_holdout: {val} is not in [0, 1); give a fraction such as 0.2, or 0 to "
                           f"require a test folder")
     return val
-
-
-def train_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """The training sources: ``data.root`` (the user's own dataset, from ``UAD_DATA_ROOT`` or
-    ``--params="data.root=/path"``) when set, read with ``data.layout``; else ``data.train``."""
-    root = data.get("root")
-    if root:
-        root = str(Path(str(root)).expanduser())
-        if not Path(root).is_dir():
-            raise DatasetRootError(f"data.root {root} is not a folder: set UAD_DATA_ROOT (or --params=\"data.root=...\") "
-                                   "to a dataset in the MVTec layout (<root>/<class>/train/good/*.png ...)")
-        return [{"name": data.get("name") or Path(root).name, "root": root, "layout": data.get("layout") or "auto"}]
-    return _sources(data, "train")
-
-
-def dataset_name(data: dict[str, Any] | None) -> str:
-    """The training data's name from the parameters alone (nothing is scanned): its sources'
-    names joined with ``+`` (``synthetic``, ``mvtec+visa``); ``dataset`` when none resolves."""
-    try:
-        names = [s.get("name") or str(s.get("root", "")).rstrip("/").rsplit("/", 1)[-1] for s in train_sources(data or {})]
-    except Exception:  # noqa: BLE001 - a name must never fail a run (ingest reports bad roots itself)
-        names = []
-    return "+".join(str(n) for n in names if n) or "dataset"
 
 
 def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:

@@ -2,7 +2,7 @@
 
 Registering the project's pipelines must not import torch, timm or any method: ``kedro registry
 list``, ``--help`` and the ingest pipeline would otherwise pay for them before their first line.
-``named("uad.pipelines.method.nodes:train_stage", "train", method_name="rlr")`` is a node function
+``named("uad.framework.pipelines.method.nodes:train_stage", "train", method_name="rlr")`` is a node function
 that imports ``train_stage`` on its first call and passes the bound keyword arguments through.
 """
 

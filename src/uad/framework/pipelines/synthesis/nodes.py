@@ -19,16 +19,7 @@ from PIL import Image
 
 from uad.data.images import load_image
 from uad.synthesis import preview_grid
-from uad.synthesis.spec import (  # noqa: F401  (build_augment, foreground_modes, resolve_recipe: also imported from here)
-    ALL,
-    augment_from_spec,
-    build_augment,
-    build_spec,
-    describe_spec,
-    foreground_modes,
-    resolve_recipe,
-    square,
-)
+from uad.synthesis.spec import ALL, augment_from_spec, build_augment, build_spec, describe_spec, square
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +78,14 @@ def synthesis_spec(method_name: str, train_index: pd.DataFrame, data: dict, synt
     digest); the training node consumes it. The preview shows anomalies made from it on this run's
     training images (every sample anomalous)."""
     from uad.methods.registry import method_class
-    from uad.pipelines.method.nodes import _engine_cfg, _groups
+    from uad.engine.orchestration import engine_config, model_groups
 
     stages = method_class(method_name).synthesis_stages()
     if not stages:
         raise ValueError(f"{method_name} trains on no pseudo anomalies: its pipeline has no synthesis stage")
-    seed = _engine_cfg(engine, engine_override).seed
+    seed = engine_config(engine, engine_override).seed
     normal = train_index[train_index["label"] == 0]
-    spec = build_spec(method_name, stages, train_index, synthesis, seed, _groups(normal, data))
+    spec = build_spec(method_name, stages, train_index, synthesis, seed, model_groups(normal, data))
     log.info("%s: synthesis spec: %s", method_name, describe_spec(spec))
     preview = dict((synthesis or {}).get("preview") or {})
     crop = int(preview.get("size", 256))

@@ -11,12 +11,12 @@ from __future__ import annotations
 from kedro.pipeline import Pipeline, node
 
 from uad.methods.registry import pipeline_shape, plugin_feature_cache
-from uad.pipelines.lazy import named
+from uad.framework.pipelines.lazy import named
 
 # node functions by path: building the pipelines imports neither torch nor any method
-_NODES = "uad.pipelines.method.nodes"
-_SERVING = "uad.pipelines.method.serving"
-_SYNTHESIS = "uad.pipelines.synthesis.nodes"
+_NODES = "uad.framework.pipelines.method.nodes"
+_SERVING = "uad.framework.pipelines.method.serving"
+_SYNTHESIS = "uad.framework.pipelines.synthesis.nodes"
 
 SHARED_INPUTS = {"train_index", "test_index"}
 SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting", "params:infer"}

@@ -1,8 +1,8 @@
 from kedro.pipeline import Pipeline, node
 
-from uad.pipelines.lazy import named
+from uad.framework.pipelines.lazy import named
 
-_NODES = "uad.pipelines.ingest.nodes"
+_NODES = "uad.framework.pipelines.ingest.nodes"
 
 
 def create_pipeline(**kwargs) -> Pipeline:

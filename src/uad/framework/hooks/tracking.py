@@ -18,7 +18,7 @@
   parameters (``method.*`` resolved with their code defaults, ``data.*``, ``engine.*``,
   ``synthesis.*``) are logged by the nodes that know them: training logs what it trained with,
   and export / infer log what the checkpoint they use stores (``param:`` entries of the run-tags
-  datasets, :class:`uad.io.datasets.MlflowTagsDataset`). MLflow parameters cannot be
+  datasets, :class:`uad.framework.io.datasets.MlflowTagsDataset`). MLflow parameters cannot be
   changed once logged, so a profile's value can never sit beside a checkpoint's.
 * **Tracking starts only when a run is tracked.** The store is opened (and created), and the
   catalog's metric datasets named, in ``before_pipeline_run`` rather than when the context and
@@ -29,21 +29,26 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 from kedro.framework.hooks import hook_impl
-from kedro_mlflow.config.kedro_mlflow_config import KedroMlflowConfig
 from kedro_mlflow.framework.hooks.mlflow_hook import MlflowHook
-from kedro_mlflow.framework.hooks.utils import _assert_mlflow_enabled
 
-from uad.hooks import DEFAULT_RUN_ENV, pipeline_names
-from uad.pipelines.ingest.nodes import dataset_name
+from uad.data.sources import dataset_name
+from uad.framework.kedro_internals import (
+    catalog_dataset,
+    dataset_file,
+    defer_mlflow_setup,
+    hook_tracking,
+    mlflow_enabled_for,
+)
+
+from .common import DEFAULT_RUN_ENV, pipeline_names
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +112,6 @@ def experiment_for(data: dict[str, Any] | None) -> str:
     return f"uad-{dataset_name(data)}"
 
 
-@contextlib.contextmanager
-def _setup_deferred(hook: "TrackingHook") -> Iterator[None]:
-    """While kedro-mlflow reads its configuration, record its ``setup`` call instead of running
-    it (it opens, and creates, the tracking store)."""
-    original = KedroMlflowConfig.setup
-
-    def record(config, context):  # noqa: ANN001
-        hook._pending_setup = (config, context)
-
-    KedroMlflowConfig.setup = record
-    try:
-        yield
-    finally:
-        KedroMlflowConfig.setup = original
-
-
 class TrackingHook(MlflowHook):
     """kedro-mlflow's hook with readable runs, per-dataset experiments and aligned parameters."""
 
@@ -135,6 +124,9 @@ class TrackingHook(MlflowHook):
         self._catalog = None
         self._catalog_args: tuple | None = None
 
+    def _record_setup(self, config: Any, context: Any) -> None:
+        self._pending_setup = (config, context)
+
     @hook_impl
     def after_context_created(self, context) -> None:
         self._pending_setup = None
@@ -143,7 +135,7 @@ class TrackingHook(MlflowHook):
             self._params = dict(context.params)
         except Exception:  # noqa: BLE001 - bad parameters are reported by the run itself
             self._params = {}
-        with _setup_deferred(self):
+        with defer_mlflow_setup(self._record_setup):
             super().after_context_created(context)
 
     @hook_impl
@@ -161,21 +153,21 @@ class TrackingHook(MlflowHook):
         # pipeline must not re-open the previous session's run in before_node_run
         self.run_id = None
         self._identity = run_identity(run_params, data, run_params.get("env") or self._env)
-        if self._pending_setup is not None and _assert_mlflow_enabled(names, self.mlflow_config):
+        if self._pending_setup is not None and mlflow_enabled_for(names, self.mlflow_config):
             config, context = self._pending_setup
             self._pending_setup = None
             check_server(str(config.server.mlflow_tracking_uri or ""))
             if config.tracking.experiment.name == PER_DATASET:
                 config.tracking.experiment.name = experiment_for(data)
             config.setup(context)
-        if self._catalog_args is not None and _assert_mlflow_enabled(names, self.mlflow_config):
+        if self._catalog_args is not None and mlflow_enabled_for(names, self.mlflow_config):
             super().after_catalog_created(*self._catalog_args)
         self._catalog_args = None
         super().before_pipeline_run(run_params, pipeline, catalog)
-        if self._is_mlflow_enabled and mlflow.active_run() is not None:
+        if hook_tracking(self) and mlflow.active_run() is not None:
             ident = self._identity
             tags = {"mlflow.runName": ident["name"], **{f"uad.{k}": v for k, v in ident.items() if k != "name"}}
-            # a child of ``kedro run --pipeline=benchmark`` (uad.pipelines.benchmark): nested under it
+            # a child of ``kedro run --pipeline=benchmark`` (uad.framework.pipelines.benchmark): nested under it
             if os.environ.get("UAD_PARENT_RUN_ID"):
                 tags["mlflow.parentRunId"] = os.environ["UAD_PARENT_RUN_ID"]
             if os.environ.get("UAD_BENCHMARK_KEY"):
@@ -191,7 +183,7 @@ class TrackingHook(MlflowHook):
 
     @hook_impl
     def after_node_run(self, node, catalog, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:
-        if node.name != "split_for_setting" or not self._is_mlflow_enabled or mlflow.active_run() is None:
+        if node.name != "split_for_setting" or not hook_tracking(self) or mlflow.active_run() is None:
             return
         try:
             self._log_dataset_input(outputs)
@@ -231,12 +223,6 @@ def _mark_model_training(experiment_id: str) -> None:
 
 def _catalog_file(catalog: Any, name: str) -> str | None:
     try:
-        ds = catalog.get(name) if hasattr(catalog, "get") else catalog._get_dataset(name)
+        return dataset_file(catalog_dataset(catalog, name))
     except Exception:  # noqa: BLE001
         return None
-    for obj in (ds, getattr(ds, "_dataset", None), getattr(ds, "dataset", None)):
-        path = getattr(obj, "_filepath", None)
-        if path:
-            return str(path)
-    return None
-

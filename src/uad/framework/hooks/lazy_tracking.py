@@ -1,7 +1,7 @@
 """kedro-mlflow's hook for tracked runs only (Kedro layer).
 
 :class:`LazyTrackingHook` is what ``settings.HOOKS`` registers: it imports
-:class:`uad.tracking.TrackingHook` (and with it mlflow) only when a pipeline that MLflow tracks
+:class:`uad.framework.hooks.tracking.TrackingHook` (and with it mlflow) only when a pipeline that MLflow tracks
 starts, so ``kedro registry list``, ``--help`` and ``kedro run --pipeline=ingest`` never pay the
 import (about a second on a small machine).
 """
@@ -13,7 +13,9 @@ from typing import Any
 
 from kedro.framework.hooks import hook_impl
 
-from uad.hooks import pipeline_names
+from uad.framework.kedro_internals import switch_off_mlflow_logging
+
+from .common import pipeline_names
 
 
 def _tracked(context: Any, names: list[str]) -> bool:
@@ -45,21 +47,19 @@ def _switch_off_mlflow_datasets(pipeline: Any, catalog: Any) -> None:
         try:
             kind = (get_type(name) if get_type is not None else None) or ""
             if kind.startswith("kedro_mlflow"):
-                dataset = catalog[name]
-                if hasattr(dataset, "_logging_activated"):
-                    dataset._logging_activated = False
+                switch_off_mlflow_logging(catalog[name])
         except Exception:  # noqa: BLE001 - a dataset the run cannot build fails the run itself, with its message
             continue
 
 
 def _mlflow_command_running() -> bool:
-    """A ``kedro mlflow ...`` command (its module is imported only then: uad.kedro_plugins) reads
+    """A ``kedro mlflow ...`` command (its module is imported only then: uad.framework.kedro_internals) reads
     ``context.mlflow``, which kedro-mlflow's hook sets when the context is created."""
     return "kedro_mlflow.framework.cli.cli" in sys.modules
 
 
 class LazyTrackingHook:
-    """:class:`uad.tracking.TrackingHook` (kedro-mlflow's hook), imported and set up only for a run
+    """:class:`uad.framework.hooks.tracking.TrackingHook` (kedro-mlflow's hook), imported and set up only for a run
     MLflow tracks: ``kedro registry list``, ``--help`` or ``kedro run --pipeline=ingest`` never
     import mlflow (about a second on a small machine). The session's context and catalog are kept
     and handed to the real hook, in Kedro's order, when a tracked pipeline starts; the hooks that
@@ -74,7 +74,7 @@ class LazyTrackingHook:
 
     def _hook(self) -> Any:
         if self._real is None:
-            from uad.tracking import TrackingHook
+            from uad.framework.hooks.tracking import TrackingHook
 
             self._real = TrackingHook()
         return self._real

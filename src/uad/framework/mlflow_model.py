@@ -8,7 +8,7 @@ checkpoint's own spec.
 
 Input: a DataFrame with one column ``image`` of encoded image bytes (PNG, JPEG, BMP, TIFF ...;
 in a JSON request to ``mlflow models serve``, base64 strings: the signature declares the column
-binary, and MLflow decodes it). From Python, ``Inferencer.from_mlflow(uri)`` reads the same
+binary, and MLflow decodes it). From Python, ``inferencer_from_mlflow(uri)`` reads the same
 artifacts and takes arrays, PIL images and paths as well.
 
 Output: one row per image: ``score``, ``decision`` (``anomalous`` / ``normal`` / ``error``),
@@ -121,3 +121,15 @@ def log_served_model(checkpoint_path: str | os.PathLike, thresholds: Mapping[str
         for k, v in (tags or {}).items():
             client.set_model_version_tag(registered_model_name, version, k, str(v))
     return info
+
+
+def inferencer_from_mlflow(model_uri: str, **options: Any):
+    """An :class:`uad.inference.Inferencer` from a model logged by the ``export`` pipeline
+    (``models:/uad-<method>/<version>`` or ``runs:/<id>/model``): its files downloaded, then
+    :meth:`~uad.inference.Inferencer.from_model_folder`."""
+    import mlflow
+
+    from uad.inference import Inferencer
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri)
+    return Inferencer.from_model_folder(local, **options)
