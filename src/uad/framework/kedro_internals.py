@@ -18,8 +18,8 @@ public switch for three of the things that needs, so this module reaches into th
    (``MlflowHook._is_mlflow_enabled``) and :func:`switch_off_mlflow_logging` (a kedro-mlflow
    dataset's ``_logging_activated``) read and set its state.
 4. **Where a dataset wrote** (:func:`catalog_dataset`, :func:`dataset_file`, :func:`saved_path`):
-   the catalog's ``_get_dataset`` on catalogs without ``get``, a dataset's ``_filepath``,
-   ``_saved_version`` and a wrapper's ``_dataset``.
+   a dataset's ``_filepath`` (and ``_saved_version``, this project's own) and a kedro-mlflow
+   wrapper's ``_dataset``.
 
 :data:`PRIVATE_NAMES` lists each name with where it lives; ``tests/test_kedro_internals.py``
 fails, naming the upstream change, when one disappears. ``pyproject.toml`` bounds kedro and
@@ -109,15 +109,17 @@ PRIVATE_NAMES = (
     ("kedro.framework.session.session", "_register_hooks_entry_points", "block_disabled_plugin_hooks"),
     ("kedro_mlflow.config.kedro_mlflow_config", "KedroMlflowConfig.setup", "defer_mlflow_setup"),
     ("kedro_mlflow.framework.hooks.utils", "_assert_mlflow_enabled", "mlflow_enabled_for"),
-    ("kedro_mlflow.framework.hooks.mlflow_hook", "MlflowHook._is_mlflow_enabled", "hook_tracking (set by its hooks)"),
-    ("kedro_mlflow.io.metrics.mlflow_metric_dataset", "MlflowMetricDataset._logging_activated",
-     "switch_off_mlflow_logging (set by its datasets)"),
+    # ``Name()`` : an attribute an instance gets in ``__init__``
+    ("kedro_mlflow.framework.hooks.mlflow_hook", "MlflowHook()._is_mlflow_enabled", "hook_tracking"),
+    ("kedro_mlflow.io.metrics", "MlflowMetricsHistoryDataset()._logging_activated", "switch_off_mlflow_logging"),
+    ("kedro_mlflow.io.metrics", "MlflowMetricDataset()._logging_activated", "switch_off_mlflow_logging"),
+    ("kedro_mlflow.io.metrics", "MlflowMetricHistoryDataset()._logging_activated", "switch_off_mlflow_logging"),
 )
 #: the modules whose ``_register_hooks_entry_points`` is wrapped (those present in the installed Kedro)
 HOOK_REGISTRY_MODULES = ("kedro.framework.hooks.manager", "kedro.framework.session.session",
                          "kedro.framework.session.service_session", "kedro.runner.task")
 #: Kedro's documented custom-dataset hooks the project's datasets subclass (kedro.io.core.AbstractVersionedDataset)
-DATASET_CONTRACT = ("_describe", "_exists", "_get_load_path", "_get_save_path", "_load", "_save")
+DATASET_CONTRACT = ("_describe", "_exists", "_get_load_path", "_get_save_path")
 
 
 def block_disabled_plugin_hooks() -> None:
@@ -189,9 +191,8 @@ def switch_off_mlflow_logging(dataset: Any) -> None:
 
 
 def catalog_dataset(catalog: Any, name: str) -> Any:
-    """The dataset object of catalog entry ``name`` (Kedro 1.x's ``get``; the older private getter)."""
-    getter = getattr(catalog, "get", None)
-    return getter(name) if getter is not None else catalog._get_dataset(name)
+    """The dataset object of catalog entry ``name`` (Kedro 1.x's public ``DataCatalog.get``)."""
+    return catalog.get(name)
 
 
 def dataset_file(dataset: Any) -> str | None:
