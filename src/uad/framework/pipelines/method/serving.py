@@ -55,14 +55,6 @@ def scan_images(infer: dict) -> pd.DataFrame:
     return df
 
 
-def _overlay_name(relative_path: str) -> str:
-    """A file name unique per input path: the relative path with its folders joined by ``__``
-    and its extension kept (``line1/a.png`` and ``line1/a.jpg`` do not collide)."""
-    stem, dot, ext = relative_path.rpartition(".")
-    base = (stem if dot else relative_path).replace("/", "__").replace("\\", "__")
-    return f"{base}{'_' + ext.lower() if dot else ''}.png"
-
-
 @torch.no_grad()
 def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, engine: dict, engine_override: dict,
                  checkpoint: dict, thresholds: dict, infer: dict
@@ -71,9 +63,8 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     image through :class:`uad.inference.Inferencer` (the library's one inference path), plus run
     tags linking this run to the training run and the checkpoint version it used. An image that
     cannot be decoded is listed (status ``error`` with the reason) and skipped."""
-    from uad.data.images import load_mask
+    from uad.folder_scoring import score_folder
     from uad.inference import Inferencer, frame_options
-    from uad.metrics.plots import image_overlay_png
 
     cfg = engine_config(engine, engine_override)
     meta = checkpoint.get("meta") or {}
@@ -93,50 +84,9 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
                      engine=cfg, progress=bool(cfg.progress), workers=max(1, int(cfg.num_workers or 1)),
                      image_threshold=infer.get("image_threshold"), pixel_threshold=infer.get("pixel_threshold"),
                      **frame_options(infer, int(cfg.infer_batch_size or cfg.batch_size or 8)))
+    _require_image_threshold(inf.thresholds, method_name)
+    results, maps_out, pngs = score_folder(inf, images, method_name, limit, overlay_side)
     thr = inf.thresholds
-    _require_image_threshold(thr, method_name)
-    rows = images.reset_index(drop=True)
-    kept: list[tuple[float, int, bytes | None]] = []
-    pngs: dict[str, bytes] = {}
-    table, maps_out, masks_out = [], {}, {}
-    chunk = max(inf.batch_size * 4, 16)
-    for start in range(0, len(rows), chunk):  # chunks: decoded images and full-size maps never pile up
-        part = rows.iloc[start:start + chunk]
-        for i, res in zip(part.index, inf.predict(list(part["image_path"]), keep_images=True)):
-            rel = rows.at[i, "relative_path"]
-            name = _overlay_name(rel)
-            row = {"image_path": rows.at[i, "image_path"], "relative_path": rel, **res.as_row(), "overlay": ""}
-            row.pop("source")
-            if res.status == "ok":
-                maps_out[f"map_{i:05d}"] = res.map.astype(np.float16)
-                if rows.at[i, "mask_path"]:
-                    masks_out[f"mask_{i:05d}"] = load_mask(rows.at[i, "mask_path"]).astype(np.uint8)
-                verdict = res.decision.upper() if res.decision == "anomalous" else res.decision
-                text = f"{verdict}  score {res.score:.4g} (threshold {thr['image']:.4g})  {method_name}  {rel}"
-                png = lambda res=res, text=text: image_overlay_png(res.image, res.map, thr["pixel"], text,  # noqa: E731
-                                                                   res.decision == "anomalous", overlay_side)
-                if limit is None:
-                    pngs[name] = png()
-                    row["overlay"] = name
-                elif len(kept) < limit or res.score > kept[0][0]:
-                    import heapq
-
-                    item = (res.score, int(i), png())
-                    (heapq.heappush if len(kept) < limit else heapq.heapreplace)(kept, item)
-            table.append(row)
-            res.image = res.map = None
-    if limit is not None:
-        ranked = sorted(kept, key=lambda t: -t[0])
-        for rank, (_, i, png) in enumerate(ranked):
-            name = f"{rank:05d}_{_overlay_name(rows.at[i, 'relative_path'])}"
-            pngs[name] = png
-            table[i]["overlay"] = name
-    results = pd.DataFrame(table, columns=["image_path", "relative_path", "status", "error", "score", "decision",
-                                           "anomalous_area", "height", "width", "frame", "pieces", "overlay"])
-    results["image_threshold"] = thr["image"]
-    results["threshold_source"] = thr["image_source"]
-    results["threshold_frame"] = inf.threshold_frame
-    results["pixel_threshold"] = thr["pixel"] if thr["pixel"] is not None else np.nan
     version = _checkpoint_version(checkpoint)
     results["checkpoint"] = version
     good = (results["status"] == "ok").to_numpy()
@@ -155,9 +105,8 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     ok = results[good]
     arrays: dict[str, np.ndarray] = {"scores": ok["score"].to_numpy(np.float32), "image_paths": ok["image_path"].to_numpy(str),
                                       "map_keys": np.array([f"map_{i:05d}" for i in ok.index], dtype=str),
-                                      "sizes": ok[["height", "width"]].to_numpy(np.int64), **maps_out}
-    if masks_out:  # ground truth given with the images: kept beside the maps, at the same size
-        arrays.update(masks_out)
+                                      "sizes": ok[["height", "width"]].to_numpy(np.int64),
+                                      **maps_out}  # with the ground truth given with the images (mask_<i>), if any
     return results, arrays, pngs, tags
 
 
