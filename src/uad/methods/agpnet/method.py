@@ -38,6 +38,7 @@ from ..common.ema import MeanTeacher
 from ..common.features import local_average, to_common_grid
 from ..registry import register
 from .config import AGPNetConfig
+from .losses import reconstruction_loss
 from .model import AGPDecoder
 from .perturb import (
     aggregate_decoder_attention,
@@ -50,7 +51,6 @@ from .perturb import (
     image_mask,
     image_score,
     minmax,
-    reconstruction_loss,
 )
 
 __all__ = ["AGPNet"]

@@ -1,8 +1,9 @@
 """AGPNet's formulas as batched tensor functions (no loop over samples or pixels).
 
 Eq. 1 (feature fusion), eq. 2 (attention aggregation and the final mask), eq. 4 (attention-weighted
-feature noise), the image-level attention mask, eq. 6-7 (loss) and eq. 8 (anomaly map) with the
-image score. Attention maps are per image ``(B, N)`` over the ``N = h * w`` feature locations.
+feature noise), the image-level attention mask and eq. 8 (anomaly map) with the image score; the
+training loss (eq. 6-7) is in :mod:`.losses`. Attention maps are per image ``(B, N)`` over the
+``N = h * w`` feature locations.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ __all__ = [
     "image_mask",
     "image_score",
     "minmax",
-    "reconstruction_loss",
 ]
 
 
@@ -160,12 +160,6 @@ def image_mask(mask: torch.Tensor, grid: tuple[int, int], size: tuple[int, int],
     out = torch.zeros_like(flat, dtype=torch.bool)
     out.scatter_(1, flat.topk(keep, dim=1, sorted=False).indices, True)
     return out.view_as(up)
-
-
-def reconstruction_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Eq. 7: ``MSE(F_hat, F_clean)``, the mean over tokens and channels (the paper's 1 / (H_f W_f)
-    prefactor only rescales the loss, which AdamW ignores up to epsilon)."""
-    return F.mse_loss(outputs.float(), targets.float())
 
 
 def anomaly_map(features: torch.Tensor, reconstruction: torch.Tensor, grid: tuple[int, int],

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from ..common.groups import fuse_groups
-from ..common.losses import global_cosine_hm_loss, global_cosine_loss, hard_mining_ratio
 from ..common.recon import Encoded, ViTReconstructionMethod
 from ..registry import register
 from .config import DinomalyConfig
+from .losses import global_cosine_hm_loss, global_cosine_loss, hard_mining_ratio
 from .model import DinomalyModel
 
 __all__ = ["Dinomaly"]
