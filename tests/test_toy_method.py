@@ -78,6 +78,13 @@ def test_a_declared_method_appears_everywhere_with_no_file_edited(toy):
     from uad.pipeline_registry import register_pipelines
 
     assert declarations()["toy"].module == "toyuad.method"
+    # the fast entry-point scan reads what importlib.metadata reads
+    import importlib.metadata
+
+    from uad.methods.declaration import ENTRY_POINT_GROUP, _entry_point_values
+
+    assert dict(_entry_point_values()) == {ep.name: ep.value for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    assert dict(_entry_point_values()) == {"toy": "toyuad.declaration:DECLARATION"}
     assert "toy" in available_methods() and build_method("toy").name == "toy"
     assert pipeline_shape("toy").stages == ("fit",)
     # the plug-in pairing: CostFilter-AD reads it as an embedding base, with its features stage
