@@ -38,8 +38,10 @@ def run_rows(tree: Path, pipelines: list[str]) -> dict[str, tuple[float, ...]]:
                              capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"Error: {p} failed in {tree}:\n{out.stderr[-3000:]}")
-        tables = sorted((tree / "data" / "08_reporting" / p / "metrics_per_class.csv").glob("*/metrics_per_class.csv"))
-        mean = pd.read_csv(tables[-1]).set_index("class_name").loc["mean"]
+        table = tree / "data" / "08_reporting" / p / "metrics_per_class.csv"
+        if table.is_dir():  # a versioned dataset: the newest version
+            table = sorted(table.glob("*/metrics_per_class.csv"))[-1]
+        mean = pd.read_csv(table).set_index("class_name").loc["mean"]
         rows[p] = tuple(float(mean[m]) for m in METRICS) + (time.perf_counter() - t0,)
         print(f"{tree.name} {p}: " + " / ".join(f"{v:.3f}" for v in rows[p][:3]) + f" ({rows[p][3]:.0f} s)", flush=True)
     return rows
