@@ -373,10 +373,11 @@ class Inferencer:
         """Inside a Kedro project: the method's (or plug-in namespace's, ``costfilter_patchcore``)
         latest trained checkpoint and thresholds from the catalog, or the checkpoint ``version``
         (a timestamp folder name)."""
+        from uad.methods.declaration import split_namespace
         from uad.methods.registry import method_class
 
         root = Path(project_path or os.getcwd()).resolve()
-        base_name = method.split("_", 1)[0] if "_" in method else method
+        base_name = split_namespace(method)[0]
         try:
             stage = method_class(base_name).stages[-1]
         except Exception:

@@ -65,7 +65,9 @@ def run_identity(run_params: dict[str, Any], data: dict[str, Any] | None, env: s
     names = pipeline_names(run_params)
     first = names[0]
     if first == "__default__":
-        first = "patchcore"
+        from uad.pipeline_registry import DEFAULT_PIPELINE
+
+        first = DEFAULT_PIPELINE
     action = ""
     for a in ACTIONS:
         if first == a or first.startswith(a + "_"):

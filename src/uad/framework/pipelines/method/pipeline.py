@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline, node
 
+from uad.methods.declaration import plugin_namespace
 from uad.methods.registry import pipeline_shape, plugin_feature_cache
 from uad.framework.pipelines.lazy import named
 
@@ -20,11 +21,6 @@ _SYNTHESIS = "uad.framework.pipelines.synthesis.nodes"
 
 SHARED_INPUTS = {"train_index", "test_index"}
 SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting", "params:infer"}
-
-
-def plugin_namespace(method: str, base: str) -> str:
-    """The namespace of a plug-in over a base: ``costfilter_dinomaly``."""
-    return f"{method}_{base}"
 
 
 def _base_checkpoint(base: str) -> str:
