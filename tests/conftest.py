@@ -38,3 +38,27 @@ def synthetic_root(tmp_path_factory) -> Path:
     from uad.data.synthetic import ensure_synthetic_dataset
 
     return ensure_synthetic_dataset(tmp_path_factory.mktemp("embedded") / "synthetic", seed=0)
+
+
+def _on_ci() -> bool:
+    """True where the environment says CI (``CI=true``, as .ci/run and the usual CI services set)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@pytest.fixture
+def chromium() -> str:
+    """The headless browser for the browser tests (Debian's ``chromium``): its path.
+
+    Missing, the test skips with the reason on a workstation, but under ``CI=true`` it fails:
+    .ci/run installs the browser, so a CI machine without one is a broken CI machine, and a skip
+    there would turn the browser checks off without anyone noticing."""
+    import shutil
+
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path:
+        return path
+    advice = "install Debian's chromium package (apt-get install chromium)"
+    if _on_ci():
+        pytest.fail(f"CI={os.environ['CI']} but no chromium on PATH: a browser test cannot be skipped in CI; "
+                    f".ci/run installs it, or {advice}", pytrace=False)
+    pytest.skip(f"no chromium on PATH: {advice} to run this browser test (under CI=true it fails instead)")
