@@ -43,12 +43,40 @@ def _method(name: str, stage_params: dict):
     return build_method(name, params)
 
 
+class _Recorded(Exception):
+    """Ends a recorded training after its first steps (``train(first_steps=...)``)."""
+
+
+def _sum_without_mean(params) -> None:
+    """A wrong gradient average (for the tests that must catch it): all-reduced, not divided."""
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+
+
+def _no_all_reduce(params) -> None:
+    """A wrong gradient average (for the tests that must catch it): each rank keeps its own."""
+
+
+#: ``averaging`` of :func:`train`: what the engine calls as ``distributed.average_gradients``
+AVERAGING = {"mean": None, "sum": _sum_without_mean, "none": _no_all_reduce}
+
+
 def train(name: str, stage: str, params: dict, iterations: int, batch: int, ckpt_dir: str | None = None,
-          stop_after: int | None = None, forbid_writes_off_main: bool = True, record: bool = False) -> dict:
+          stop_after: int | None = None, forbid_writes_off_main: bool = True, record: bool = False,
+          averaging: str = "mean", first_steps: int | None = None) -> dict:
     """Train ``stage`` of ``name`` for ``iterations`` steps of global batch ``batch``; returns its
     state. ``stop_after``: raise after that many optimiser steps (a killed run, for resume).
-    ``record``: return ``{"state", "grads" (every step's gradients after the all-reduce, as the
-    optimiser saw them), "losses" (every step's global-batch loss)}`` instead."""
+    ``record``: return ``{"state", "grads" (every step's gradients after the all-reduce and
+    before the gradient-norm clip, by ``module.parameter`` name), "clip" (the clip norm), "losses"
+    (every step's global-batch loss)}`` instead. ``averaging``: ``"mean"`` is the engine's own
+    :func:`uad.engine.distributed.average_gradients`; ``"sum"`` (no division by the world size)
+    and ``"none"`` (no all-reduce) are wrong ones the tests must catch. ``first_steps`` (with
+    ``record``): end after that many of the ``iterations`` steps, returning their gradients only
+    (no state, no losses)."""
     method = _method(name, params)
     cfg = EngineConfig(device="cpu", iterations=iterations, batch_size=batch, num_workers=0, seed=1,
                        checkpoint_dir=ckpt_dir, checkpoint_every=2, progress=False, log_every=1, sync_every=1)
@@ -58,24 +86,56 @@ def train(name: str, stage: str, params: dict, iterations: int, batch: int, ckpt
             raise AssertionError(f"rank {distributed.rank()} tried to write a checkpoint")
         trainer._save = no_write  # type: ignore[method-assign]
         trainer._prune = no_write  # type: ignore[method-assign]
-    grads: list[dict[str, torch.Tensor]] = []
     original = method.after_optimizer_step
 
     def hook(st, step):
-        if record:
-            grads.append({n: p.grad.detach().clone() for mod in method.trainable_modules().values()
-                          for n, p in mod.named_parameters() if p.grad is not None})
         original(st, step)
         if stop_after is not None and step + 1 > stop_after:
             raise RuntimeError(f"stopped after step {step}")
+        if record and first_steps is not None and step + 1 >= first_steps:
+            raise _Recorded  # every rank at the same step: no collective is left waiting
     method.after_optimizer_step = hook  # type: ignore[method-assign]
-    trainer.prepare(method)
-    result = method.fit_stage(stage, trainer.loader(Images(), batch_size=batch), trainer)
+
+    # the gradient as the all-reduce leaves it, before the clip to a fixed norm hides its scale:
+    # recorded where the engine clips (torch.nn.utils.clip_grad_norm_, after the all-reduce)
+    names = {id(p): f"{key}.{n}" for key, mod in method.trainable_modules().items() for n, p in mod.named_parameters()}
+    grads: list[dict[str, torch.Tensor]] = []
+    clip_norms: set[float] = set()
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(parameters, max_norm, *args, **kwargs):
+        parameters = list(parameters)
+        grads.append({names[id(p)]: p.grad.detach().clone() for p in parameters if p.grad is not None})
+        clip_norms.add(float(max_norm))
+        return clip(parameters, max_norm, *args, **kwargs)
+
+    average = distributed.average_gradients
+    try:
+        if record:
+            torch.nn.utils.clip_grad_norm_ = recording_clip
+        if AVERAGING[averaging] is not None:
+            distributed.average_gradients = AVERAGING[averaging]
+        trainer.prepare(method)
+        result = method.fit_stage(stage, trainer.loader(Images(), batch_size=batch), trainer)
+    except _Recorded:
+        return {"grads": grads, "clip": clip_norms.pop()}
+    finally:
+        torch.nn.utils.clip_grad_norm_ = clip
+        distributed.average_gradients = average
     state = {k: v.clone() for k, v in method.state_dict().items()}
     if not record:
         return state
+    assert len(grads) == iterations and len(clip_norms) == 1, \
+        f"{len(grads)} gradients recorded at the clip for {iterations} steps (clip norms {clip_norms})"
     losses = torch.tensor([v for _, v in result["history"]], dtype=torch.float64)  # already the mean over ranks
-    return {"state": state, "grads": grads, "losses": losses}
+    return {"state": state, "grads": grads, "clip": clip_norms.pop(), "losses": losses}
+
+
+def wrong_averages(name: str, stage: str, params: dict, iterations: int, batch: int) -> dict:
+    """The first step's recorded gradients of ``train`` with each wrong gradient average
+    (``{"sum": ..., "none": ...}``), in one group of ranks."""
+    return {averaging: train(name, stage, params, iterations, batch, record=True, averaging=averaging, first_steps=1)
+            for averaging in AVERAGING if averaging != "mean"}
 
 
 class MeanMap:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddp_cases import score, train
+from ddp_cases import score, train, wrong_averages
 from uad.engine import distributed
 from uad.engine.trainer import StepSampler
 
@@ -34,31 +34,72 @@ def _single(name: str, stage: str) -> dict:
     return _SINGLE[name]
 
 
-@pytest.mark.parametrize("name,stage,params", [
-    ("dinomaly", "train", {}),  # hard mining over the global batch (threshold from every rank)
-    ("inpformer", "reconstruction", {}),  # soft-mining weights from the global batch mean
-])
-def test_two_ranks_equal_one_process(name, stage, params):
-    """2 ranks x 2 images equal one process with 4: the first step's gradient (after the
-    all-reduce) to float rounding (1e-5 of its largest entry), and every step's loss (relative
-    1e-5).
-
-    Not the weights, nor later gradients, entry by entry: Adam divides each gradient entry by its
-    own running magnitude, so an entry that is rounding noise on both sides (1e-9) still moves its
-    weight by about the learning rate, in whichever direction the noise points. Measured on torch
-    2.14 CPU: after 4 steps such weights differ by up to 7e-4 (updates 1.3e-3), and the second
-    step's gradients by 1.6e-4 of their largest entry, while the first step's agree to 1e-7. Ranks
-    that skip the all-reduce (each its own half) fail here (checked: 0.012 of 0.016, 0.0023 of
-    0.0037); a sum instead of a mean would not, as both methods clip the gradient to a fixed norm."""
-    single = _single(name, stage)
-    double = distributed.launch(train, (name, stage, params, 4, 4), world=2, backend="gloo", kwargs={"record": True})
-    assert len(single["grads"]) == len(double["grads"]) == 4
+def _assert_first_step_gradients_equal(single: dict, double: dict) -> tuple[float, float]:
+    """The first step's gradient after the all-reduce, before the clip, equals the one process's
+    whole-batch gradient to float rounding: 1e-5 of its largest entry. Returns (worst gap, largest)."""
     a, b = single["grads"][0], double["grads"][0]
     assert set(a) == set(b) and a
     scale = max(g.abs().max().item() for g in a.values())
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert scale > 0 and worst <= 1e-5 * scale, f"first step: gradients differ by {worst:.3g} (largest {scale:.3g})"
+    return worst, scale
+
+
+def _norm(grads: dict) -> float:
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads.values()])).item()
+
+
+@pytest.mark.parametrize("name,stage,params", [
+    ("dinomaly", "train", {}),  # hard mining over the global batch (threshold from every rank)
+    ("inpformer", "reconstruction", {}),  # soft-mining weights from the global batch mean
+])
+def test_two_ranks_equal_one_process(name, stage, params):
+    """2 ranks x 2 images equal one process with 4: the first step's gradient after the all-reduce
+    and before the gradient-norm clip, to float rounding (1e-5 of its largest entry), and every
+    step's loss (relative 1e-5).
+
+    Before the clip: both methods clip the gradient to a fixed norm (0.1), and the first step's
+    gradient is larger than that here, so after the clip a sum over the ranks instead of their
+    mean would look the same; before it, a sum is twice the gradient, and ranks that skip the
+    all-reduce each have their own half's (test_gradient_check_catches_a_wrong_average).
+
+    Not the weights, nor later gradients, entry by entry: Adam divides each gradient entry by its
+    own running magnitude, so an entry that is rounding noise on both sides (1e-9) still moves its
+    weight by about the learning rate, in whichever direction the noise points. Measured on torch
+    2.14 CPU: after 4 steps such weights differ by up to 7e-4 (updates 1.3e-3), and the second
+    step's gradients by 1.6e-4 of their largest entry, while the first step's agree to 1e-7 after
+    the clip and 7e-7 before it (dinomaly: 1.9e-5 of 28.9)."""
+    single = _single(name, stage)
+    double = distributed.launch(train, (name, stage, params, 4, 4), world=2, backend="gloo", kwargs={"record": True})
+    assert len(single["grads"]) == len(double["grads"]) == 4
+    assert single["clip"] == double["clip"]
+    _assert_first_step_gradients_equal(single, double)
     torch.testing.assert_close(single["losses"], double["losses"], rtol=1e-5, atol=0)
+
+
+_WRONG: dict = {}
+
+
+@pytest.mark.parametrize("averaging", ["sum", "none"])
+def test_gradient_check_catches_a_wrong_average(averaging):
+    """The check above fails for ranks whose gradient "average" is a sum over the ranks (no
+    division by the world size) or no all-reduce at all (each rank its own half of the batch):
+    ddp_cases.train puts that in place of ``distributed.average_gradients`` in each rank (one
+    group of ranks runs both, for the first step). The clip binds here (the gradient's norm is
+    far above it), so the check would not see the sum after the clip."""
+    single = _single("dinomaly", "train")
+    if not _WRONG:
+        _WRONG.update(distributed.launch(wrong_averages, ("dinomaly", "train", {}, 4, 4), world=2, backend="gloo"))
+    wrong = _WRONG[averaging]
+    assert len(wrong["grads"]) == 1 and wrong["clip"] == single["clip"]
+    assert _norm(single["grads"][0]) > 10 * single["clip"], "the clip does not bind: this case shows nothing about it"
+    with pytest.raises(AssertionError, match="first step: gradients differ by"):
+        _assert_first_step_gradients_equal(single, wrong)
+    a, b = single["grads"][0], wrong["grads"][0]
+    if averaging == "sum":  # the world size times the whole-batch gradient
+        scale = max(g.abs().max().item() for g in a.values())
+        for k in a:
+            torch.testing.assert_close(b[k], 2 * a[k], rtol=0, atol=2e-5 * scale)
 
 
 def test_resume_under_ddp_is_exact(tmp_path):
