@@ -150,10 +150,13 @@ class MeanMap:
         maps = images.mean(dim=1)
         return Prediction(scores=maps.flatten(1).amax(dim=1), maps=maps)
 
+    def predict_on_device(self, images):  # the method contract's default (uad.methods.base.AnomalyMethod)
+        return self.predict(images)
+
 
 def score(n: int = 11, batch: int = 4):
     """``score_dataset`` over ``n`` images (sharded over the ranks when there are several)."""
-    from uad.pipelines.method.nodes import score_dataset
+    from uad.engine.scoring import score_dataset
 
     cfg = EngineConfig(device="cpu", batch_size=batch, num_workers=0, progress=False)
     ds = Images(n)
