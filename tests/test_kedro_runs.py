@@ -66,8 +66,15 @@ def test_patchcore_smoke_run_is_tracked_versioned_and_reported(project, monkeypa
     run_pipeline(project, "patchcore")
     second = _versions(ckpt)
     assert len(second) == 2 and first[0] in second
-    # --load-versions reloads a chosen checkpoint: evaluate the first version's maps again
+    # --load-versions reloads a chosen checkpoint: evaluate the first version's maps again. The rerun
+    # made the same maps (same seed), so the newest version's scores are turned round first: reading
+    # it instead of the chosen one would give 1 - AUROC, not the first run's AUROC
     oldest = _versions(maps)[0]
+    newest = _latest(maps, "anomaly_maps.npz")
+    with np.load(newest, allow_pickle=False) as z:
+        arrays = dict(z)
+    np.savez(newest, **{**arrays, "scores": -arrays["scores"]})
+    assert not np.isclose(run.data.metrics["image_auroc"], 0.5)
     run_pipeline(project, "evaluate", namespaces=["patchcore"], load_versions={"patchcore.predictions": oldest})
     _, rerun = last_run(os.environ["MLFLOW_TRACKING_URI"])
     assert rerun.data.tags["pipeline"] == "evaluate"
