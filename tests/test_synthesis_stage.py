@@ -211,8 +211,9 @@ def test_the_comparison_sees_textures_in_another_order_and_another_recipe(traine
     """The check above can fail: with the reference's textures reversed (self textures, DTD files)
     or with the other recipe, the pseudo anomalies differ in every case, and each method's losses
     differ in at least one case (reversed fallback textures leave CostFilter-AD's three steps alone:
-    none of its six samples draws a self texture whose position the reversal moves); the other
-    recipe changes every INP-Former++ loss (no step is a constant)."""
+    no sample of the first two epochs draws a self texture whose position the reversal moves, the
+    pseudo anomalies of the later epochs show it); the other recipe changes every INP-Former++ loss
+    (no step is a constant)."""
     moved = {}
     for name, method in trained["from_spec"]:
         assert not _samples_equal(trained, name, method, variant), (name, method)
