@@ -168,7 +168,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from uad.engine import EngineConfig, Trainer
     from uad.methods.registry import build_method
-    from uad.engine.orchestration import compose_plugin_params, method_dataset as _dataset, synthesis_augment as _synthesis_augment
+    from uad.engine.orchestration import (
+        compose_plugin_params,
+        method_dataset as _dataset,
+        resolve_synthesis_spec,
+        synthesis_augment as _synthesis_augment,
+    )
     from uad.engine.scoring import score_dataset
 
     params, catalog = _session_params(args.env)
@@ -196,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     stage = method.stages[-1]
     if len(method.stages) != 1:
         raise SystemExit(f"{ns}: one training stage expected, got {method.stages}")
-    aug, _ = _synthesis_augment(method, stage, normal, labelled, params.get("synthesis") or {}, engine.seed)
+    # the spec the pipeline's synthesis node would write (one model for all classes: group None)
+    spec = resolve_synthesis_spec(method_name, train_index, params.get("data") or {}, params.get("synthesis") or {},
+                                  engine.seed)
+    aug, _ = _synthesis_augment(method, stage, normal, labelled, spec, engine.seed, None)
     train_ds = _dataset(method, normal, classes, augment=aug)
     test_ds = _dataset(method, test_index, classes)
     labels, test_classes = test_index["label"].to_numpy(), test_index["class_name"].to_numpy()

@@ -275,7 +275,11 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
         tensors.update({prefix + k: v for k, v in state.items()})
         tags.update(method.tags())
     tags.update({"setting": str(data.get("setting", "multi_class")),
-                 "dataset": ",".join(sorted(train_index["dataset"].astype(str).unique()))})
+                 "dataset": ",".join(sorted(train_index["dataset"].astype(str).unique())),
+                 # a CPU training is bit-identical run to run at one thread count and ATen kernel set,
+                 # not across them (float sums in another order): the figures say which they came from
+                 "torch_threads": str(torch.get_num_threads()),
+                 "cpu_capability": str(torch.backends.cpu.get_cpu_capability())})
     meta = {**identity, "method": method_name, "stage": stage, "params": method_params, "classes": classes,
             "setting": data.get("setting", "multi_class"), "per_class": per_class_models(data),
             "train_data_sha256": fingerprint, "run_params": params}
