@@ -47,7 +47,16 @@ class Toy(AnomalyMethod):
 '''
 
 
+def _forget_toy() -> None:
+    from uad.methods import registry
+
+    for name in [m for m in sys.modules if m == "toyuad" or m.startswith("toyuad.")]:
+        del sys.modules[name]
+    registry._REGISTRY.pop("toy", None)  # the class registered by the toy's method module
+
+
 def _install_toy(root: Path) -> None:
+    _forget_toy()
     pkg = root / "toyuad"
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -68,6 +77,7 @@ def toy(tmp_path, monkeypatch):
     declaration.refresh()
     yield tmp_path / "site"
     declaration.refresh()
+    _forget_toy()
 
 
 def test_a_declared_method_appears_everywhere_with_no_file_edited(toy):
@@ -118,3 +128,21 @@ def test_kedro_lists_the_toy_pipelines(toy):
     assert out.returncode == 0, out.stderr[-2000:]
     listed = {line.strip().lstrip("- ").strip() for line in out.stdout.splitlines()}
     assert {"toy", "costfilter_toy", "infer_toy"} <= listed, out.stdout[-2000:]
+
+
+def test_a_wrong_declaration_is_one_error_naming_it(tmp_path, monkeypatch):
+    from uad.errors import ConfigError
+    from uad.methods import declaration
+
+    _install_toy(tmp_path / "site")
+    decl = tmp_path / "site" / "toyuad" / "declaration.py"
+    decl.write_text(decl.read_text().replace('stages=("fit",)', 'stages=("fit",), synthesis={"train": "draem"}'))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    declaration.refresh()
+    try:
+        with pytest.raises(ConfigError, match=r"entry point toy = toyuad.declaration:DECLARATION .*synthesis recipes "
+                                              r"for stages it does not have: \['train'\]; fix the method's declaration"):
+            declaration.declarations()
+    finally:
+        declaration.refresh()
+        _forget_toy()

@@ -133,7 +133,8 @@ def _from_package() -> list[MethodDeclaration]:
         for entry in entries:
             # a method folder has a declaration.py; a shared package (common) has none and is not imported
             if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "declaration.py")):
-                mod = importlib.import_module(f"{pkg.__name__}.{entry.name}.declaration")
+                name = f"{pkg.__name__}.{entry.name}.declaration"
+                mod = _import_declaration(name, os.path.join(entry.path, "declaration.py"))
                 found.append(_checked(getattr(mod, "DECLARATION", None), mod.__name__))
     return found
 
@@ -177,11 +178,21 @@ def _from_entry_points() -> list[MethodDeclaration]:
     found = []
     for name, value in _entry_point_values():
         module, _, attr = value.partition(":")
-        obj = importlib.import_module(module.strip())
+        obj = _import_declaration(module.strip(), f"entry point {name} = {value} (group {ENTRY_POINT_GROUP})")
         for part in attr.strip().split(".") if attr.strip() else ():
             obj = getattr(obj, part)
         found.append(_checked(obj, f"entry point {name} = {value}"))
     return found
+
+
+def _import_declaration(module: str, where: str):
+    """The module of a declaration; a declaration that is wrong is one error naming it."""
+    try:
+        return importlib.import_module(module)
+    except (ValueError, TypeError) as e:  # MethodDeclaration's own checks, or a wrong argument
+        raise ConfigError(f"{where}: {e}; fix the method's declaration") from None
+    except ImportError as e:
+        raise ConfigError(f"{where}: cannot be imported ({e}); fix or uninstall the package that declares it") from None
 
 
 def _checked(decl: object, where: str) -> MethodDeclaration:
