@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from uad.engine.scoring import forward, normalise_uint8
 from uad.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ def split_group_state(state: Mapping[str, torch.Tensor], group: str | None) -> d
 
 
 def holds_per_class_models(meta: Mapping[str, Any]) -> bool:
-    """True when a checkpoint (its ``meta``) holds one model per class."""
+    """True when a checkpoint (its ``meta``) or a run (its ``data`` parameters) holds one model per
+    class: the ``one_class`` setting, or ``per_class: true`` (few-shot per class)."""
     return meta.get("setting") == "one_class" or bool(meta.get("per_class"))
 
 
@@ -429,8 +431,6 @@ class Inferencer:
 
     @torch.no_grad()
     def _forward(self, batch: list[torch.Tensor], class_ids: list[int] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        from uad.engine.scoring import forward, normalise_uint8
-
         x = normalise_uint8(torch.stack(batch).to(self.device, non_blocking=True), self._mean.to(self.device),
                             self._std.to(self.device))
         ids = torch.tensor(class_ids, dtype=torch.long, device=self.device) if self.wants_class else None

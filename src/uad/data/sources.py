@@ -9,7 +9,7 @@ from typing import Any
 
 from uad.errors import DatasetRootError
 
-__all__ = ["sources", "train_sources", "dataset_name"]
+__all__ = ["sources", "train_sources", "source_name", "dataset_name"]
 
 
 def sources(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -33,11 +33,16 @@ def train_sources(data: dict[str, Any]) -> list[dict[str, Any]]:
     return sources(data, "train")
 
 
+def source_name(source: dict[str, Any]) -> str:
+    """A source's dataset name: its ``name``, else its root folder's name."""
+    return str(source.get("name") or Path(str(source.get("root", ""))).name)
+
+
 def dataset_name(data: dict[str, Any] | None) -> str:
     """The training data's name from the parameters alone: its sources' names joined with ``+``
     (``synthetic``, ``mvtec+visa``); ``dataset`` when none resolves."""
     try:
-        names = [s.get("name") or str(s.get("root", "")).rstrip("/").rsplit("/", 1)[-1] for s in train_sources(data or {})]
+        names = [source_name(s) for s in train_sources(data or {})]
     except Exception:  # noqa: BLE001 - a name must never fail a run (ingest reports bad roots itself)
         names = []
     return "+".join(str(n) for n in names if n) or "dataset"

@@ -32,7 +32,7 @@ from uad.data.sources import dataset_name
 from uad.data.torch_data import AnomalyImageDataset
 from uad.engine.scoring import score_dataset
 from uad.engine.trainer import EngineConfig, Trainer
-from uad.inference import GROUP_SEP, split_group_state
+from uad.inference import GROUP_SEP, holds_per_class_models as per_class_models, split_group_state
 from uad.methods.capabilities import FeatureFitting, ReferencePool
 from uad.methods.registry import build_method
 from uad.params import PARAM_PREFIX
@@ -91,12 +91,6 @@ def checkpoint_params(meta: dict[str, Any]) -> dict[str, str]:
     if not isinstance(stored, dict):
         stored = flatten_params(meta.get("params") or {}, "method")
     return {PARAM_PREFIX + str(k): str(v) for k, v in stored.items()}
-
-
-def per_class_models(setting_or_meta: dict[str, Any]) -> bool:
-    """True when a run (its ``data`` parameters) or a checkpoint (its ``meta``) holds one model per
-    class: the ``one_class`` setting, or ``per_class: true`` (few-shot per class)."""
-    return setting_or_meta.get("setting") == ONE_CLASS or bool(setting_or_meta.get("per_class"))
 
 
 def model_groups(train_df: pd.DataFrame, data: dict[str, Any]) -> list[str | None]:

@@ -19,6 +19,7 @@ Pure Python: no torch, no kedro, no mlflow (``kedro registry list`` builds every
 from __future__ import annotations
 
 import importlib
+from types import MappingProxyType
 from typing import Mapping
 
 from uad.errors import ConfigError
@@ -98,11 +99,8 @@ class MethodDeclaration:
 
     @classmethod
     def undeclared(cls, name: str, module: str, stages: tuple[str, ...]) -> "MethodDeclaration":
-        """What a class registered without a declaration counts as (no checks of its name)."""
-        decl = object.__new__(cls)
-        for key, value in zip(_FIELDS, (name, module, tuple(stages), "", {}, False, None, False, (), (), None)):
-            object.__setattr__(decl, key, value)
-        return decl
+        """What a class registered without a declaration counts as: its stages, nothing optional."""
+        return cls(name=name, module=module, stages=stages)
 
     def synthesis_stages(self) -> dict[str, str]:
         return dict(self.synthesis)
@@ -207,7 +205,7 @@ def refresh() -> None:
     _CACHE = None
 
 
-def declarations() -> dict[str, MethodDeclaration]:
+def declarations() -> Mapping[str, MethodDeclaration]:
     """Every declared method, by name (the package's own first, by name, then installed ones)."""
     global _CACHE
     if _CACHE is None:
@@ -217,7 +215,7 @@ def declarations() -> dict[str, MethodDeclaration]:
                 raise ConfigError(f"method {decl.name!r} is declared twice ({out[decl.name].module} and {decl.module})")
             out[decl.name] = decl
         _CACHE = out
-    return dict(_CACHE)
+    return MappingProxyType(_CACHE)
 
 
 def declaration(name: str) -> MethodDeclaration:

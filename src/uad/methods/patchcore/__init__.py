@@ -4,28 +4,10 @@ Importing this package imports no torch: ``declaration.py`` describes the method
 project, and the names below are loaded from their modules on first use.
 """
 
-from __future__ import annotations
+from uad.exports import lazy_exports
 
-import importlib
-from typing import Any
-
-#: public name -> the module (relative) that defines it
-_EXPORTS = {
-    "PatchCoreConfig": ".config",
-    "aggregate_patches": ".model",
-    "greedy_coreset": ".model",
-    "nearest_neighbors": ".model",
-    "reweighted_image_score": ".model",
-    "smooth_maps": ".model",
-    "PatchCore": ".method",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".config": ("PatchCoreConfig",),
+    ".model": ("aggregate_patches", "greedy_coreset", "nearest_neighbors", "reweighted_image_score", "smooth_maps"),
+    ".method": ("PatchCore",),
+})

@@ -4,23 +4,9 @@ Importing this package imports no torch: ``declaration.py`` describes the method
 project, and the names below are loaded from their modules on first use.
 """
 
-from __future__ import annotations
+from uad.exports import lazy_exports
 
-import importlib
-from typing import Any
-
-#: public name -> the module (relative) that defines it
-_EXPORTS = {
-    "RLR": ".method",
-    "RLRConfig": ".config",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __all__ = lazy_exports(__name__, {
+    ".method": ("RLR",),
+    ".config": ("RLRConfig",),
+})

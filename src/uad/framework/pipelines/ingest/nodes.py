@@ -13,7 +13,7 @@ from uad.data.index import validate_index
 from uad.data.layouts import scan_dataset
 from uad.data.semi import hold_out_labelled_anomalies
 from uad.data.settings import hold_out_normals, make_split
-from uad.data.sources import sources as _sources, train_sources
+from uad.data.sources import source_name, sources as _sources, train_sources
 from uad.data.synthetic import ensure_synthetic_dataset
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
 def split_for_setting(index: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
     """Train/test tables for the configured setting (multi-class, one-class, few-shot, zero-shot),
     plus the split information that the run records (few-shot choice, held-out anomalies)."""
-    train_names = {s.get("name") or Path(s["root"]).name for s in train_sources(data)}
-    test_names = {s.get("name") or Path(s["root"]).name for s in _sources(data, "test")}
+    train_names = {source_name(s) for s in train_sources(data)}
+    test_names = {source_name(s) for s in _sources(data, "test")}
     setting = data.get("setting", "multi_class")
     train_src = index[index["dataset"].isin(train_names)]
     test_src = index[index["dataset"].isin(test_names)] if test_names else None

@@ -15,8 +15,6 @@ specific to one method, and nothing here does the work:
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pandas as pd
 
@@ -81,10 +79,11 @@ def report(method_name: str, predictions: dict[str, np.ndarray], metrics_table: 
 
 
 def _active_run_id() -> str:
-    mlflow = sys.modules.get("mlflow")  # never imported here: a run can be open only if something else did
+    from uad.framework.hooks.common import mlflow_if_imported  # never imports mlflow itself
+
+    mlflow = mlflow_if_imported()
     try:
         run = mlflow.active_run() if mlflow is not None else None
     except Exception:  # noqa: BLE001 - a title must never fail a report
         return ""
     return run.info.run_id if run is not None else ""
-
