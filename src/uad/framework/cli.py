@@ -127,3 +127,9 @@ def run(**kwargs):
         finally:
             for lg in loggers:
                 lg.removeFilter(flt)
+
+
+# kedro review: the review station (its module imports nothing heavy until the command runs)
+from uad.framework.review.command import review  # noqa: E402
+
+cli.add_command(review)
