@@ -5,7 +5,8 @@ Columns (:data:`INDEX_COLUMNS`):
 =============  ===============================================================================
 dataset        dataset name (e.g. ``"mvtec"``, ``"synthetic"``)
 class_name     object / texture category
-split          ``"train"`` or ``"test"``
+split          ``"train"``, ``"validation"`` (held-out normals no method trains on: thresholds and
+               calibration read them) or ``"test"``
 label          0 normal, 1 anomalous
 defect_type    ``"good"`` for normal images, else the defect folder / class name
 image_path     path to the image file (the layout scanners write absolute paths)
@@ -42,7 +43,8 @@ __all__ = [
 ]
 
 INDEX_COLUMNS: list[str] = ["dataset", "class_name", "split", "label", "defect_type", "image_path", "mask_path"]
-_SPLITS = ("train", "test")
+_SPLITS = ("train", "validation", "test")
+_REQUIRED = ("train", "test")
 
 
 class DatasetValidationError(UadError, ValueError):
@@ -110,7 +112,7 @@ def validate_index(
     max_workers: int | None = None,
     full_decode: bool = True,
     mask_policy: str = "binary",
-    require_splits: Iterable[str] = _SPLITS,
+    require_splits: Iterable[str] = _REQUIRED,
     progress: bool = False,
 ) -> None:
     """Check ``df`` and raise :class:`DatasetValidationError` listing every problem found.
@@ -164,6 +166,10 @@ def validate_index(
 
     mask_paths = df["mask_path"]
     no_mask = mask_paths.map(_is_blank)
+    bad_val = (splits == "validation") & (labels == 1)
+    for p in img_paths[bad_val]:
+        problems.append(f"anomalous image {p} in the validation split (validation holds normal images only); "
+                        "move it to a test defect folder")
     need_mask = (splits == "test") & (labels == 1) & no_mask
     for p in img_paths[need_mask]:
         problems.append(f"anomalous test image without mask: {p}; add ground_truth/<defect>/<stem>_mask.png (or <stem>.png)")

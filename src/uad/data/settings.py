@@ -35,7 +35,7 @@ import pandas as pd
 
 from .index import INDEX_COLUMNS
 
-__all__ = ["SETTINGS", "hold_out_normals", "iter_groups", "make_split"]
+__all__ = ["SETTINGS", "hold_out_normals", "hold_out_validation", "iter_groups", "make_split", "validation_rows"]
 
 SETTINGS: tuple[str, ...] = ("multi_class", "one_class", "few_shot", "zero_shot")
 _SORT = ["dataset", "class_name", "split", "label", "defect_type", "image_path"]
@@ -186,3 +186,69 @@ def hold_out_normals(index: pd.DataFrame, fraction: float, seed: int = 0) -> tup
         out.loc[pick, "split"] = "test"
         held[f"{ds}/{cls}"] = int(n)
     return out, held
+
+
+def _fraction(value, key: str) -> float:
+    from uad.errors import ConfigError
+
+    try:
+        frac = 0.0 if value is None or value is False else float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a number; give a fraction in [0, 1) such as 0.1, or 0 for "
+                          "none") from None
+    if not 0.0 <= frac < 1.0:
+        raise ConfigError(f"{key}: {frac} is not in [0, 1); give a fraction such as 0.1, or 0 for none")
+    return frac
+
+
+def hold_out_validation(index: pd.DataFrame, fraction: float, seed: int = 0) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The validation split: normal images (label 0) that no method trains on; thresholds and
+    calibration read them.
+
+    A (dataset, class) whose layout ships validation images (MVTec AD 2's ``validation/good``:
+    rows with ``split == "validation"``) keeps exactly those. Every other (dataset, class) with
+    ``fraction > 0`` (``data.validation_fraction``) moves ``n = min(N - 1, max(1, round(fraction *
+    N)))`` of its ``N`` normal training images to ``split = "validation"``: at least one held out,
+    at least one kept for training; drawn without replacement from the path-sorted normals by
+    ``numpy.random.default_rng([seed, crc32("<dataset>/<class>"), 1])`` (a per-class stream, so
+    filtering classes changes no class's choice; the trailing 1 keeps it apart from
+    :func:`hold_out_normals`' stream). ``fraction == 0`` (the papers' setting) holds out nothing.
+
+    Returns the new index and ``{"<dataset>/<class>": validation images}`` for every class that
+    has any (the layout's or held out)."""
+    from uad.errors import ConfigError
+
+    frac = _fraction(fraction, "data.validation_fraction")
+    out = index.copy()
+    counts: dict[str, int] = {}
+    for (ds, cls), grp in index.groupby(["dataset", "class_name"], sort=True):
+        own = int((grp["split"] == "validation").sum())
+        if own:
+            counts[f"{ds}/{cls}"] = own
+            continue
+        if frac == 0.0:
+            continue
+        normal = grp[(grp["split"] == "train") & (grp["label"] == 0)].sort_values("image_path", kind="mergesort")
+        if len(normal) == 0:
+            continue  # no training images of this class (the test side of zero-shot)
+        if len(normal) < 2:
+            raise ConfigError(f"data.validation_fraction: class {ds}/{cls} has {len(normal)} normal training image; "
+                              "it needs 2 (one to train on, one to validate): add images, or set "
+                              "data.validation_fraction: 0")
+        n = min(len(normal) - 1, max(1, int(round(frac * len(normal)))))
+        rng = np.random.default_rng([int(seed), zlib.crc32(f"{ds}/{cls}".encode()), 1])
+        pick = normal.index[np.sort(rng.choice(len(normal), size=n, replace=False))]
+        out.loc[pick, "split"] = "validation"
+        counts[f"{ds}/{cls}"] = int(n)
+    return out, counts
+
+
+def validation_rows(index: pd.DataFrame, classes: Iterable[str] | None = None) -> pd.DataFrame:
+    """The validation split's rows (normal images only) of ``classes`` (all when None), sorted
+    like the other splits, with a fresh 0..n-1 index; an empty frame with the index columns when
+    there are none."""
+    _check_columns(index, "index")
+    val = index[(index["split"] == "validation") & (index["label"] == 0)]
+    if classes is not None:
+        val = val[val["class_name"].isin([str(c) for c in classes])]
+    return _tidy(val)

@@ -33,7 +33,7 @@ from uad.data.torch_data import AnomalyImageDataset
 from uad.engine.scoring import score_dataset
 from uad.engine.trainer import EngineConfig, Trainer
 from uad.inference import GROUP_SEP, holds_per_class_models as per_class_models, split_group_state
-from uad.methods.capabilities import FeatureFitting, ReferencePool
+from uad.methods.capabilities import Calibrated, FeatureFitting, ReferencePool
 from uad.methods.registry import build_method
 from uad.params import PARAM_PREFIX
 from uad.synthesis.spec import spec_key
@@ -174,7 +174,8 @@ def compose_plugin_params(method_params: dict, base_name: str, base_params: dict
 def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: dict, method_params: dict,
                 engine: dict, engine_override: dict, synthesis: dict | None = None,
                 previous: dict | None = None, features: dict | None = None,
-                base: dict | None = None, synthesis_params: dict | None = None) -> tuple[dict, dict, dict]:
+                base: dict | None = None, synthesis_params: dict | None = None,
+                validation_index: pd.DataFrame | None = None) -> tuple[dict, dict, dict]:
     """Train one stage of ``method_name``; returns (checkpoint, loss history for MLflow, run tags).
 
     ``synthesis``: the run's synthesis spec (node ``synthesis``; :mod:`uad.synthesis.spec`) for a
@@ -185,6 +186,9 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     ``previous``: the checkpoint of the method's previous stage. ``features``: cached encoder
     features (``extract_features``) for methods that fit from them in one pass. ``base``: a
     plug-in's trained base method (its checkpoint), loaded frozen before training.
+    ``validation_index``: the held-out normals (the ``validation`` split, no model trained on
+    them); a :class:`~uad.methods.capabilities.Calibrated` method is fitted on them after its last
+    stage (:func:`calibrate_method`). The test split is never an input of training.
 
     With ``engine.strategy: ddp`` outside a process group, the node starts ``engine.devices``
     local ranks that run this same function data-parallel; rank 0's result comes back here and
@@ -193,7 +197,7 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
     spawned = launch_ranks(cfg, train_stage, method_name=method_name, stage=stage, train_index=train_index, data=data,
                             method_params=method_params, engine=engine, engine_override=engine_override,
                             synthesis=synthesis, previous=previous, features=features, base=base,
-                            synthesis_params=synthesis_params)
+                            synthesis_params=synthesis_params, validation_index=validation_index)
     if spawned is not None:
         return tuple(spawned)  # type: ignore[return-value]
     normal = train_index[train_index["label"] == 0]
@@ -258,6 +262,13 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
                     raise ValueError(f"{method_name} has no use for a features stage's output (not a ReferencePool)")
                 method.load_train_features(split_group_state(features["tensors"], group))
             result = method.fit_stage(stage, loader, trainer)
+        if isinstance(method, Calibrated) and method.wants_calibration and stage == method.stages[-1]:
+            figures = calibrate_method(method, method_name, validation_index, group, classes, spec, cfg.seed, base,
+                                       fingerprint)
+            for key, value in figures.items():
+                if key != "curve":
+                    history.setdefault(f"calibration/{key}" + (f"/{group}" if group else ""), []).append(
+                        {"step": 0, "value": float(value)})
         for step, loss in (result or {}).get("history", []):
             history.setdefault(metric, []).append({"step": int(step), "value": float(loss)})
         suffix = f"{stage}" + (f"/{group}" if group else "")
@@ -279,6 +290,50 @@ def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: d
             "train_data_sha256": fingerprint, "run_params": params}
     tags.update({PARAM_PREFIX + k: v for k, v in params.items()})
     return {"tensors": tensors, "meta": meta}, history, tags
+
+
+#: the pseudo anomalies of the validation set draw from their own stream, never the training's
+VALIDATION_SEED_OFFSET = 7919
+
+
+def calibrate_method(method, method_name: str, validation_index: pd.DataFrame | None, group: str | None,
+                     classes: list[str], spec: dict[str, Any] | None, seed: int, base: dict | None,
+                     fingerprint: str) -> dict[str, Any]:
+    """Fit a :class:`~uad.methods.capabilities.Calibrated` method on the held-out normals of its
+    model group and pseudo anomalies made on them with its own synthesis recipe (a seed stream of
+    their own). A plug-in's base must have trained on exactly this run's training images, else
+    the held-out normals could be images it learnt (``train_data_sha256`` of its checkpoint)."""
+    from uad.errors import ConfigError
+
+    if validation_index is None or validation_index.empty:
+        raise ConfigError(f"{method_name}: calibrate needs held-out normals (the validation split), and this run has "
+                          "none: set data.validation_fraction (e.g. 0.2) and train the base again with it, or use a "
+                          "dataset with a validation folder (mvtec_ad2)")
+    rows = validation_index[validation_index["label"] == 0]
+    if group is not None:
+        rows = rows[rows["class_name"] == group]
+    if rows.empty:
+        raise ConfigError(f"{method_name}: the validation split has no normal image of {group or 'any class'}: raise "
+                          "data.validation_fraction (at least one image per class)")
+    made = ((base or {}).get("meta") or {}).get("train_data_sha256")
+    if base is not None and made and made != fingerprint:
+        raise ConfigError(f"{method_name}: the base checkpoint {base.get('path') or ''} was trained on other training "
+                          "images than this run's (another data.validation_fraction or dataset): its held-out normals "
+                          "may be images it learnt; train the base again with this run's data parameters")
+    stage = method.stages[-1]
+    val_seed = int(seed) + VALIDATION_SEED_OFFSET
+    aug, _ = synthesis_augment(method, stage, rows, rows.iloc[0:0], spec, val_seed, group)
+    if aug is None:
+        raise ConfigError(f"{method_name}: calibrate needs the method's pseudo-anomaly recipe (a synthesis stage)")
+    normals = method_dataset(method, rows, classes)
+    pseudo = method_dataset(method, rows, classes, augment=aug)
+    figures = method.calibrate(normals, pseudo)
+    log.info("%s%s: calibrated on %d held-out normals + their pseudo anomalies: weight %.2f (validation image / "
+             "pixel AUROC %.3f / %.3f; base %.3f / %.3f, P %.3f / %.3f)", method_name, f" [{group}]" if group else "",
+             len(rows), figures["weight"], figures["val_image_auroc"], figures["val_pixel_auroc"],
+             figures.get("val_base_image_auroc", float("nan")), figures.get("val_base_pixel_auroc", float("nan")),
+             figures.get("val_p_image_auroc", float("nan")), figures.get("val_p_pixel_auroc", float("nan")))
+    return figures
 
 
 def launch_ranks(cfg: EngineConfig, fn: Callable, **kwargs: Any) -> Any:
@@ -391,23 +446,34 @@ def _full_frame_part(method, df: pd.DataFrame, classes: list[str], cfg, infer: d
 @torch.no_grad()
 def predict_split(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
             engine_override: dict, checkpoint: dict, infer: dict | None = None,
-            evaluation: dict | None = None) -> dict[str, np.ndarray]:
+            evaluation: dict | None = None, validation_index: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
     """Anomaly maps and scores for every test image (maps float16 at the crop size), and the same
     images scored in the full frame as ``infer`` scores new ones (``full_scores``, ``full_maps``:
     for the thresholds inference applies; ``evaluation.full_frame: false`` skips them). Under
     ``engine.strategy: ddp`` the ranks score blocks of whole batches (sharded inference) and the
-    results are gathered in order: equal to one process's."""
+    results are gathered in order: equal to one process's.
+
+    With a non-empty ``validation_index`` (held-out normals), its rows are scored the same way and
+    returned under ``validation_`` keys (``validation_scores``, ``validation_maps``,
+    ``validation_class_names``, ``validation_image_paths``, ``validation_full_scores`` /
+    ``validation_full_maps`` with the full frame, ``validation_base_scores`` / ``validation_base_maps``
+    for a plug-in): the evaluation sets its thresholds on them."""
     cfg = engine_config(engine, engine_override)
     spawned = launch_ranks(cfg, predict_split, method_name=method_name, test_index=test_index, data=data,
                             method_params=method_params, engine=engine, engine_override=engine_override,
-                            checkpoint=checkpoint, infer=infer, evaluation=evaluation)
+                            checkpoint=checkpoint, infer=infer, evaluation=evaluation,
+                            validation_index=validation_index)
     if spawned is not None:
         return spawned
+    if validation_index is not None and len(validation_index) == 0:
+        validation_index = None
     # zero-shot tests on classes the model never saw: ids cover both sides
-    classes = sorted(set(checkpoint["meta"].get("classes") or []) | set(test_index["class_name"].unique()))
+    classes = sorted(set(checkpoint["meta"].get("classes") or []) | set(test_index["class_name"].unique())
+                     | (set(validation_index["class_name"].unique()) if validation_index is not None else set()))
     one_class = per_class_models(checkpoint["meta"])
     groups = sorted(test_index["class_name"].unique()) if one_class else [None]
     parts: list[dict[str, np.ndarray]] = []
+    vparts: list[dict[str, np.ndarray]] = []
     scoring_seconds = 0.0
     for group in groups:
         df = test_index if group is None else test_index[test_index["class_name"] == group]
@@ -438,7 +504,26 @@ def predict_split(method_name: str, test_index: pd.DataFrame, data: dict, method
         if evaluation is None or evaluation.get("full_frame", True):
             part.update(_full_frame_part(method, df, classes, cfg, infer or {}, method_name, group))
         parts.append(part)
+        vdf = None if validation_index is None else (
+            validation_index if group is None else validation_index[validation_index["class_name"] == group])
+        if vdf is not None and len(vdf):
+            vdf = vdf.reset_index(drop=True)
+            vbase: dict[str, list] = {}
+            vscores, vmaps, _ = score_dataset(method, method_dataset(method, vdf, classes), trainer, cfg,
+                                              f"{method_name}:predict:validation" + (f":{group}" if group else ""),
+                                              base=vbase)
+            vpart = {"scores": vscores, "maps": vmaps, "class_names": vdf["class_name"].to_numpy(str),
+                     "image_paths": vdf["image_path"].to_numpy(str)}
+            if vbase:
+                vpart["base_scores"] = np.concatenate(vbase["scores"]).astype(np.float32)
+                vpart["base_maps"] = np.concatenate(vbase["maps"])
+            if evaluation is None or evaluation.get("full_frame", True):
+                full = _full_frame_part(method, vdf, classes, cfg, infer or {}, method_name, group)
+                vpart.update({k: v for k, v in full.items() if k != "full_masks"})
+            vparts.append(vpart)
     out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if vparts:
+        out.update({f"validation_{k}": np.concatenate([p[k] for p in vparts]) for k in vparts[0]})
     out["input_resize"] = np.asarray(method.input_spec["resize"], dtype=np.int64)
     # the evaluation's scoring rate (decode, preprocess, forward, maps to the host), images / s
     out["scoring_img_per_s"] = np.asarray(len(out["scores"]) / max(scoring_seconds, 1e-9), dtype=np.float64)

@@ -19,8 +19,10 @@ __all__ = ["evaluate_predictions"]
 
 def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.DataFrame, dict, dict]:
     """The seven metrics per class and their mean (the papers' protocol), and the decision
-    thresholds inference will apply (:func:`uad.metrics.thresholds.compute_thresholds`: F1-optimal
-    on this labelled split, or at ``evaluation.threshold_fpr`` on normal images without labels)."""
+    thresholds inference will apply (:func:`uad.metrics.thresholds.compute_thresholds`: from the
+    validation normals by ``evaluation.threshold_rule`` where the predictions hold them
+    (``validation_scores`` / ``validation_maps``, ``validation_full_*``), else F1-optimal on this
+    labelled split, or at ``evaluation.threshold_fpr`` on normal images without labels)."""
     from .thresholds import compute_thresholds
 
     has_masks = bool(predictions["masks"].any()) and evaluation.get("pixel", True)
@@ -55,16 +57,20 @@ def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -
         table = table.join(base[[m for m in METRIC_NAMES if m in base.columns]].add_prefix("base_"))
         log.info("base detector: %s", ", ".join(f"{m}={base.loc['mean'][m]:.4f}" for m in METRIC_NAMES
                                                  if m in base.columns and np.isfinite(base.loc["mean"][m])))
+    rule = {"fpr": float(evaluation.get("threshold_fpr", 0.01)), "rule": str(evaluation.get("threshold_rule", "fpr")),
+            "k": float(evaluation.get("threshold_std_k", 3.0))}
     thresholds = compute_thresholds(predictions["labels"], predictions["scores"],
                                     predictions["masks"] if has_masks else None,
                                     predictions["maps"] if has_masks else None,
-                                    fpr=float(evaluation.get("threshold_fpr", 0.01)))
+                                    validation_scores=predictions.get("validation_scores"),
+                                    validation_maps=predictions.get("validation_maps"), **rule)
     thresholds["frame"] = "crop"
     if "full_scores" in predictions:  # the full frame inference scores: its own thresholds and headline metrics
         full = compute_thresholds(predictions["labels"], predictions["full_scores"],
                                   predictions["full_masks"] if has_masks else None,
                                   predictions["full_maps"] if has_masks else None,
-                                  fpr=float(evaluation.get("threshold_fpr", 0.01)))
+                                  validation_scores=predictions.get("validation_full_scores"),
+                                  validation_maps=predictions.get("validation_full_maps"), **rule)
         thresholds["full"] = {**full, "frame": "full"}
         for key in ("image", "pixel"):
             if key in full:

@@ -12,7 +12,7 @@ from uad.errors import ConfigError, DatasetRootError
 from uad.data.index import validate_index
 from uad.data.layouts import scan_dataset
 from uad.data.semi import hold_out_labelled_anomalies
-from uad.data.settings import hold_out_normals, make_split
+from uad.data.settings import hold_out_normals, hold_out_validation, make_split, validation_rows
 from uad.data.sources import source_name, sources as _sources, train_sources
 from uad.data.synthetic import ensure_synthetic_dataset
 
@@ -73,33 +73,55 @@ def build_sample_index(data: dict[str, Any]) -> pd.DataFrame:
     return index
 
 
-def split_for_setting(index: pd.DataFrame, data: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
-    """Train/test tables for the configured setting (multi-class, one-class, few-shot, zero-shot),
-    plus the split information that the run records (few-shot choice, held-out anomalies)."""
+def split_for_setting(index: pd.DataFrame, data: dict[str, Any]
+                      ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """Train / validation / test tables for the configured setting (multi-class, one-class,
+    few-shot, zero-shot), plus the split information that the run records (few-shot choice,
+    held-out normals and anomalies, validation counts).
+
+    The validation table holds normal images no method trains on (the layout's own, MVTec AD 2's
+    ``validation/good``, else ``data.validation_fraction`` of each class's training normals:
+    :func:`uad.data.settings.hold_out_validation`); ``train_index`` then holds only the rows
+    trained on. It has the index columns and may be empty (the default ``validation_fraction: 0``)."""
     train_names = {source_name(s) for s in train_sources(data)}
     test_names = {source_name(s) for s in _sources(data, "test")}
     setting = data.get("setting", "multi_class")
+    seed = int(data.get("seed", 0))
     train_src = index[index["dataset"].isin(train_names)]
     test_src = index[index["dataset"].isin(test_names)] if test_names else None
     held: dict[str, int] = {}
     if setting != "zero_shot" and _holdout_fraction(data) > 0:
-        train_src, held = hold_out_normals(train_src, _holdout_fraction(data), seed=int(data.get("seed", 0)))
+        train_src, held = hold_out_normals(train_src, _holdout_fraction(data), seed=seed)
         for key, n in held.items():
             log.info("%s has no test images: %d of its normal training images (data.normal_holdout %.2f, seed %d) "
                      "are its test split; thresholds come from the false-positive rate on them "
                      "(evaluation.threshold_fpr), and image metrics need anomalies, so they are not computed",
-                     key, n, _holdout_fraction(data), int(data.get("seed", 0)))
+                     key, n, _holdout_fraction(data), seed)
     if setting != "zero_shot" and test_src is not None and not test_names <= train_names:
         raise ValueError(f"data.test names other datasets {sorted(test_names - train_names)}: that is the "
                          "zero_shot setting (data.setting: zero_shot)")
+    # validation normals: from the data the test images come from (zero-shot: the target dataset)
+    fraction = data.get("validation_fraction", 0)
+    if setting == "zero_shot" and test_src is not None:
+        test_src, val_counts = hold_out_validation(test_src, fraction, seed=seed)
+        val_src = test_src
+    else:
+        train_src, val_counts = hold_out_validation(train_src, fraction, seed=seed)
+        val_src = train_src
     train_df, test_df, info = make_split(train_src, test_src, setting=setting, shots=data.get("shots"),
-                                         seed=int(data.get("seed", 0)), classes=data.get("classes"))
+                                         seed=seed, classes=data.get("classes"))
     k = int(data.get("anomaly_shots") or 0)
     if k > 0:  # semi-supervised: k labelled anomalies per class move from test to train
-        train_df, test_df, held = hold_out_labelled_anomalies(train_df, test_df, k, seed=int(data.get("seed", 0)))
+        train_df, test_df, held = hold_out_labelled_anomalies(train_df, test_df, k, seed=seed)
         info["semi_supervised_anomalies"] = held
     if held:
         info["normal_holdout"] = {"fraction": _holdout_fraction(data), "held_out": held}
+    val_df = validation_rows(val_src, classes=sorted(set(test_df["class_name"])))
+    if len(val_df):
+        info["validation"] = {"fraction": float(fraction or 0), "images": {
+            k: v for k, v in val_counts.items() if k.split("/", 1)[1] in set(val_df["class_name"])}}
+        log.info("validation split: %d normal images no method trains on (%s)", len(val_df),
+                 ", ".join(f"{k} {v}" for k, v in sorted(info["validation"]["images"].items())))
     info["setting"] = setting
-    info["n_train"], info["n_test"] = int(len(train_df)), int(len(test_df))
-    return train_df.reset_index(drop=True), test_df.reset_index(drop=True), info
+    info["n_train"], info["n_test"], info["n_validation"] = int(len(train_df)), int(len(test_df)), int(len(val_df))
+    return train_df.reset_index(drop=True), val_df, test_df.reset_index(drop=True), info

@@ -10,5 +10,5 @@ def create_pipeline(**kwargs) -> Pipeline:
         node(named(f"{_NODES}:build_sample_index", "build_sample_index"), {"data": "params:data"}, "sample_index",
              name="build_sample_index"),
         node(named(f"{_NODES}:split_for_setting", "split_for_setting"), {"index": "sample_index", "data": "params:data"},
-             ["train_index", "test_index", "split_info"], name="split_for_setting"),
+             ["train_index", "validation_index", "test_index", "split_info"], name="split_for_setting"),
     ])

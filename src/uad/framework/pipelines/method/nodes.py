@@ -52,13 +52,14 @@ def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, me
 
 def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,
             engine_override: dict, checkpoint: dict, infer: dict | None = None,
-            evaluation: dict | None = None) -> dict[str, np.ndarray]:
-    """``predict``: the test split by the evaluation protocol and in the full frame
-    (:func:`uad.engine.orchestration.predict_split`)."""
+            evaluation: dict | None = None, validation_index: pd.DataFrame | None = None) -> dict[str, np.ndarray]:
+    """``predict``: the test split (and the validation normals, ``validation_*`` keys) by the
+    evaluation protocol and in the full frame (:func:`uad.engine.orchestration.predict_split`)."""
     from uad.engine import orchestration
 
     return orchestration.predict_split(method_name, test_index, data, method_params, engine, engine_override,
-                                       checkpoint, infer=infer, evaluation=evaluation)
+                                       checkpoint, infer=infer, evaluation=evaluation,
+                                       validation_index=validation_index)
 
 
 def evaluate(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.DataFrame, dict, dict]:

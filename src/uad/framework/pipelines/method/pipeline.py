@@ -19,7 +19,7 @@ _NODES = "uad.framework.pipelines.method.nodes"
 _SERVING = "uad.framework.pipelines.method.serving"
 _SYNTHESIS = "uad.framework.pipelines.synthesis.nodes"
 
-SHARED_INPUTS = {"train_index", "test_index"}
+SHARED_INPUTS = {"train_index", "validation_index", "test_index"}
 SHARED_PARAMS = {"params:data", "params:engine", "params:synthesis", "params:evaluation", "params:reporting", "params:infer"}
 
 
@@ -124,7 +124,8 @@ def create_pipeline(method: str, base: str | None = None) -> Pipeline:
     trained ``base`` (its checkpoint read from the catalog), namespace ``<method>_<base>``."""
     train, final = _training_nodes(method, base)
     pred = node(named(f"{_NODES}:predict", "predict", method_name=method),
-                {"test_index": "test_index", **_common(method, base), "checkpoint": final, "infer": "params:infer",
+                {"test_index": "test_index", "validation_index": "validation_index", **_common(method, base),
+                 "checkpoint": final, "infer": "params:infer",
                  "evaluation": "params:evaluation"},
                 "predictions", name="predict", tags=["predict"])
     namespace = method if base is None else plugin_namespace(method, base)
