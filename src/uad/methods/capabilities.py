@@ -10,7 +10,8 @@ from __future__ import annotations
 import abc
 from typing import Any, Mapping
 
-__all__ = ["FeatureFitting", "ReferencePool", "RescalableSchedule", "GroupReconstruction", "Reconstruction"]
+__all__ = ["FeatureFitting", "ReferencePool", "RescalableSchedule", "GroupReconstruction", "Reconstruction",
+           "Calibrated"]
 
 
 class FeatureFitting(abc.ABC):
@@ -77,3 +78,20 @@ class Reconstruction(abc.ABC):
     @abc.abstractmethod
     def prediction_from(self, images: Any, *parts: Any) -> Any:
         ...
+
+
+class Calibrated(abc.ABC):
+    """A method that fits part of its output after training on held-out normal images no model
+    trained on (the ``validation`` split) and pseudo anomalies made on them (CostFilter-AD's
+    calibrated blend). The training orchestration calls ``calibrate(normals, pseudo)`` after the
+    last stage when ``wants_calibration``; the test split is never handed to it."""
+
+    @property
+    @abc.abstractmethod
+    def wants_calibration(self) -> bool:
+        ...
+
+    @abc.abstractmethod
+    def calibrate(self, normals: Any, pseudo: Any) -> dict[str, Any]:
+        """Fit on two datasets (clean held-out normals; the same images with pseudo anomalies);
+        returns the validation figures (the chosen values among them)."""

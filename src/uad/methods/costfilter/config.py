@@ -79,8 +79,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "focal_weight": 1.0, "ce_weight": 0.5, "ssim_weight": 0.1, "iou_weight": 0.1, "mse_weight": 1.0,
         "gamma_rule": "official", "lr": 1e-4, "betas": (0.9, 0.98), "batch_size": 12, "epochs": 17,
         "blend": 0.05, "score_topk": 250, "score_ratio": 0.01, "matching_channels": 768, "base_map": "auto",
+        "calibrate": False,
     },
 }
+PRESETS["paper"]["calibrate"] = False
+# this project's addition (docs/deviations.md): the paper's filter, its P blended with the base's own
+# map and score at the base's scale, the weight chosen on held-out normals + pseudo anomalies
+# (uad.methods.costfilter.calibration); blend None = chosen
+PRESETS["calibrated"] = {**PRESETS["paper"], "calibrate": True, "blend": None, "base_map": "own"}
 
 
 @dataclass
@@ -130,6 +136,12 @@ class CostFilterConfig:
     seed: int = 1
     # --- output (sec. 3.4) ------------------------------------------------------------------------
     blend: float | None = None  # lambda: map = lambda * P + (1 - lambda) * base map (1: P alone)
+    # calibrated blend (preset calibrated): P mapped onto the base's units by the base's and P's
+    # median and 99.9 % quantile on the held-out normals (the validation split), and, when ``blend``
+    # is unset, the weight chosen among ``blend_candidates`` on those normals + pseudo anomalies
+    calibrate: bool | None = None
+    blend_candidates: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(21)])
+    calibration_quantile: float = 0.999
     score_topk: int | None = None  # mean of the top k pixels (> 0) ...
     score_ratio: float | None = None  # ... or of the top ratio of the pixels (official 1 %)
 
@@ -155,8 +167,21 @@ class CostFilterConfig:
             raise ConfigError(f"costfilter: squeeze needs two widths (x base_width), got {self.squeeze}")
         if self.base_map == "auto":
             self.base_map = "cosine" if self.base == "dinomaly" else "own"
-        if not 0.0 <= float(self.blend) <= 1.0:
+        self.calibrate = bool(self.calibrate)
+        if self.blend is None and not self.calibrate:
+            raise ConfigError("costfilter: blend is unset: give a weight in [0, 1], or calibrate: true (preset "
+                              "calibrated) to choose it on the held-out normals")
+        if self.blend is not None and not 0.0 <= float(self.blend) <= 1.0:
             raise ConfigError(f"costfilter: blend must be in [0, 1], got {self.blend}")
+        if self.calibrate and self.base_map != "own":
+            raise ConfigError("costfilter: calibrate blends the base's own map and score (base_map: own), got "
+                              f"base_map {self.base_map!r}")
+        cands = [float(w) for w in self.blend_candidates]
+        if not cands or any(not 0.0 <= w <= 1.0 for w in cands):
+            raise ConfigError(f"costfilter: blend_candidates must be weights in [0, 1], got {self.blend_candidates}")
+        self.blend_candidates = sorted(set(cands))
+        if not 0.5 < float(self.calibration_quantile) < 1.0:
+            raise ConfigError(f"costfilter: calibration_quantile must be in (0.5, 1), got {self.calibration_quantile}")
         if int(self.templates) < 1:
             raise ConfigError(f"costfilter: templates must be >= 1, got {self.templates}")
 
@@ -164,7 +189,7 @@ class CostFilterConfig:
     def from_params(cls, params: Mapping[str, Any] | None = None) -> "CostFilterConfig":
         params = dict(params or {})
         check_param_names(cls, params, cls.label)
-        parse_list_params(params, ("squeeze",))
+        parse_list_params(params, ("squeeze", "blend_candidates"))
         if params.get("squeeze") is not None:
             params["squeeze"] = [int(s) for s in params["squeeze"]]
         params["base_params"] = dict(params.get("base_params") or {})

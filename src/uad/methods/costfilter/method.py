@@ -31,10 +31,11 @@ from torch import nn
 from uad.errors import ConfigError
 
 from ..base import AnomalyMethod, OptimSetup, Prediction
-from ..capabilities import ReferencePool, RescalableSchedule
+from ..capabilities import Calibrated, ReferencePool, RescalableSchedule
 from ..common.optim import EpochPlateau
 from ..registry import build_method, register
 from .bases import BaseView, EmbeddingBase, make_base
+from .calibration import BlendCalibration, ValidationOutputs, affine_onto, blend, choose_weight
 from .config import CostFilterConfig
 from .losses import costfilter_loss
 from .network import CostFilterNet
@@ -44,7 +45,7 @@ __all__ = ["CostFilter"]
 
 
 @register("costfilter")
-class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
+class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
     config_class = CostFilterConfig
     stages = ("filter",)
 
@@ -65,6 +66,7 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
             raise ConfigError("costfilter: query_side 'template' needs a reconstruction base (one template per "
                               f"position); {cfg.base} matches against N normal images: use query_side 'input'")
         self.net: CostFilterNet | None = None
+        self.calibration: BlendCalibration | None = None
         self._last_loss = float("nan")
         self.terms: dict[str, float] = {}
 
@@ -257,23 +259,40 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
         released code's ``lambda P + (1 - lambda) M_base``). With ``base_map: own`` M_base is the
         base's evaluation map and the score ``lambda s(P) + (1 - lambda) s_base`` (its own score);
         with ``cosine`` M_base is the grid map bilinearly resized and the score is read from the
-        blended map (the released evaluation)."""
+        blended map (the released evaluation). With ``calibrate`` (preset ``calibrated``) P and s(P)
+        are first mapped onto the base's units by the fitted :class:`BlendCalibration` and the
+        weight is the calibrated one (:mod:`.calibration`)."""
         prob = self.probability(logits, size)
+        if self.cfg.calibrate:
+            cal = self.calibration
+            if cal is None:
+                raise RuntimeError("costfilter: calibrate is on but the filter has no calibration; it is fitted after "
+                                   "training on the held-out normals (the validation split)")
+            base, base_scores = self._base_outputs(view, size)
+            return (blend(prob, base, cal.weight, cal.map_affine),
+                    blend(self.image_score(prob), base_scores, cal.weight, cal.score_affine))
         lam = float(self.cfg.blend)
         if lam >= 1.0:
             return prob, self.image_score(prob)
         if view.base_map is None:
             raise RuntimeError("costfilter: blend < 1 needs the base map; the view was built without it")
         if self.cfg.base_map == "own":
-            pred = view.prediction
-            base = view.base_map.float()
-            if tuple(base.shape[-2:]) != tuple(size):
-                base = F.interpolate(base[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+            base, base_scores = self._base_outputs(view, size)
             maps = lam * prob + (1.0 - lam) * base
-            return maps, lam * self.image_score(prob) + (1.0 - lam) * pred.scores.float()
+            return maps, lam * self.image_score(prob) + (1.0 - lam) * base_scores
         base = F.interpolate(view.base_map[:, None].float(), size=size, mode="bilinear", align_corners=True)[:, 0]
         maps = lam * prob + (1.0 - lam) * base
         return maps, self.image_score(maps)
+
+    @staticmethod
+    def _base_outputs(view: BaseView, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The base's own evaluation map (at ``size``) and image score, float32."""
+        if view.prediction is None or view.base_map is None:
+            raise RuntimeError("costfilter: the blend needs the base's own prediction; the view was built without it")
+        base = view.base_map.float()
+        if tuple(base.shape[-2:]) != tuple(size):
+            base = F.interpolate(base[:, None], size=size, mode="bilinear", align_corners=True)[:, 0]
+        return base, view.prediction.scores.float()
 
     def image_score(self, maps: torch.Tensor) -> torch.Tensor:
         """Mean of the top ``max(score_topk, score_ratio * H * W)`` pixels (paper: 250; code: 1 %, at least 250)."""
@@ -292,6 +311,59 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
         base = Prediction(scores=view.prediction.scores.float().cpu(), maps=view.prediction.maps.float().cpu())
         return Prediction(scores=scores.float().cpu(), maps=maps.float().cpu(), base=base)
 
+    # --- calibration (preset calibrated) ------------------------------------------------------
+    @property
+    def wants_calibration(self) -> bool:
+        return bool(self.cfg.calibrate)
+
+    @torch.no_grad()
+    def validation_outputs(self, dataset: Any, batch_size: int = 8) -> ValidationOutputs:
+        """P, s(P), the base's own map and score, the masks and labels of every image of
+        ``dataset`` (items with ``image``, ``mask``; a pseudo anomaly is an image with a non-empty
+        mask), from one base forward per batch."""
+        if self.net is None:
+            raise RuntimeError("costfilter: no filter network to calibrate; train it first")
+        self.eval_mode()
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("p", "ps", "b", "bs", "m")}
+        for start in range(0, len(dataset), batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            images = torch.stack([torch.as_tensor(it["image"]) for it in items]).to(self.device)
+            size = tuple(images.shape[-2:])
+            view = self.base.view(images, None, with_prediction=True)
+            logits, _ = self.filter(view)
+            prob = self.probability(logits, size)
+            base, base_scores = self._base_outputs(view, size)
+            parts["p"].append(prob.cpu())
+            parts["ps"].append(self.image_score(prob).cpu())
+            parts["b"].append(base.cpu())
+            parts["bs"].append(base_scores.cpu())
+            parts["m"].append(torch.stack([torch.as_tensor(it["mask"]).reshape(size) > 0.5 for it in items]))
+        masks = torch.cat(parts["m"])
+        return ValidationOutputs(torch.cat(parts["p"]), torch.cat(parts["b"]), torch.cat(parts["ps"]),
+                                 torch.cat(parts["bs"]), masks, masks.flatten(1).any(dim=1).long())
+
+    def calibrate(self, normals: Any, pseudo: Any) -> dict[str, Any]:
+        """Fit the blend (:mod:`.calibration`): P's map and score onto the base's units from the
+        held-out ``normals``; the weight (unless ``blend`` is given) on ``normals`` + ``pseudo``
+        (the same images with the filter's own pseudo anomalies). Returns the validation figures."""
+        cfg = self.cfg
+        clean = self.validation_outputs(normals, int(cfg.batch_size))
+        if len(clean.labels) == 0:
+            raise ValueError("costfilter: calibration needs at least one held-out normal image")
+        q = float(cfg.calibration_quantile)
+        map_affine = affine_onto(clean.p_maps, clean.base_maps, q)
+        score_affine = affine_onto(clean.p_scores, clean.base_scores, q)
+        fake = self.validation_outputs(pseudo, int(cfg.batch_size))
+        val = ValidationOutputs(*(torch.cat([a, b]) for a, b in zip(
+            (clean.p_maps, clean.base_maps, clean.p_scores, clean.base_scores, clean.masks, clean.labels * 0),
+            (fake.p_maps, fake.base_maps, fake.p_scores, fake.base_scores, fake.masks, fake.labels))))
+        candidates = cfg.blend_candidates if cfg.blend is None else [float(cfg.blend)]
+        weight, figures = choose_weight(val, map_affine, score_affine, candidates)
+        figures.update({"map_scale": map_affine[0], "map_shift": map_affine[1], "score_scale": score_affine[0],
+                        "score_shift": score_affine[1], "weight_chosen": float(cfg.blend is None)})
+        self.calibration = BlendCalibration(weight, map_affine, score_affine, figures)
+        return figures
+
     # --- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         if self.net is None:
@@ -299,10 +371,12 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
         out = {f"net.{k}": v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         out.update({f"base.{k}": v for k, v in self.base_method.state_dict().items()})
         out.update({f"ref.{k}": v.detach().cpu().contiguous() for k, v in self.base.state().items()})
+        if self.calibration is not None:
+            out.update({f"cal.{k}": v for k, v in self.calibration.state().items()})
         return out
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        parts: dict[str, dict[str, torch.Tensor]] = {"net": {}, "base": {}, "ref": {}}
+        parts: dict[str, dict[str, torch.Tensor]] = {"net": {}, "base": {}, "ref": {}, "cal": {}}
         for key, t in state.items():
             head, _, rest = key.partition(".")
             if head not in parts:
@@ -316,6 +390,7 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
         if self.net is None:
             self.build_net(int(parts["net"]["cls_fc.weight"].shape[0]))
         self.net.load_state_dict(parts["net"], strict=True)
+        self.calibration = BlendCalibration.from_state(parts["cal"]) if parts["cal"] else None
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def identity(self) -> dict[str, str]:
@@ -328,4 +403,13 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule):
         cfg = self.cfg
         base_tags = {f"base_{k}": v for k, v in self.base_method.tags().items() if k != "method"}
         return {"method": self.name, "base": cfg.base, "costfilter_preset": cfg.preset, "query_side": cfg.query_side,
-                "guidance_map": cfg.guidance_map, "base_map": cfg.base_map, "blend": str(cfg.blend), **base_tags}
+                "guidance_map": cfg.guidance_map, "base_map": cfg.base_map, "blend": str(cfg.blend), **base_tags,
+                **self._calibration_tags()}
+
+    def _calibration_tags(self) -> dict[str, str]:
+        if self.calibration is None:
+            return {}
+        cal = self.calibration
+        return {"blend": f"{cal.weight:g}", "blend_calibrated": "true",
+                "blend_map_affine": f"{cal.map_affine[0]:.6g},{cal.map_affine[1]:.6g}",
+                "blend_score_affine": f"{cal.score_affine[0]:.6g},{cal.score_affine[1]:.6g}"}

@@ -1,0 +1,153 @@
+"""The calibrated blend of CostFilter-AD's P with its base, fitted on data the project makes itself.
+
+The paper's output (sec. 3.4) is P alone; the released code blends ``lambda P + (1 - lambda) M``
+with a weight tuned per base variant *at that base's scale* (Dinomaly's ``1 - cos`` map: 0.05;
+AnomalyDINO 0.5; GLAD 0.4). A weight copied onto a base of another scale (PatchCore's distances
+span 33-75 where P lies in [0, 1]) is not the method. This module makes the weight mean the same on
+every base and chooses it without the test split:
+
+1. **Scale** (:func:`affine_onto`): on held-out normal images (the ``validation`` split: normals
+   no model trained on), P is mapped onto the base's units by the affine map that sends P's median
+   to the base's median and P's upper quantile (99.9 %) to the base's, for the pixel maps and for
+   the image scores separately. The blend is then computed in the base's units::
+
+       M = (1 - w) M_base + w (a P + b)          s = (1 - w) s_base + w (a' s(P) + b')
+
+   so ``w = 0`` is the base bit for bit and ``w = 1`` is P (an increasing affine map of it: the same
+   ranking, the same AUROC and AUPRO). Mapping the base onto P's scale instead gives the same map
+   up to one increasing affine map (the same metrics); the base's units keep its thresholds readable.
+2. **Weight** (:func:`choose_weight`): on a validation set of the held-out normals and pseudo
+   anomalies made on them with the filter's own recipe (its synthesis spec, its own seed stream),
+   every candidate weight is scored by the mean of image AUROC (normal vs pseudo-anomalous images)
+   and pixel AUROC; the best wins, ties going to the smaller weight (the base). The test split is
+   never an input.
+
+All statistics are of the model's own group (one model per class in the one-class setting: per class).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["BlendCalibration", "ValidationOutputs", "affine_onto", "choose_weight", "blend", "DEFAULT_WEIGHTS"]
+
+#: the candidate weights searched by default: 0, 0.05, ..., 1
+DEFAULT_WEIGHTS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
+#: at most this many pixels enter a quantile or a pixel AUROC (a fixed stride over the maps)
+MAX_PIXELS = 2_000_000
+
+
+@dataclass
+class BlendCalibration:
+    """The fitted blend: weight ``w`` and the affine maps (scale, shift) sending P's map and
+    score onto the base's units."""
+
+    weight: float
+    map_affine: tuple[float, float]
+    score_affine: tuple[float, float]
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {"weight": torch.tensor([float(self.weight)], dtype=torch.float64),
+                "map_affine": torch.tensor(self.map_affine, dtype=torch.float64),
+                "score_affine": torch.tensor(self.score_affine, dtype=torch.float64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> "BlendCalibration":
+        need = {"weight", "map_affine", "score_affine"}
+        if set(state) != need:
+            raise KeyError(f"costfilter: a calibration needs {sorted(need)}, got {sorted(state)}")
+        ma, sa = state["map_affine"].tolist(), state["score_affine"].tolist()
+        return cls(float(state["weight"].reshape(-1)[0]), (float(ma[0]), float(ma[1])), (float(sa[0]), float(sa[1])))
+
+
+@dataclass
+class ValidationOutputs:
+    """What the filter and its base give on the validation images (host tensors).
+
+    ``p_maps`` / ``base_maps``: (N, H, W); ``p_scores`` / ``base_scores``: (N,); ``masks``: (N, H, W)
+    bool (empty on the held-out normals); ``labels``: (N,) 0 normal, 1 pseudo anomaly."""
+
+    p_maps: torch.Tensor
+    base_maps: torch.Tensor
+    p_scores: torch.Tensor
+    base_scores: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+
+
+def _sample(values: torch.Tensor, limit: int = MAX_PIXELS) -> torch.Tensor:
+    flat = values.reshape(-1).double()
+    step = max(1, -(-flat.numel() // limit))
+    return flat[::step]
+
+
+def affine_onto(source: torch.Tensor, target: torch.Tensor, quantile: float = 0.999) -> tuple[float, float]:
+    """``(a, b)`` with ``a * source + b`` matching ``target`` at the median and at ``quantile``
+    (both computed on the given values: the held-out normals). ``a > 0`` always: when P does not
+    spread on the normals (a saturated filter), its scale is taken from its full range instead, and
+    when that is 0 too, ``a = 1`` (the blend then only shifts)."""
+    s, t = _sample(source), _sample(target)
+    qs = torch.quantile(s, torch.tensor([0.5, quantile], dtype=torch.float64))
+    qt = torch.quantile(t, torch.tensor([0.5, quantile], dtype=torch.float64))
+    spread_s, spread_t = float(qs[1] - qs[0]), float(qt[1] - qt[0])
+    if spread_s <= 1e-12:
+        spread_s = float(s.max() - s.min())
+    if spread_t <= 1e-12:
+        spread_t = float(t.max() - t.min())
+    a = spread_t / spread_s if spread_s > 1e-12 and spread_t > 1e-12 else 1.0
+    return a, float(qt[0]) - a * float(qs[0])
+
+
+def blend(p: torch.Tensor, base: torch.Tensor, weight: float, affine: tuple[float, float]) -> torch.Tensor:
+    """``(1 - w) base + w (a p + b)``, in float32 (the base's units)."""
+    a, b = affine
+    w = float(weight)
+    return ((1.0 - w) * base.float() + w * (a * p.float() + b)).float()
+
+
+def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    from uad.metrics.metrics import auroc
+
+    if labels.min() == labels.max():
+        return float("nan")
+    return float(auroc(labels, scores))
+
+
+def choose_weight(val: ValidationOutputs, map_affine: tuple[float, float], score_affine: tuple[float, float],
+                  weights: Sequence[float] = DEFAULT_WEIGHTS) -> tuple[float, dict[str, float]]:
+    """The weight with the best mean of image and pixel AUROC on the validation set, ties to the
+    smaller weight; and the validation figures (each candidate's, P alone's, the base's)."""
+    labels = val.labels.numpy().astype(np.int64)
+    masks = val.masks.reshape(-1)
+    step = max(1, -(-masks.numel() // MAX_PIXELS))
+    pix_labels = masks[::step].numpy().astype(np.int64)
+    base_px, p_px = val.base_maps.reshape(-1)[::step], val.p_maps.reshape(-1)[::step]
+    table: list[tuple[float, float, float]] = []
+    for w in weights:
+        img = _auroc(labels, blend(val.p_scores, val.base_scores, w, score_affine).numpy())
+        pix = _auroc(pix_labels, blend(p_px, base_px, w, map_affine).numpy())
+        table.append((float(w), img, pix))
+
+    def criterion(row: tuple[float, float, float]) -> float:
+        vals = [v for v in row[1:] if np.isfinite(v)]
+        return float(np.mean(vals)) if vals else float("-inf")
+
+    best = table[0]
+    for row in table[1:]:
+        if criterion(row) > criterion(best) + 1e-12:
+            best = row
+    figures = {"val_images": float(len(labels)), "val_pseudo_anomalies": float(labels.sum()),
+               "weight": best[0], "val_image_auroc": best[1], "val_pixel_auroc": best[2],
+               "val_criterion": criterion(best)}
+    by_weight = {row[0]: row for row in table}
+    for name, w in (("base", 0.0), ("p", 1.0)):
+        if w in by_weight:
+            figures[f"val_{name}_image_auroc"] = by_weight[w][1]
+            figures[f"val_{name}_pixel_auroc"] = by_weight[w][2]
+    figures["curve"] = [list(r) for r in table]  # type: ignore[assignment]
+    return best[0], figures
