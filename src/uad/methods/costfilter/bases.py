@@ -163,6 +163,10 @@ class EmbeddingBase(FilterBase):
         self.ref_global = torch.empty(0, 0)
         self.ref_class = torch.empty(0, dtype=torch.int64)
         self.ref_index = torch.empty(0, dtype=torch.int64)
+        # the pool's layer tokens, computed once per device from ``ref_images`` (the base is frozen
+        # and in eval mode, so they never change): a training step forwards its own images only,
+        # not ``templates`` more per image
+        self._ref_tokens: tuple[torch.device, list[torch.Tensor]] | None = None
 
     # --- features --------------------------------------------------------------------------
     def layers(self, images: torch.Tensor) -> tuple[list[torch.Tensor], tuple[int, int]]:
@@ -201,11 +205,23 @@ class EmbeddingBase(FilterBase):
         self.ref_images = torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous()
         self.ref_class = torch.as_tensor(ids[picks], dtype=torch.int64)
         self.ref_index = torch.as_tensor(picks, dtype=torch.int64)
-        globals_ = []
-        for start in range(0, len(picks), 16):
-            tokens, _ = self.layers(self._normalise(self.ref_images[start:start + 16], device))
-            globals_.append(self.global_feature(tokens).cpu())
-        self.ref_global = torch.cat(globals_)
+        self._ref_tokens = None
+        self.ref_global = self.global_feature(self.reference_tokens(device)).cpu()
+
+    def reference_tokens(self, device: torch.device) -> list[torch.Tensor]:
+        """Per layer (P, h*w, C_l): every pool image's tokens, cached on ``device``."""
+        device = torch.device(device)
+        if self._ref_tokens is None or self._ref_tokens[0] != device:
+            per_layer: list[list[torch.Tensor]] = []
+            with torch.no_grad():
+                for start in range(0, self.ref_images.shape[0], 16):
+                    tokens, _ = self.layers(self._normalise(self.ref_images[start:start + 16], device))
+                    for i, t in enumerate(tokens):
+                        if len(per_layer) <= i:
+                            per_layer.append([])
+                        per_layer[i].append(t)
+            self._ref_tokens = (device, [torch.cat(t) for t in per_layer])
+        return self._ref_tokens[1]
 
     def state(self) -> dict[str, torch.Tensor]:
         return {"ref_images": self.ref_images, "ref_global": self.ref_global, "ref_class": self.ref_class,
@@ -219,6 +235,7 @@ class EmbeddingBase(FilterBase):
         self.ref_global = state["ref_global"].float()
         self.ref_class = state["ref_class"].long()
         self.ref_index = state["ref_index"].long()
+        self._ref_tokens = None
 
     # --- the view ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -243,9 +260,8 @@ class EmbeddingBase(FilterBase):
             queries, grid = self._layers_from_maps(maps)
             rows = self.nearest(self.global_feature(queries), class_ids, exclude)  # B, N
             b, n = rows.shape
-            refs = self._normalise(self.ref_images[rows.flatten().cpu()], images.device)
-            ref_tokens, _ = self.layers(refs)  # L x (B*N, h*w, C)
-            templates = [t.reshape(b, n * t.shape[1], t.shape[2]) for t in ref_tokens]
+            pool = self.reference_tokens(images.device)  # L x (P, h*w, C)
+            templates = [t[rows.flatten()].reshape(b, n * t.shape[1], t.shape[2]) for t in pool]
         base_map = pred.maps.float() if pred is not None else None  # PatchCore's memory-bank distance map
         return BaseView(queries, templates, queries, grid, base_map, pred, aligned=False)
 
