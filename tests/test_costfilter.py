@@ -621,3 +621,32 @@ def test_choose_weight_follows_the_informative_side():
     w, _ = choose_weight(bad, (10.0, 40.0), (10.0, 40.0))
     assert w == 0.0
     assert set(inspect.signature(choose_weight).parameters) == {"val", "map_affine", "score_affine", "weights"}
+
+
+def test_no_training_node_of_any_pipeline_reads_the_test_split():
+    """The calibrated blend chooses its weight during training: in every registered pipeline, no
+    node that a checkpoint depends on reads ``test_index`` (directly or through another node), and
+    every plug-in's last training node reads ``validation_index``. Adding ``test_index`` to a
+    training node's inputs fails here."""
+    from uad.pipeline_registry import register_pipelines
+
+    pipes = register_pipelines()
+    checked = 0
+    for name, pipe in pipes.items():
+        producers = {out: n for n in pipe.nodes for out in n.outputs}
+        for n in pipe.nodes:
+            if not any(out.rsplit(".", 1)[-1].startswith("checkpoint_") for out in n.outputs):
+                continue
+            seen, stack = set(), list(n.inputs)
+            while stack:
+                ds = stack.pop()
+                if ds in seen:
+                    continue
+                seen.add(ds)
+                assert ds != "test_index", f"pipeline {name}: {n.name} depends on the test split"
+                if ds in producers:
+                    stack.extend(producers[ds].inputs)
+            checked += 1
+            if name.startswith("costfilter_") and n.name.endswith(".train_filter"):
+                assert "validation_index" in n.inputs, n.inputs
+    assert checked >= 10

@@ -31,14 +31,15 @@ def compose_plugin_params(method_params: dict, base_name: str, base_params: dict
 def train_stage(method_name: str, stage: str, train_index: pd.DataFrame, data: dict, method_params: dict,
                 engine: dict, engine_override: dict, synthesis: dict | None = None,
                 previous: dict | None = None, features: dict | None = None,
-                base: dict | None = None, synthesis_params: dict | None = None) -> tuple[dict, dict, dict]:
+                base: dict | None = None, synthesis_params: dict | None = None,
+                validation_index: pd.DataFrame | None = None) -> tuple[dict, dict, dict]:
     """``train_<stage>``: (checkpoint, loss history for MLflow, run tags); see
     :func:`uad.engine.orchestration.train_stage`."""
     from uad.engine import orchestration
 
     return orchestration.train_stage(method_name, stage, train_index, data, method_params, engine, engine_override,
                                      synthesis=synthesis, previous=previous, features=features, base=base,
-                                     synthesis_params=synthesis_params)
+                                     synthesis_params=synthesis_params, validation_index=validation_index)
 
 
 def extract_features(method_name: str, train_index: pd.DataFrame, data: dict, method_params: dict, engine: dict,

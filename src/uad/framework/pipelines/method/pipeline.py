@@ -100,6 +100,10 @@ def _training_nodes(method: str, base: str | None = None) -> list:
             inputs["base"] = _base_checkpoint(base)
         if features:
             inputs["features"] = "train_features"
+        if base is not None and stage == shape.stages[-1]:
+            # a plug-in may fit its output on the held-out normals after training (CostFilter-AD's
+            # calibrated blend); the test split is never a training input
+            inputs["validation_index"] = "validation_index"
         label = "train" if stage == "train" else f"train_{stage}"
         nodes.append(node(named(f"{_NODES}:train_stage", label, method_name=method, stage=stage), inputs,
                           [f"checkpoint_{stage}", f"train_log_{stage}", f"run_tags_{stage}"],
