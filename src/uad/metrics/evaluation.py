@@ -1,4 +1,6 @@
-"""The evaluation of a run's predictions: the papers' seven metrics per class and their mean, the
+"""The evaluation of a run's predictions: the papers' seven metrics per class and their mean (AU-PRO
+to ``evaluation.aupro_limit``), beside them SegF1, AU-PRO to ``evaluation.aupro_second_limit`` and
+AUPIMO (:mod:`uad.metrics.mvtec_ad2`) wherever there are masks, the
 plug-in's base beside it (``base/``, ``gain/``), the full-frame figures ``infer`` will see, and the
 decision thresholds inference applies. Core library: numpy / pandas; no kedro, no mlflow (the
 ``mlflow_metrics`` it returns are plain ``{key: {"value", "step"}}`` rows a tracker logs)."""
@@ -17,6 +19,40 @@ log = logging.getLogger(__name__)
 __all__ = ["evaluate_predictions"]
 
 
+def _limit(evaluation: dict, key: str, default: float) -> float:
+    from uad.errors import ConfigError
+
+    val = evaluation.get(key, default)
+    try:
+        val = float(val)
+    except (TypeError, ValueError):
+        val = -1.0
+    if not 0.0 < val <= 1.0:
+        raise ConfigError(f"evaluation.{key}: {evaluation.get(key)!r} is not a false-positive rate in (0, 1]; "
+                          f"e.g. {default} (MVTec-AD integrates AU-PRO to 0.3, MVTec AD 2 to 0.05)")
+    return val
+
+
+def _extra_metrics(predictions: dict[str, np.ndarray], evaluation: dict):
+    """:func:`uad.metrics.mvtec_ad2.extra_metrics` from the predictions and the evaluation's
+    parameters (``segf1_rule``, ``threshold_std_k``, ``threshold_fpr``, ``aupro_second_limit``)."""
+    from .mvtec_ad2 import extra_metrics
+    from .thresholds import THRESHOLD_RULES
+
+    rule = str(evaluation.get("segf1_rule", "mean_std"))
+    if rule not in THRESHOLD_RULES:
+        from uad.errors import ConfigError
+
+        raise ConfigError(f"evaluation.segf1_rule: {rule!r} is not one of {', '.join(THRESHOLD_RULES)}; "
+                          "mean_std is the MVTec AD 2 paper's rule")
+    return extra_metrics(predictions["labels"], predictions["masks"].astype(bool), predictions["maps"],
+                         predictions["class_names"], predictions.get("validation_maps"),
+                         predictions.get("validation_class_names"), rule=rule,
+                         k=float(evaluation.get("threshold_std_k", 3.0)),
+                         fpr=float(evaluation.get("threshold_fpr", 0.01)),
+                         second_limit=_limit(evaluation, "aupro_second_limit", 0.05))
+
+
 def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -> tuple[pd.DataFrame, dict, dict]:
     """The seven metrics per class and their mean (the papers' protocol), and the decision
     thresholds inference will apply (:func:`uad.metrics.thresholds.compute_thresholds`: from the
@@ -26,11 +62,17 @@ def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -
     from .thresholds import compute_thresholds
 
     has_masks = bool(predictions["masks"].any()) and evaluation.get("pixel", True)
+    limit = _limit(evaluation, "aupro_limit", 0.3)
     table = compute_metrics(predictions["labels"], predictions["scores"], predictions["masks"].astype(bool),
-                            predictions["maps"], predictions["class_names"], pixel=has_masks)
+                            predictions["maps"], predictions["class_names"], pixel=has_masks, fpr_limit=limit)
+    names = METRIC_NAMES
+    if has_masks:  # SegF1 (threshold on the validation normals), AU-PRO at the second limit, AUPIMO
+        extra = _extra_metrics(predictions, evaluation)
+        names = (*METRIC_NAMES, *[c for c in extra.columns if c != "segf1_threshold"])
+        table = table.join(extra)
     mlflow_metrics: dict[str, dict[str, float]] = {}
     for cls, row in table.iterrows():
-        for name in METRIC_NAMES:
+        for name in names:
             val = row.get(name)
             if val is None or not np.isfinite(val):
                 continue
@@ -40,7 +82,7 @@ def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -
         mlflow_metrics["scoring_img_per_s"] = {"value": float(predictions["scoring_img_per_s"]), "step": 0}
     mlflow_metrics["n_test_images"] = {"value": float(len(predictions["scores"])), "step": 0}
     mean = table.loc["mean"]
-    shown = ", ".join(f"{m}={mean[m]:.4f}" for m in METRIC_NAMES if m in mean and np.isfinite(mean[m]))
+    shown = ", ".join(f"{m}={mean[m]:.4f}" for m in names if m in mean and np.isfinite(mean[m]))
     log.info("mean over classes: %s", shown or "no metric (the test split has no anomalous image: normal-only data)")
     if "base_scores" in predictions:  # a plug-in: the base's metrics and the gain, side by side
         base = compute_metrics(predictions["labels"], predictions["base_scores"], predictions["masks"].astype(bool),
@@ -85,6 +127,11 @@ def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -
         log.info("full frame (what infer scores): %s; thresholds image %.6g%s", ", ".join(
             f"{k.split('/')[1]}={v['value']:.4f}" for k, v in mlflow_metrics.items() if k.startswith("full_frame/") and "auroc" in k),
             full["image"], f", pixel {full['pixel']:.6g}" if "pixel" in full else "")
+    if "segf1_threshold" in table.columns:  # the per-class pixel thresholds SegF1 and the submission use
+        per = {str(c): float(v) for c, v in table["segf1_threshold"].items() if c != "mean" and np.isfinite(v)}
+        if per:
+            thresholds["per_class_pixel"] = per
+            thresholds["per_class_pixel_source"] = f"validation_{evaluation.get('segf1_rule', 'mean_std')}"
     for key in ("image", "pixel"):
         if key in thresholds:
             mlflow_metrics[f"threshold_{key}"] = {"value": float(thresholds[key]), "step": 0}

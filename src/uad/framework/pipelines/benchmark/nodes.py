@@ -32,7 +32,9 @@ from uad.methods.declaration import base_methods, plugin_namespace, plugins, spl
 
 log = logging.getLogger(__name__)
 
-METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro")
+METRICS = ("image_auroc", "image_ap", "image_f1max", "pixel_auroc", "pixel_ap", "pixel_f1max", "pixel_aupro",
+           # beside them (uad.metrics.mvtec_ad2): SegF1 at the validation threshold, AU-PRO to 0.05, AUPIMO
+           "pixel_segf1", "pixel_aupro_005", "pixel_aupimo")
 
 
 def known_methods() -> list[str]:
