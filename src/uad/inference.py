@@ -113,7 +113,9 @@ def frame_options(params: Mapping[str, Any], batch_size: int = 8) -> dict[str, A
     with one clear error naming the key."""
     opts: dict[str, Any] = {"frame": params.get("frame", "full") or "full", "short_side": params.get("short_side"),
                             "max_side": params.get("max_side", 1024), "tile_overlap": params.get("tile_overlap", 0.25),
-                            "batch_size": int(batch_size)}
+                            "batch_size": int(batch_size), "backend": params.get("backend") or "torch",
+                            "backend_model": params.get("backend_model"),
+                            "backend_precision": params.get("backend_precision") or "fp32"}
     for key in ("short_side", "max_side"):
         val = opts[key]
         if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
@@ -290,6 +292,12 @@ class Inferencer:
     Build it with :meth:`from_checkpoint`, :meth:`from_catalog` or :meth:`from_model_folder`; or directly
     from a loaded ``method`` (the ``infer`` node does: the catalog already loaded the checkpoint).
 
+    ``backend``: ``torch`` (default), ``onnxruntime`` or ``openvino``: the forward inputs go
+    through the exported graph (``backend_model``: an exported ``.onnx`` / OpenVINO ``.xml``, fp32,
+    fp16 or INT8; exported here in fp32 when None) with ``backend_precision`` (OpenVINO: ``fp32``
+    or ``bf16``) and ``backend_threads``; an exported graph takes the training crop, so the full
+    frame is tiled (``frame="crop"`` equals the torch backend's scores to 1e-4 in fp32).
+
     ``image_threshold`` / ``pixel_threshold`` override the stored ones. ``device``: ``auto``
     (CUDA when present), ``cpu``, ``cuda``, ...; ``precision``: ``bf16`` autocast on CUDA (as
     the engine), ``fp32`` everywhere. ``batch_size``: forward inputs per batch (tiles or whole
@@ -301,7 +309,8 @@ class Inferencer:
                  batch_size: int = 8, device: str = "auto", precision: str = "bf16", workers: int = 2,
                  image_threshold: float | None = None, pixel_threshold: float | None = None,
                  progress: bool | None = None, provenance: Mapping[str, Any] | None = None,
-                 engine: Any = None):
+                 engine: Any = None, backend: str = "torch", backend_model: str | os.PathLike | bytes | None = None,
+                 backend_precision: str = "fp32", backend_threads: int | None = None):
         from uad.engine import EngineConfig, Trainer
 
         if frame not in FRAMES:
@@ -352,6 +361,39 @@ class Inferencer:
         self.multiple = method.input_multiple()
         self._mean = torch.tensor(self.spec["mean"], dtype=torch.float32).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec["std"], dtype=torch.float32).view(1, 3, 1, 1)
+        self.backend = backend
+        self._runner = self._backend_runner(backend, backend_model, backend_precision, backend_threads)
+        if self._runner is not None:
+            self.multiple = None  # an exported graph takes the training crop: the full frame is tiled
+
+    def _backend_runner(self, backend: str, model: Any, precision: str, threads: int | None):
+        """None for ``torch``; else the exported graph (``model``: an ``.onnx`` / OpenVINO ``.xml``
+        file or ONNX bytes; exported here in fp32 when None) on onnxruntime or OpenVINO
+        (:func:`uad.deploy.runtime.make_runner`)."""
+        from uad.deploy.runtime import BACKENDS, RuntimeConfigError, make_runner
+
+        if backend not in BACKENDS:
+            raise ConfigError(f"infer.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+        if backend == "torch":
+            return None
+        if self.wants_class:
+            raise ConfigError(f"infer.backend: {self.method.name} reads each image's class, which the exported graph "
+                              f"does not take; use backend torch")
+        if model is None:
+            from uad.deploy.export import export_uint8_onnx
+
+            log.info("%s: exporting the fp32 ONNX graph for the %s backend", self.method.name, backend)
+            model, _ = export_uint8_onnx(self.method, check=False)
+            self.method.to(self.device, None)
+        elif not isinstance(model, (bytes, bytearray)) and not Path(model).is_file():
+            raise ConfigError(f"infer.backend_model: {model} is not a file; give an exported .onnx or OpenVINO .xml "
+                              f"(kedro run --pipeline=export writes them under data/06_models/<method>/deploy)")
+        try:
+            return make_runner(model, backend, threads, precision)
+        except RuntimeConfigError as e:
+            raise ConfigError(str(e)) from None
+        except ImportError as e:
+            raise ConfigError(f"infer.backend: {backend} is not installed ({e}); pip install -e \".[deploy]\"") from None
 
     # ----------------------------------------------------------------------------- constructors
     @classmethod
@@ -431,6 +473,9 @@ class Inferencer:
 
     @torch.no_grad()
     def _forward(self, batch: list[torch.Tensor], class_ids: list[int] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        if self._runner is not None:  # the exported graph takes the uint8 batch and normalises it itself
+            maps, scores = self._runner(torch.stack(batch).numpy())
+            return np.asarray(scores, dtype=np.float32), list(np.asarray(maps, dtype=np.float32))
         x = normalise_uint8(torch.stack(batch).to(self.device, non_blocking=True), self._mean.to(self.device),
                             self._std.to(self.device))
         ids = torch.tensor(class_ids, dtype=torch.long, device=self.device) if self.wants_class else None

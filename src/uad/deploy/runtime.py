@@ -1,0 +1,222 @@
+"""Run an exported anomaly model with onnxruntime or OpenVINO alone: numpy and Pillow, no torch,
+no ``uad``.
+
+This file is self-contained on purpose: the export writes a copy of it (``uad_runtime.py``) beside
+the model files and ``deploy.json``, so the folder runs on a machine that has never installed this
+project::
+
+    python uad_runtime.py deploy.json part_001.png part_002.png            # onnxruntime, fp32
+    python uad_runtime.py deploy.json --model openvino_int8 part_001.png   # OpenVINO, INT8
+
+or from Python::
+
+    from uad_runtime import DeployedModel
+    model = DeployedModel("deploy.json", model="onnx_int8")
+    for r in model.predict(["part_001.png"]):
+        print(r["score"], r["decision"])
+
+The exported graph takes **uint8** images ``(batch, 3, crop, crop)`` (RGB, NCHW) and does the rest
+inside: ``x / 255``, ``(x - mean) / std``, the method's whole inference path, the map and the image
+score. Outside it only the square resize (PIL bilinear, as training) and the centre crop remain
+(:func:`prepare`); ``deploy.json`` holds their sizes, the stored thresholds and which file is which
+format. Scores then equal :class:`uad.inference.Inferencer`'s with ``frame="crop"`` (the
+evaluation's protocol) for the same image.
+
+:func:`make_runner` is also what :class:`uad.inference.Inferencer` uses for its ``onnxruntime`` and
+``openvino`` backends, so the library and a bare deployment run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["BACKENDS", "DeployedModel", "make_runner", "prepare", "read_manifest"]
+
+#: the runtimes a model runs on; ``torch`` is the library's own path (uad.inference)
+BACKENDS = ("torch", "onnxruntime", "openvino")
+#: OpenVINO inference precisions (``INFERENCE_PRECISION_HINT``): f32 everywhere, bf16 where the CPU has it
+OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+
+
+class RuntimeConfigError(ValueError):
+    """A bad file or setting of a deployed model (one line naming it and the fix)."""
+
+
+# ----------------------------------------------------------------------------------- preprocessing
+def prepare(image: Any, resize: int, crop: int) -> np.ndarray:
+    """One image (a path, encoded bytes, a PIL image or an RGB uint8 (H, W, 3) array) as the
+    graph's input: uint8 (3, crop, crop). PIL bilinear resize to (resize, resize), then the centre
+    crop at offset ``round((resize - crop) / 2)`` (the training recipe)."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as im:
+            pil = im.convert("RGB")
+    elif isinstance(image, (bytes, bytearray)):
+        import io
+
+        with Image.open(io.BytesIO(bytes(image))) as im:
+            pil = im.convert("RGB")
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise RuntimeConfigError(f"an array image must be RGB uint8 (H, W, 3), not {image.dtype} {image.shape}")
+        pil = Image.fromarray(image)
+    else:
+        pil = image.convert("RGB")
+    if pil.size != (resize, resize):
+        pil = pil.resize((resize, resize), Image.BILINEAR)
+    arr = np.asarray(pil)
+    o = int(round((resize - crop) / 2.0))
+    return np.ascontiguousarray(arr[o:o + crop, o:o + crop].transpose(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------------------- runners
+def make_runner(model: str | os.PathLike | bytes, backend: str, threads: int | None = None,
+                precision: str = "fp32") -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """A function ``uint8 (B, 3, crop, crop) -> (maps float32 (B, crop, crop), scores float32 (B,))``.
+
+    ``model``: an ``.onnx`` file or its bytes (onnxruntime, OpenVINO) or an OpenVINO ``.xml``
+    (its ``.bin`` beside it). ``precision``: OpenVINO's inference precision, ``fp32`` (exact) or
+    ``bf16`` (on CPUs with AVX-512 BF16 / AMX); an INT8 model runs its quantised layers in INT8
+    either way. ``threads``: the runtime's intra-op threads (None: its default, all cores)."""
+    if backend == "onnxruntime":
+        import onnxruntime as ort
+
+        if precision != "fp32":
+            raise RuntimeConfigError(f"infer.backend_precision: {precision!r} is not available with onnxruntime "
+                                     f"(its CPU kernels are fp32 and INT8); use fp32, or backend openvino for bf16")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        src = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
+        sess = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+
+        def run_ort(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            maps, scores = sess.run(["maps", "scores"], {"images": np.ascontiguousarray(images, dtype=np.uint8)})
+            return maps, scores
+
+        return run_ort
+    if backend == "openvino":
+        import openvino as ov
+
+        if precision not in OV_PRECISIONS:
+            raise RuntimeConfigError(f"infer.backend_precision: {precision!r} is not one of {', '.join(OV_PRECISIONS)}")
+        core = ov.Core()
+        if isinstance(model, (bytes, bytearray)):
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as tmp:
+                p = Path(tmp) / "model.onnx"
+                p.write_bytes(bytes(model))
+                net = core.read_model(str(p))
+        else:
+            net = core.read_model(str(model))
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[precision], "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        compiled = core.compile_model(net, "CPU", config)
+        request = compiled.create_infer_request()
+        out_maps, out_scores = compiled.output("maps"), compiled.output("scores")
+
+        def run_ov(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            res = request.infer({"images": np.ascontiguousarray(images, dtype=np.uint8)})
+            return np.array(res[out_maps], dtype=np.float32), np.array(res[out_scores], dtype=np.float32)
+
+        return run_ov
+    raise RuntimeConfigError(f"infer.backend: {backend!r} is not one of {', '.join(b for b in BACKENDS if b != 'torch')} "
+                             f"here (torch runs inside the library: uad.inference.Inferencer)")
+
+
+# ----------------------------------------------------------------------------------------- models
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """``deploy.json`` (a file, or the folder that holds it), checked for what running needs."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "deploy.json"
+    try:
+        spec = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise RuntimeConfigError(f"{p}: not a readable deploy.json ({e}); give the file the export wrote") from None
+    missing = [k for k in ("models", "preprocessing", "thresholds") if k not in spec]
+    if missing:
+        raise RuntimeConfigError(f"{p}: no {', '.join(missing)}: it was not written by the export pipeline")
+    spec["_folder"] = str(p.parent)
+    return spec
+
+
+class DeployedModel:
+    """An exported model folder (``deploy.json`` + model files) on onnxruntime or OpenVINO.
+
+    ``model``: a key of ``deploy.json``'s ``models`` (``onnx``, ``onnx_int8``, ``openvino_fp32``,
+    ``openvino_fp16``, ``openvino_int8``); its backend is OpenVINO for ``openvino_*`` keys and
+    onnxruntime otherwise unless ``backend`` says (OpenVINO also runs the ONNX files)."""
+
+    def __init__(self, manifest: str | os.PathLike | Mapping[str, Any], model: str = "onnx", backend: str | None = None,
+                 threads: int | None = None, precision: str = "fp32", batch_size: int = 8):
+        self.spec = read_manifest(manifest) if not isinstance(manifest, Mapping) else dict(manifest)
+        files = self.spec["models"]
+        if model not in files:
+            raise RuntimeConfigError(f"model {model!r} is not in this export (it holds {', '.join(files)}); "
+                                     f"export it with export.formats or pick one of those")
+        self.name = model
+        self.backend = backend or ("openvino" if model.startswith("openvino") else "onnxruntime")
+        path = Path(self.spec.get("_folder", ".")) / files[model]
+        self._run = make_runner(path, self.backend, threads, precision)
+        pre = self.spec["preprocessing"]
+        self.resize, self.crop = int(pre["resize"]), int(pre["crop"])
+        self.thresholds = self.spec["thresholds"]
+        self.batch_size = max(1, int(batch_size))
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Maps and scores of a prepared uint8 batch (B, 3, crop, crop)."""
+        return self._run(batch)
+
+    def predict(self, images: Iterable[Any], maps: bool = False) -> list[dict[str, Any]]:
+        """Per image: ``score``, ``decision`` at the stored image threshold (``anomalous`` /
+        ``normal`` / ``unknown``), and the (crop, crop) map with ``maps=True``."""
+        items = list(images)
+        out: list[dict[str, Any]] = []
+        thr = self.thresholds.get("image")
+        for b in range(0, len(items), self.batch_size):
+            part = items[b:b + self.batch_size]
+            x = np.stack([prepare(im, self.resize, self.crop) for im in part])
+            m, s = self._run(x)
+            for k, item in enumerate(part):
+                score = float(s[k])
+                dec = "unknown" if thr is None else ("anomalous" if score >= float(thr) else "normal")
+                r = {"source": str(item) if isinstance(item, (str, os.PathLike)) else f"<input {b + k}>",
+                     "score": score, "decision": dec}
+                if maps:
+                    r["map"] = m[k]
+                out.append(r)
+        return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Score images with an exported anomaly model (onnxruntime / OpenVINO).")
+    ap.add_argument("manifest", help="deploy.json (or its folder)")
+    ap.add_argument("images", nargs="+")
+    ap.add_argument("--model", default="onnx", help="onnx, onnx_int8, openvino_fp32, openvino_fp16, openvino_int8")
+    ap.add_argument("--backend", default=None, choices=("onnxruntime", "openvino"))
+    ap.add_argument("--precision", default="fp32", choices=tuple(OV_PRECISIONS))
+    args = ap.parse_args(argv)
+    try:
+        model = DeployedModel(args.manifest, args.model, args.backend, precision=args.precision)
+        for r in model.predict(args.images):
+            print(json.dumps(r))
+    except RuntimeConfigError as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
