@@ -2,6 +2,7 @@
 
 from .datasets import (
     CsvTableDataset,
+    FileFolderDataset,
     HtmlDataset,
     JSONTagsDataset,
     MlflowTagsDataset,
@@ -14,5 +15,5 @@ from .datasets import (
     ThresholdsDataset,
 )
 
-__all__ = ["CsvTableDataset", "HtmlDataset", "JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "OnnxModelDataset", "PngDataset", "ServedModelDataset",
+__all__ = ["CsvTableDataset", "FileFolderDataset", "HtmlDataset", "JSONTagsDataset", "MlflowTagsDataset", "NpzDataset", "OnnxModelDataset", "PngDataset", "ServedModelDataset",
            "PngFolderDataset", "SafetensorsDataset", "ThresholdsDataset"]

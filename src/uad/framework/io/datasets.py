@@ -279,6 +279,37 @@ class PngFolderDataset(_LocalVersionedDataset):
             mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
 
 
+class FileFolderDataset(_LocalVersionedDataset):
+    """``{file name: bytes}`` as one folder per version (each file written atomically; names are
+    flat, no sub-folders); logged to MLflow as a folder of artifacts. An empty dict writes nothing
+    (the export's deployable formats when ``export.formats`` is empty)."""
+
+    def load(self) -> dict[str, bytes]:
+        root = self._path("load")
+        out = {}
+        for p in sorted(self._fs.glob(f"{root}/*")):
+            with self._fs.open(p, "rb") as fh:
+                out[PurePosixPath(p).name] = fh.read()
+        return out
+
+    def save(self, data: dict[str, bytes]) -> None:
+        if not data:
+            return
+        root = self._path("save")
+        if self._protocol != "file":
+            raise DatasetError("FileFolderDataset writes local files only")
+        import os
+
+        os.makedirs(root, exist_ok=True)
+        for name, blob in data.items():
+            atomic_write_bytes(f"{root}/{PurePosixPath(name).name}", bytes(blob))
+        self._invalidate_cache()
+        self._mark_saved()
+        mlflow = _open_mlflow()
+        if self._mlflow_artifact_path is not None and mlflow is not None:
+            mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
+
+
 class OnnxModelDataset(_LocalVersionedDataset):
     """An ONNX model file (bytes), versioned. With ``registered_model_name`` and an active MLflow
     run, each saved version is also logged as an MLflow ONNX model and registered in the model
