@@ -154,21 +154,24 @@ def infer_pipeline(method: str, base: str | None = None) -> Pipeline:
     return _served(nodes, method, base, {"params:infer", "params:engine"})
 
 
-def _served(nodes: list, method: str, base: str | None, shared: set[str]) -> Pipeline:
+def _served(nodes: list, method: str, base: str | None, shared: set[str], inputs: set[str] = frozenset()) -> Pipeline:
     namespace = method if base is None else plugin_namespace(method, base)
     params = shared | ({f"params:{base}.method"} if base is not None else set())
-    return Pipeline(nodes, namespace=namespace, parameters=params)
+    return Pipeline(nodes, namespace=namespace, parameters=params, inputs=set(inputs) or None)
 
 
 def export_pipeline(method: str, base: str | None = None) -> Pipeline:
-    """The method's inference path as an ONNX model (+ preprocessing / thresholds JSON) and as the
-    servable MLflow pyfunc registered in the model registry (``uad-<namespace>``)."""
+    """The method's inference path as an ONNX model (+ preprocessing / thresholds JSON), as the
+    servable MLflow pyfunc registered in the model registry (``uad-<namespace>``), and the
+    deployable formats of ``export.formats`` (INT8 calibrated on the shared ``train_index``)."""
     nodes = [*_compose_nodes(method, base),
              node(named(f"{_SERVING}:export_model", "export", method_name=method),
                   {"method_params": _params_input(base), "checkpoint": _final_checkpoint(method),
-                   "thresholds": "thresholds", "export": "params:export", "metrics_table": "metrics_table"},
-                  ["onnx_model", "export_spec", "served_model", "export_tags"], name="export", tags=["export"])]
-    return _served(nodes, method, base, {"params:export"})
+                   "thresholds": "thresholds", "export": "params:export", "metrics_table": "metrics_table",
+                   "train_index": "train_index"},
+                  ["onnx_model", "export_spec", "served_model", "export_tags", "deploy_models"], name="export",
+                  tags=["export"])]
+    return _served(nodes, method, base, {"params:export"}, inputs={"train_index"})
 
 
 def evaluation_pipeline(method: str) -> Pipeline:

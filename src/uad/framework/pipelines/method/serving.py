@@ -10,6 +10,7 @@ whole frame by default (every pixel; maps and overlays at each image's own size)
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,8 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
 
 
 def export_model(method_name: str, method_params: dict, checkpoint: dict, thresholds: dict, export: dict,
-                 metrics_table: pd.DataFrame | None = None) -> tuple[bytes, dict[str, Any], dict[str, Any], dict[str, str]]:
+                 metrics_table: pd.DataFrame | None = None, train_index: pd.DataFrame | None = None
+                 ) -> tuple[bytes, dict[str, Any], dict[str, Any], dict[str, str], dict[str, bytes]]:
     """The ONNX model of the whole inference path (preprocessed image in; map and score out), the
     JSON a runtime needs beside it (preprocessing, thresholds, provenance), and the servable
     MLflow model (:mod:`uad.framework.mlflow_model`: the checkpoint, thresholds and frame settings, behind
@@ -132,7 +134,45 @@ def export_model(method_name: str, method_params: dict, checkpoint: dict, thresh
             "onnx_batch": str(info["batch"]), "onnx_opset": str(info["opset"]), "method": method_name,
             **checkpoint_params(meta)}
     served = served_model_payload(method_name, checkpoint, thresholds or {}, export, method, _mean_metrics(metrics_table))
-    return data, spec, served, tags
+    deploy = deploy_files(method_name, method, export, thresholds or {}, train_index, spec)
+    if deploy:
+        tags["deploy_formats"] = ",".join(json.loads(deploy["deploy.json"])["models"])
+    return data, spec, served, tags, deploy
+
+
+def deploy_files(method_name: str, method, export: dict, thresholds: dict, train_index: pd.DataFrame | None,
+                 spec: dict[str, Any]) -> dict[str, bytes]:
+    """The files of ``export.formats`` (:func:`uad.deploy.export.export_bundle`: uint8-input ONNX
+    fp32 / INT8 and OpenVINO IR, ``deploy.json``, ``uad_runtime.py``); INT8 is calibrated on up to
+    ``export.calibration_images`` training normals of the run's training index. Empty when no
+    format is asked for."""
+    formats = export.get("formats") or []
+    if not formats:
+        return {}
+    from uad.deploy.export import calibration_images, check_formats, export_bundle
+
+    formats = check_formats(formats)
+    for key, low in (("calibration_images", 1), ("int8_keep_first", 0)):
+        val = export.get(key, 64 if key == "calibration_images" else 5)
+        if isinstance(val, bool) or not isinstance(val, int) or val < low:
+            raise ConfigError(f"export.{key}: {val!r} is not an integer >= {low}")
+    calib = None
+    if any(f.endswith("int8") for f in formats):
+        rows = train_index if train_index is not None else pd.DataFrame(columns=["image_path", "label"])
+        normals = rows[rows["label"].astype(int) == 0] if len(rows) else rows
+        crop = method.input_spec
+        calib = calibration_images(list(normals["image_path"]), int(crop["resize"]), int(crop["crop"]),
+                                   limit=int(export.get("calibration_images", 64)))
+    try:
+        files, manifest = export_bundle(method, formats, calib, thresholds,
+                                        extra={"checkpoint_version": spec["checkpoint_version"],
+                                               "trained_in_run": spec["trained_in_run"]},
+                                        int8_keep_first=int(export.get("int8_keep_first", 5)))
+    except ImportError as e:
+        raise ConfigError(f"export.formats: {', '.join(formats)} needs {e.name or e}: pip install -e \".[deploy]\"") from None
+    log.info("export: %s deployable formats %s (%.1f MB)", method_name, ", ".join(manifest["models"]),
+             sum(len(v) for v in files.values()) / 2**20)
+    return files
 
 
 def _mean_metrics(table: pd.DataFrame | None) -> dict[str, float]:
