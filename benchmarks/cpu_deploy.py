@@ -1,0 +1,222 @@
+"""CPU deployment speed and accuracy of every backend, one script, one run.
+
+For PatchCore (the quick profile: bundled ImageNet EfficientNet-Lite0, stages 2-3, 1,024-d,
+10 % coreset, 256 -> 224, fitted here on the embedded dataset's 128 training normals) and Dinomaly
+(ViT-S/14 with registers at 224, random weights: speed only): images/s at batch 1 and batch 8 of
+
+* torch fp32 (``method.predict``, the library's path),
+* onnxruntime fp32 and INT8 (static QDQ, calibrated on 64 training normals: ``uad.deploy``),
+* OpenVINO fp32, INT8 (the same QDQ file) and bf16 (the fp32 IR with ``INFERENCE_PRECISION_HINT
+  bf16``; only where the CPU has AVX-512 BF16 or AMX),
+
+and, for PatchCore, image / pixel AUROC of each on the 100 test images (the evaluation's crop),
+next to torch's. The CPU's flags, the libraries' versions and the load average at start and end
+are printed with the table. Every backend gets the same thread count (``--threads``, default all
+cores).
+
+``--isa avx2`` reruns the same in a child process restricted to AVX2 where the libraries allow it:
+``ATEN_CPU_CAPABILITY=avx2`` (torch's ATen kernels) and ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN, which
+torch's convolutions and OpenVINO's CPU plugin use); onnxruntime's MLAS has no such switch, so its
+rows are marked as not restricted.
+
+Usage (timings that are reported: on a quiet machine)::
+
+    flock /tmp/uad_heavy.lock python benchmarks/cpu_deploy.py
+    flock /tmp/uad_heavy.lock python benchmarks/cpu_deploy.py --isa avx2
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}}
+
+
+def cpu_flags() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "x86_64", ""):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    keep = [f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")) or f in ("sse4_2",)]
+    return model, keep
+
+
+def timed(fn, warmup: int, iters: int) -> float:
+    """Calls per second from the median of ``iters`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1.0 / statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="patchcore,dinomaly")
+    ap.add_argument("--isa", default="native", choices=("native", "avx2"))
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--calibration", type=int, default=64, help="training normals the INT8 models are calibrated on")
+    ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "uad_cpu_deploy" / "synthetic"))
+    args = ap.parse_args(argv)
+    if args.isa != "native" and os.environ.get("UAD_CPU_DEPLOY_CHILD") != "1":
+        env = {**os.environ, **ISA_ENV[args.isa], "UAD_CPU_DEPLOY_CHILD": "1"}
+        return subprocess.call([sys.executable, __file__, *(argv if argv is not None else sys.argv[1:])], env=env)
+
+    t_start = time.perf_counter()
+    load0 = os.getloadavg()[0]
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import logging
+
+    import numpy as np
+    import onnxruntime as ort
+    import openvino as ov
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("uad.backbones").setLevel(logging.ERROR)
+    torch.set_num_threads(args.threads)
+    from uad.data.layouts import scan_dataset
+    from uad.data.synthetic import ensure_synthetic_dataset
+    from uad.data.torch_data import AnomalyImageDataset
+    from uad.deploy.export import calibration_images, export_uint8_onnx, quantize_int8, to_openvino
+    from uad.deploy.runtime import make_runner
+    from uad.engine.scoring import normalise_uint8
+    from uad.methods.registry import build_method
+    from uad.metrics import compute_metrics
+
+    model_name, flags = cpu_flags()
+    has_bf16 = any(f in flags for f in ("avx512_bf16", "amx_bf16"))
+    print(f"# cpu_deploy.py  {_dt.datetime.now().isoformat(timespec='seconds')}")
+    print(f"command: python benchmarks/cpu_deploy.py {' '.join(argv if argv is not None else sys.argv[1:])}")
+    print(f"cpu: {model_name}, {os.cpu_count()} logical cores; threads per backend: {args.threads}")
+    print(f"cpu flags: {' '.join(flags)}")
+    print(f"isa: {args.isa} ({' '.join(f'{k}={v}' for k, v in ISA_ENV.get(args.isa, {}).items()) or 'no restriction'}); "
+          f"torch ATen kernels: {torch.backends.cpu.get_cpu_capability()}")
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
+          f"openvino {ov.__version__.split('-')[0]}, numpy {np.__version__}")
+    print(f"load average at start: {load0:.2f}")
+    root = ensure_synthetic_dataset(args.data, seed=0)
+    idx = scan_dataset(root, "mvtec")
+    train, test = idx[idx.split == "train"], idx[idx.split == "test"].reset_index(drop=True)
+    tmp = Path(tempfile.mkdtemp(prefix="uad_cpu_deploy_"))
+    rows, acc_rows, notes = [], [], []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name == "patchcore":
+            params = dict(backbone="tf_efficientnet_lite0", weights="bundled", layers=[2, 3], resize=256, crop=224)
+        elif name == "dinomaly":
+            params = dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=224, crop=224)
+        else:
+            raise SystemExit(f"Error: --models: {name!r} is not patchcore or dinomaly")
+        method = build_method(name, params)
+        spec = method.input_spec
+        resize, crop = int(spec["resize"]), int(spec["crop"])
+        mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+        calib = calibration_images(train.image_path, resize, crop, limit=args.calibration)
+        if name == "patchcore":
+            x_train = calibration_images(train.image_path, resize, crop, limit=len(train))
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                feats = torch.cat([method.features(normalise_uint8(torch.from_numpy(x_train[i:i + 16]), mean, std))
+                                   for i in range(0, len(x_train), 16)])
+                method.fit_from_features(feats)
+            notes.append(f"{name}: fitted on {len(x_train)} training normals in {time.perf_counter() - t0:.1f} s, "
+                         f"memory bank {tuple(method.memory_bank.shape)}")
+        onnx32, info = export_uint8_onnx(method)
+        int8, qinfo = quantize_int8(onnx32, calib)
+        notes.append(f"{name}: ONNX export {info['export_s']} s (max diff to torch {info['check_max_rel_diff_scores']:.1e} "
+                     f"of the largest score); INT8: {qinfo['quantised_nodes']} nodes quantised, "
+                     f"{len(qinfo['kept_fp32'])} kept in float, {qinfo['calibration_images']} calibration images, "
+                     f"{qinfo['quantize_s']} s")
+        files = {}
+        for key, data in (("onnx32", onnx32), ("onnx8", int8)):
+            files[key] = tmp / f"{name}_{key}.onnx"
+            files[key].write_bytes(data)
+        for key, src in (("ov32", onnx32), ("ov8", int8)):
+            xml, bin_ = to_openvino(src)
+            files[key] = tmp / f"{name}_{key}.xml"
+            files[key].write_bytes(xml)
+            files[key].with_suffix(".bin").write_bytes(bin_)
+        method.eval_mode()
+
+        def torch_run(x):
+            with torch.no_grad():
+                out = method.predict(normalise_uint8(torch.from_numpy(x), mean, std))
+            return out.maps.numpy(), out.scores.numpy()
+
+        backends = [("torch", "fp32", torch_run),
+                    ("onnxruntime", "fp32", make_runner(files["onnx32"], "onnxruntime", args.threads)),
+                    ("onnxruntime", "INT8", make_runner(files["onnx8"], "onnxruntime", args.threads)),
+                    ("openvino", "fp32", make_runner(files["ov32"], "openvino", args.threads)),
+                    ("openvino", "INT8", make_runner(files["ov8"], "openvino", args.threads))]
+        if has_bf16:
+            try:
+                backends.append(("openvino", "bf16", make_runner(files["ov32"], "openvino", args.threads, precision="bf16")))
+            except Exception as e:  # an ISA restricted below the CPU's bf16 support
+                notes.append(f"{name}: OpenVINO bf16 not available here: {str(e).splitlines()[0][:160]}")
+        rng = np.random.default_rng(0)
+        batches = {b: rng.integers(0, 256, (b, 3, crop, crop), dtype=np.uint8) for b in (1, 8)}
+        base = {}
+        for backend, prec, run in backends:
+            rates = {b: timed(lambda: run(x), args.warmup, args.iters) * b for b, x in batches.items()}
+            if backend == "torch":
+                base = rates
+            restricted = "not restricted" if (args.isa != "native" and backend == "onnxruntime") else ""
+            rows.append((name, backend, prec, rates[1], rates[8], rates[1] / base[1], rates[8] / base[8], restricted))
+            print(f"  {name} {backend} {prec}: {rates[1]:.2f} / {rates[8]:.2f} img/s", flush=True)
+        if name == "patchcore":
+            ds = AnomalyImageDataset(test, resize, crop, spec["mean"], spec["std"])
+            masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
+            x_test = calibration_images(test.image_path, resize, crop, limit=len(test))
+            ref = None
+            for backend, prec, run in backends:
+                maps, scores = zip(*[run(x_test[i:i + 8]) for i in range(0, len(x_test), 8)])
+                maps, scores = np.concatenate(maps), np.concatenate(scores)
+                table = compute_metrics(test.label.to_numpy(), scores, masks, maps, test.class_name.to_numpy())
+                mean_row = table.loc["mean"]  # the class mean (the papers' protocol)
+                if ref is None:
+                    ref = (scores, maps)
+                scale = float(np.abs(ref[0]).max())
+                acc_rows.append((backend, prec, float(mean_row["image_auroc"]), float(mean_row["pixel_auroc"]),
+                                 float(np.abs(scores - ref[0]).max()) / scale, float(np.abs(maps - ref[1]).max()) / scale))
+    print()
+    print("| model | backend | precision | img/s batch 1 | img/s batch 8 | x torch (b1) | x torch (b8) | note |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]} |")
+    if acc_rows:
+        print()
+        print("PatchCore on the embedded test set (100 images, 224 crop), each backend against torch fp32:")
+        print()
+        print("| backend | precision | image AUROC | pixel AUROC | max score diff (rel.) | max map diff (rel.) |")
+        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        for r in acc_rows:
+            print(f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.1e} | {r[5]:.1e} |")
+    print()
+    for n in notes:
+        print(f"- {n}")
+    print(f"total wall time: {time.perf_counter() - t_start:.0f} s; load average at end: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
