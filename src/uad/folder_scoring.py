@@ -1,6 +1,6 @@
 """Score a folder of images with an :class:`~uad.inference.Inferencer`: the results table, the maps
-at each image's own size, and the overlay pictures (all of them, or the ``max_overlays`` most
-anomalous), in chunks so decoded images and full-size maps never pile up. What ``kedro run
+at each image's own size, and the overlay pictures (all of them, the ``max_overlays`` most
+anomalous, or none for 0; one file per image, whatever the names in the folder), in chunks so decoded images and full-size maps never pile up. What ``kedro run
 --pipeline=infer`` writes; callable from a notebook or a script. Core library: no kedro, no mlflow."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["score_folder", "overlay_name", "RESULT_COLUMNS"]
+__all__ = ["score_folder", "overlay_name", "overlay_names", "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["image_path", "relative_path", "status", "error", "score", "decision", "anomalous_area", "height",
                   "width", "frame", "pieces", "overlay"]
@@ -25,6 +25,24 @@ def overlay_name(relative_path: str) -> str:
     return f"{base}{'_' + ext.lower() if dot else ''}.png"
 
 
+def overlay_names(relative_paths: list[str]) -> list[str]:
+    """One overlay file name per input path, never two alike: :func:`overlay_name`, and where two
+    paths give the same name (``sub/y.png`` beside ``sub__y.png``; ``X.png`` beside ``x.png`` on a
+    file system that ignores case) the later ones get ``-2``, ``-3``, ... in the paths' order."""
+    taken: set[str] = set()
+    out = []
+    for rel in relative_paths:
+        name = overlay_name(rel)
+        stem = name[:-4]
+        k = 1
+        while name.lower() in taken:
+            k += 1
+            name = f"{stem}-{k}.png"
+        taken.add(name.lower())
+        out.append(name)
+    return out
+
+
 def score_folder(inf: Any, rows: pd.DataFrame, method_name: str, limit: int | None = None,
                  overlay_side: int | None = 1024) -> tuple[pd.DataFrame, dict[str, np.ndarray], dict[str, bytes]]:
     """``rows``: a folder index (:func:`uad.data.folder.scan_image_folder`: ``image_path``,
@@ -34,6 +52,9 @@ def score_folder(inf: Any, rows: pd.DataFrame, method_name: str, limit: int | No
     from uad.metrics.plots import image_overlay_png
 
     rows = rows.reset_index(drop=True)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"max_overlays: {limit!r} is not a non-negative integer (0: no overlays; None: one per image)")
+    names = overlay_names(list(rows["relative_path"]))
     thr = inf.thresholds
     kept: list[tuple[float, int, bytes | None]] = []
     pngs: dict[str, bytes] = {}
@@ -43,7 +64,7 @@ def score_folder(inf: Any, rows: pd.DataFrame, method_name: str, limit: int | No
         part = rows.iloc[start:start + chunk]
         for i, res in zip(part.index, inf.predict(list(part["image_path"]), keep_images=True)):
             rel = rows.at[i, "relative_path"]
-            name = overlay_name(rel)
+            name = names[i]
             row = {"image_path": rows.at[i, "image_path"], "relative_path": rel, **res.as_row(), "overlay": ""}
             row.pop("source")
             if res.status == "ok":
@@ -57,6 +78,8 @@ def score_folder(inf: Any, rows: pd.DataFrame, method_name: str, limit: int | No
                 if limit is None:
                     pngs[name] = png()
                     row["overlay"] = name
+                elif limit == 0:
+                    pass  # no overlays asked for: none drawn
                 elif len(kept) < limit or res.score > kept[0][0]:
                     item = (res.score, int(i), png())
                     (heapq.heappush if len(kept) < limit else heapq.heapreplace)(kept, item)
@@ -65,7 +88,7 @@ def score_folder(inf: Any, rows: pd.DataFrame, method_name: str, limit: int | No
     if limit is not None:
         ranked = sorted(kept, key=lambda t: -t[0])
         for rank, (_, i, png) in enumerate(ranked):
-            name = f"{rank:05d}_{overlay_name(rows.at[i, 'relative_path'])}"
+            name = f"{rank:05d}_{names[i]}"
             pngs[name] = png
             table[i]["overlay"] = name
     results = pd.DataFrame(table, columns=RESULT_COLUMNS)

@@ -71,8 +71,9 @@ def infer_images(method_name: str, images: pd.DataFrame, method_params: dict, en
     meta = checkpoint.get("meta") or {}
     method = _load_method(method_name, method_params, checkpoint, infer.get("class_name"), "infer")
     limit = infer.get("max_overlays")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"infer.max_overlays: {limit!r} is not a positive integer; null writes one per image")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ConfigError(f"infer.max_overlays: {limit!r} is not a non-negative integer; 0 writes no overlays, "
+                          f"null one per image")
     for key in ("image_threshold", "pixel_threshold"):
         val = infer.get(key)
         if val is not None and (isinstance(val, bool) or not isinstance(val, (int, float))):
