@@ -180,3 +180,20 @@ def test_bad_backend_settings_are_one_clear_error(deployed, tmp_path):
                    backend_precision="bf16")
     with pytest.raises(ConfigError, match=r"export.formats: \['tflite'\] not among onnx, onnx_int8"):
         check_formats(["onnx", "tflite"])
+
+
+def test_full_frame_on_a_backend_is_tiled_as_torch_tiles_it(deployed):
+    """An exported graph takes the training crop: the full frame is cut into crop-size tiles, the
+    same tiles torch scores when the image exceeds ``max_side``; maps and scores agree."""
+    from uad.inference import Inferencer
+
+    d = deployed
+    paths = list(d["test"].image_path)[:3]
+    common = dict(frame="full", short_side=SIZE + 32, device="cpu", precision="fp32", workers=0, progress=False)
+    ref = Inferencer(d["method"], {}, max_side=SIZE, **common).predict(paths)
+    got = Inferencer(d["method"], {}, backend="openvino", backend_model=d["folder"] / "openvino_fp32.xml",
+                     **common).predict(paths)
+    scale = float(np.abs(d["scores"]).max())
+    for r, g in zip(ref, got):
+        assert g.pieces == r.pieces == 4 and g.map.shape == r.map.shape == (128, 128)
+        assert abs(g.score - r.score) / scale < 1e-4 and np.abs(g.map - r.map).max() / scale < 1e-4
