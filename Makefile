@@ -10,7 +10,7 @@ export MPLBACKEND := Agg
 # two pytest workers, each test module whole on one worker (modules share a project fixture)
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: setup setup-cpu run test viz mlflow-ui bench clean notebooks
+.PHONY: setup setup-cpu run test viz mlflow-ui bench clean notebooks review
 
 $(BIN)/kedro: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: setup
 notebooks: setup
 	$(BIN)/python -m pip install --quiet -e ".[notebooks]"
 	@echo "JupyterLab installed: $(BIN)/kedro jupyter lab --no-browser"
+
+# the review station on a trained model (prints its address; METHOD=patchcore by default)
+review: setup
+	$(BIN)/kedro review --method=$(or $(METHOD),patchcore) $(if $(ENV),--env=$(ENV))
 
 viz: setup
 	$(BIN)/kedro viz run

@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI, Request  # module level: the routes' annotations are resolved by name
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from uad.errors import ConfigError, UadError
 
@@ -113,7 +115,8 @@ def heat_png(amap: np.ndarray, pixel_threshold: float | None) -> bytes:
     lut = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
     rgba = np.empty(m.shape + (4,), np.uint8)
     rgba[..., :3] = lut[idx]
-    rgba[..., 3] = np.where(valid, np.clip(40 + 215 * level * 1.3, 0, 255), 0).astype(np.uint8)
+    # clear where the map is low (the part shows through), opaque from just above the threshold
+    rgba[..., 3] = np.where(valid, 235 * np.clip((level - 0.2) / 0.4, 0.0, 1.0), 0).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -131,7 +134,7 @@ def thumb_jpeg(path: str, amap: np.ndarray | None, pixel_threshold: float | None
         heat = Image.open(io.BytesIO(heat_png(np.asarray(Image.fromarray(amap, mode="F").resize(img.size, Image.BILINEAR)),
                                               pixel_threshold)))
         base = img.convert("RGBA")
-        heat.putalpha(heat.getchannel("A").point(lambda a: int(a * 0.55)))
+        heat.putalpha(heat.getchannel("A").point(lambda a: int(a * 0.7)))
         img = Image.alpha_composite(base, heat).convert("RGB")
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
@@ -226,9 +229,6 @@ class Station:
 
 def create_app(station: Station):
     """The FastAPI application of one :class:`Station`."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-
     app = FastAPI(title="uad review", docs_url=None, redoc_url=None, openapi_url=None)
     st = station.settings
     app.state.station = station
@@ -275,6 +275,10 @@ def create_app(station: Station):
     def index():
         return HTMLResponse((STATIC / "index.html").read_text())
 
+    @app.get("/favicon.ico")
+    def favicon():
+        return Response(status_code=204)
+
     @app.get("/static/{name}")
     def static(name: str):
         files = {"review.js": "text/javascript", "review.css": "text/css"}
@@ -314,7 +318,9 @@ def create_app(station: Station):
         from starlette.concurrency import run_in_threadpool
 
         item = await run_in_threadpool(station.score, item, started)
-        if item.status == "refused":
+        if item.status == "refused":  # an upload refused is a message, not a card
+            station.items.remove(item.id)
+            path.unlink(missing_ok=True)
             raise ReviewError(item.error, 413 if "limit" in item.error or "too large" in item.error else 400)
         return item.as_json()
 

@@ -111,6 +111,10 @@ class Items:
             raise ConfigError(f"no image {item_id!r} on this page (the server was restarted?): add it again")
         return item
 
+    def remove(self, item_id: str) -> None:
+        with self._lock:
+            self._items.pop(str(item_id), None)
+
     def all(self) -> list[Item]:
         return list(self._items.values())
 

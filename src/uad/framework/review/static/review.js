@@ -120,6 +120,12 @@ async function uploadFiles(files) {
   $("busy").hidden = false;
   for (const f of list) {
     $("busy").textContent = "scoring " + f.name + " (" + (done + 1) + " of " + list.length + ")…";
+    if (S.limits && f.size > S.limits.max_upload_mb * 1048576) {
+      failed.push(f.name + " is " + (f.size / 1048576).toFixed(1) + " MB, over this server's upload limit of " + S.limits.max_upload_mb +
+                  " MB: scale it down, or restart kedro review with a larger --max-upload-mb");
+      done++;
+      continue;
+    }
     try {
       const item = await call("/api/upload?name=" + encodeURIComponent(f.name), { method: "POST", body: f, headers: { "Content-Type": "application/octet-stream" } });
       upsert(item);
@@ -197,7 +203,7 @@ function layout() {
   const img = $("d-image"), stack = $("stack"), vp = $("viewport");
   if (!img.naturalWidth) return;
   let scale = Number($("zoom").value);
-  if (scale === 0) scale = Math.min((vp.clientWidth - 8) / img.naturalWidth, (vp.clientHeight - 8) / img.naturalHeight, 1);
+  if (scale === 0) scale = Math.min((vp.clientWidth - 12) / img.naturalWidth, (vp.clientHeight - 12) / img.naturalHeight);
   $("zoom-out").textContent = Number($("zoom").value) === 0 ? "fit (" + Math.round(100 * scale) + " %)" : Math.round(100 * scale) + " %";
   stack.style.width = img.naturalWidth * scale + "px";
   stack.style.height = img.naturalHeight * scale + "px";
@@ -243,7 +249,7 @@ async function start() {
     const st = await call("/api/state");
     $("model").textContent = st.model + " · scoring in the " + st.frame + " frame";
     S.ref = st.reference; S.thr = st.thresholds; S.saved = st.thresholds.image;
-    S.current = S.saved === null ? 0 : S.saved; S.items = st.items; S.kinds = st.kinds;
+    S.current = S.saved === null ? 0 : S.saved; S.items = st.items; S.kinds = st.kinds; S.limits = st.limits;
     $("ref-note").textContent = [st.reference.normals_from && "False alarms: " + st.reference.normals_from + ".",
       st.reference.labelled_from && "Recall, precision: " + st.reference.labelled_from + ".", st.reference.note].filter(Boolean).join(" ");
     $("reviewed").textContent = st.reviewed; showCounts(st.reviewed_counts);
