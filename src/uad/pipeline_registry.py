@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from kedro.pipeline import Pipeline
 
-from uad.framework.pipelines import benchmark, ingest, method, synthesis
+from uad.framework.pipelines import benchmark, ingest, method, submission, synthesis
 from uad.methods.declaration import base_methods, declarations, plugin_namespace, plugins
 
 #: the pipeline ``kedro run`` runs without ``--pipeline``
@@ -30,9 +30,12 @@ def register_pipelines() -> dict[str, Pipeline]:
     # use a trained model: kedro run --pipeline=infer --namespaces=<method> (or infer_<method>)
     pipes["infer"] = sum((method.infer_pipeline(m) for m in methods), Pipeline([]))
     pipes["export"] = sum((method.export_pipeline(m) for m in methods), Pipeline([]))
+    # MVTec AD 2's evaluation-server folders: kedro run --pipeline=submission --namespaces=<method>
+    pipes["submission"] = sum((submission.create_pipeline(m) for m in methods), Pipeline([]))
     for m in methods:
         pipes[f"infer_{m}"] = method.infer_pipeline(m)
         pipes[f"export_{m}"] = method.export_pipeline(m)
+        pipes[f"submission_{m}"] = submission.create_pipeline(m)
     # a plug-in over each trained base it reads (kedro run --pipeline=<base> first): <plugin>_<base>
     for plugin, bases in plugins().items():
         for b in bases:
@@ -40,6 +43,8 @@ def register_pipelines() -> dict[str, Pipeline]:
             pipes[ns] = ing + method.create_pipeline(plugin, base=b)
             pipes[f"infer_{ns}"] = method.infer_pipeline(plugin, base=b)
             pipes[f"export_{ns}"] = method.export_pipeline(plugin, base=b)
+            pipes[f"submission_{ns}"] = submission.create_pipeline(plugin, base=b)
+            pipes["submission"] += pipes[f"submission_{ns}"]
             pipes["infer"] += pipes[f"infer_{ns}"]
             pipes["export"] += pipes[f"export_{ns}"]
             pipes["evaluate"] += method.evaluation_pipeline(ns)

@@ -8,6 +8,17 @@
     <root>/<class>/test/<defect>/*.png               (``good`` = normal)
     <root>/<class>/ground_truth/<defect>/<stem>_mask.png   (``<stem>.png`` also accepted)
 
+``mvtec_ad2`` (MVTec AD 2, Heckler-Kram et al., arXiv 2503.21622, 2025)::
+
+    <root>/<class>/train/good/*.png                       split train
+    <root>/<class>/validation/good/*.png                  split validation (held-out normals: thresholds)
+    <root>/<class>/test_public/good/*.png                 split test, label 0
+    <root>/<class>/test_public/bad/*.png                  split test, label 1, defect_type "bad"
+    <root>/<class>/test_public/ground_truth/bad/<stem>_mask.png
+    <root>/<class>/test_private/*.png, test_private_mixed/*.png
+                                                          no ground truth: not in the index;
+                                                          :func:`scan_unlabelled` lists them
+
 ``btad`` (BTAD; images are .bmp or .png and masks may use another extension than their image)::
 
     <root>/<class>/train/ok/*
@@ -47,6 +58,10 @@
   the official release (as used by its own loader and by Dinomaly / INP-Former); ``meta`` is not
   read.
 
+Folder layouts name the sub-folders of a class they read; any other sub-folder of a class (an
+MVTec AD 2 tree read as ``mvtec``: ``validation``, ``test_public``...) is logged as a warning
+naming it, never dropped silently.
+
 Every scanner returns absolute paths, ``mask_path=""`` for rows without a mask, rows sorted by
 ``(class_name, split, label, defect_type, image_path)`` and a fresh 0..n-1 index, so the same tree
 always gives the same index. Image extensions: png, jpg, jpeg, bmp, tif, tiff (any case).
@@ -71,9 +86,11 @@ from .index import INDEX_COLUMNS, empty_index
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LAYOUTS", "detect_layout", "scan_dataset"]
+__all__ = ["LAYOUTS", "UNLABELLED_SPLITS", "detect_layout", "scan_dataset", "scan_unlabelled"]
 
-LAYOUTS: tuple[str, ...] = ("mvtec", "mpdd", "btad", "mvtec3d", "visa", "realiad", "folder")
+LAYOUTS: tuple[str, ...] = ("mvtec", "mpdd", "mvtec_ad2", "btad", "mvtec3d", "visa", "realiad", "folder")
+#: MVTec AD 2's test sets without public ground truth (scored for the evaluation server)
+UNLABELLED_SPLITS: tuple[str, ...] = ("test_private", "test_private_mixed")
 _REALIAD_IMAGE_DIRS = ("realiad_1024", "realiad_512", "realiad_256", "realiad_raw")
 
 
@@ -138,6 +155,44 @@ def _scan_mvtec(root: Path, dataset: str, **_) -> list[dict]:
                     gt = _find_by_stem(cdir / "ground_truth" / defect, [f"{p.stem}_mask", p.stem])
                     rows.append(_row(dataset, cls, "test", 1, defect, p, gt))
     return rows
+
+
+def _scan_mvtec_ad2(root: Path, dataset: str, **_) -> list[dict]:
+    rows = []
+    for cdir in _class_dirs(root, lambda d: (d / "train" / "good").is_dir() or (d / "test_public").is_dir()):
+        cls = cdir.name
+        for p in _images_in(cdir / "train" / "good"):
+            rows.append(_row(dataset, cls, "train", 0, "good", p))
+        for p in _images_in(cdir / "validation" / "good"):
+            rows.append(_row(dataset, cls, "validation", 0, "good", p))
+        for p in _images_in(cdir / "test_public" / "good"):
+            rows.append(_row(dataset, cls, "test", 0, "good", p))
+        for ddir in _subdirs(cdir / "test_public"):
+            if ddir.name in ("good", "ground_truth"):
+                continue
+            for p in _images_in(ddir):
+                gt = _find_by_stem(cdir / "test_public" / "ground_truth" / ddir.name, [f"{p.stem}_mask", p.stem])
+                rows.append(_row(dataset, cls, "test", 1, ddir.name, p, gt))
+    return rows
+
+
+def scan_unlabelled(root: str | os.PathLike, classes: Iterable[str] | None = None,
+                    dataset_name: str | None = None) -> pd.DataFrame:
+    """MVTec AD 2's test sets without public ground truth (:data:`UNLABELLED_SPLITS`:
+    ``<root>/<class>/test_private/*.png``, ``test_private_mixed/*.png``) as an index frame with
+    the index columns: ``split`` the folder's name, ``label`` -1 (unknown), ``defect_type``
+    ``"unknown"``, no mask. Empty for a tree without them. Listing only (nothing decoded)."""
+    root = Path(root).expanduser().absolute()
+    wanted = None if classes is None else {str(c) for c in classes}
+    name = dataset_name if dataset_name is not None else root.name
+    rows = [_row(name, cdir.name, split, 0, "unknown", p)
+            for cdir in _subdirs(root) if wanted is None or cdir.name in wanted
+            for split in UNLABELLED_SPLITS for p in _images_in(cdir / split)]
+    df = pd.DataFrame(rows, columns=INDEX_COLUMNS) if rows else empty_index()
+    df["label"] = -1
+    df = df.sort_values(["class_name", "split", "image_path"], kind="mergesort").reset_index(drop=True)
+    df["label"] = df["label"].astype("int64")
+    return df[INDEX_COLUMNS]
 
 
 def _scan_folder(root: Path, dataset: str, **_) -> list[dict]:
@@ -286,6 +341,7 @@ def _scan_realiad(
 _ADAPTERS: dict[str, Callable[..., list[dict]]] = {
     "mvtec": _scan_mvtec,
     "mpdd": _scan_mvtec,
+    "mvtec_ad2": _scan_mvtec_ad2,
     "btad": _scan_btad,
     "mvtec3d": _scan_mvtec3d,
     "visa": _scan_visa,
@@ -296,7 +352,12 @@ _ADAPTERS: dict[str, Callable[..., list[dict]]] = {
 
 #: folder layouts (classes are sub-folders of the root) and where their training images live
 _FOLDER_LAYOUTS = {"mvtec": "<class>/train/good/*.png", "mpdd": "<class>/train/good/*.png",
+                   "mvtec_ad2": "<class>/train/good/*.png",
                    "btad": "<class>/train/ok/*", "mvtec3d": "<class>/train/good/rgb/*.png"}
+#: the sub-folders of a class each folder layout reads (any other is reported)
+_CLASS_SUBFOLDERS = {"mvtec": {"train", "test", "ground_truth"}, "mpdd": {"train", "test", "ground_truth"},
+                     "mvtec_ad2": {"train", "validation", "test_public", *UNLABELLED_SPLITS},
+                     "btad": {"train", "test", "ground_truth"}, "mvtec3d": {"train", "validation", "test"}}
 
 
 def detect_layout(root: str | os.PathLike) -> str:
@@ -310,6 +371,8 @@ def detect_layout(root: str | os.PathLike) -> str:
     if (root / "realiad_jsons").is_dir():
         return "realiad"
     subs = _subdirs(root)
+    if any((d / "test_public").is_dir() for d in subs):
+        return "mvtec_ad2"
     if any((d / "train" / "good" / "rgb").is_dir() for d in subs):
         return "mvtec3d"
     if any((d / "train" / "ok").is_dir() for d in subs):
@@ -323,7 +386,7 @@ def detect_layout(root: str | os.PathLike) -> str:
                                  f"that holds it ({root.parent}) and, for this class only, set data.classes=[{root.name}]")
     raise DatasetLayoutError(
         f"unknown layout at {root}: expected one of split_csv/ (visa), realiad_jsons/ (realiad), "
-        f"<class>/train/good/rgb/ (mvtec3d), <class>/train/ok/ (btad), <class>/train/good/ (mvtec, mpdd), "
+        f"<class>/test_public/ (mvtec_ad2), <class>/train/good/rgb/ (mvtec3d), <class>/train/ok/ (btad), <class>/train/good/ (mvtec, mpdd), "
         f"or image files directly inside (folder: one class of normal images); arrange the images so, or set data.layout"
     )
 
@@ -371,6 +434,13 @@ def scan_dataset(
             if d.name not in seen and not d.name.startswith(".") and (wanted is None or d.name in wanted):
                 log.warning("class folder %s holds no images in the %s layout (expected %s); it is skipped",
                             d, lay, _FOLDER_LAYOUTS[lay])
+            if wanted is None or d.name in wanted:
+                extra = [e.name for e in _subdirs(d) if e.name not in _CLASS_SUBFOLDERS[lay]]
+                if extra:
+                    log.warning("%s: sub-folder(s) %s are not part of the %s layout (it reads %s) and are not read%s",
+                                d, ", ".join(extra), lay, ", ".join(sorted(_CLASS_SUBFOLDERS[lay])),
+                                "; this looks like MVTec AD 2: set data.layout: mvtec_ad2 (or auto)"
+                                if "test_public" in extra else "")
     if wanted is not None:
         found = set(df["class_name"])
         unknown = [c for c in wanted if c not in found]

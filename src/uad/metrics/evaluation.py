@@ -132,6 +132,16 @@ def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -
         if per:
             thresholds["per_class_pixel"] = per
             thresholds["per_class_pixel_source"] = f"validation_{evaluation.get('segf1_rule', 'mean_std')}"
+        if "full" in thresholds and "validation_full_maps" in predictions:  # the same rule on infer's frame
+            from .thresholds import normal_threshold
+
+            vmaps, vcls = predictions["validation_full_maps"], np.asarray(predictions["validation_class_names"]).astype(str)
+            rule = str(evaluation.get("segf1_rule", "mean_std"))
+            thresholds["full"]["per_class_pixel"] = {
+                c: normal_threshold(np.asarray(vmaps[vcls == c], np.float32), rule,
+                                    float(evaluation.get("threshold_fpr", 0.01)), float(evaluation.get("threshold_std_k", 3.0)))
+                for c in sorted(set(vcls.tolist()))}
+            thresholds["full"]["per_class_pixel_source"] = f"validation_{rule}"
     for key in ("image", "pixel"):
         if key in thresholds:
             mlflow_metrics[f"threshold_{key}"] = {"value": float(thresholds[key]), "step": 0}

@@ -10,7 +10,7 @@ import pandas as pd
 
 from uad.errors import ConfigError, DatasetRootError
 from uad.data.index import validate_index
-from uad.data.layouts import scan_dataset
+from uad.data.layouts import UNLABELLED_SPLITS, detect_layout, scan_dataset, scan_unlabelled
 from uad.data.semi import hold_out_labelled_anomalies
 from uad.data.settings import hold_out_normals, hold_out_validation, make_split, validation_rows
 from uad.data.sources import source_name, sources as _sources, train_sources
@@ -125,3 +125,30 @@ def split_for_setting(index: pd.DataFrame, data: dict[str, Any]
     info["setting"] = setting
     info["n_train"], info["n_test"], info["n_validation"] = int(len(train_df)), int(len(test_df)), int(len(val_df))
     return train_df.reset_index(drop=True), val_df, test_df.reset_index(drop=True), info
+
+
+def build_unlabelled_index(index: pd.DataFrame, data: dict[str, Any]) -> pd.DataFrame:
+    """MVTec AD 2's test sets without public ground truth (``test_private``,
+    ``test_private_mixed``) of every training source in that layout, for the classes the sample
+    index holds: listed here, scored by the ``submission`` pipeline. ``label`` is -1 (unknown).
+    Empty (the index columns only) for every other layout."""
+    frames = []
+    classes = sorted(set(index["class_name"])) if len(index) else None
+    for s in train_sources(data):
+        root = Path(s["root"])
+        if s.get("synthetic") or not root.is_dir():
+            continue
+        layout = str(s.get("layout") or "auto").lower()
+        if (detect_layout(root) if layout == "auto" else layout) != "mvtec_ad2":
+            continue
+        frames.append(scan_unlabelled(root, classes=classes, dataset_name=source_name(s)))
+    out = pd.concat(frames, ignore_index=True) if frames else scan_unlabelled(Path("/nonexistent"))
+    if len(out):
+        counts = out.groupby(["class_name", "split"]).size()
+        log.info("unlabelled test sets (no public ground truth; kedro run --pipeline=submission scores them): %s",
+                 ", ".join(f"{c}/{sp} {n}" for (c, sp), n in counts.items()))
+        for cls in classes or []:
+            missing = [sp for sp in UNLABELLED_SPLITS if not ((out["class_name"] == cls) & (out["split"] == sp)).any()]
+            if missing:
+                log.warning("%s has no %s images: its submission folders will be incomplete", cls, " / ".join(missing))
+    return out
