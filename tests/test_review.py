@@ -248,3 +248,36 @@ def test_token_required_off_loopback(server, project):
             assert json.loads(r.read())["method"] == "patchcore"
     finally:
         srv.stop()
+
+
+def test_false_alarms_read_on_validation_normals_when_the_run_has_them(tmp_path):
+    """The held-out normals are the validation split's when the predictions hold them (data.validation_fraction),
+    the test split's normals otherwise; recall and precision always on the labelled test split."""
+    from types import SimpleNamespace
+
+    from uad.framework.review.model import _reference
+
+    inf = SimpleNamespace(frame="full", threshold_frame="full")
+    labels = np.array([0, 0, 1, 1])
+    arrays = {"labels": labels, "scores": np.array([9.0, 9.0, 9.0, 9.0]), "full_scores": np.array([1.0, 2.0, 3.0, 4.0])}
+    np.savez(tmp_path / "test_only.npz", **arrays)
+    ref = _reference(tmp_path / "test_only.npz", inf)
+    assert list(ref.normals) == [1.0, 2.0] and "test split normals" in ref.normals_from
+    np.savez(tmp_path / "with_val.npz", **arrays, validation_full_scores=np.array([0.5, 1.5, 2.5, 3.5]),
+             validation_scores=np.array([9.0] * 4))
+    ref = _reference(tmp_path / "with_val.npz", inf)
+    assert list(ref.normals) == [0.5, 1.5, 2.5, 3.5] and ref.normals_from.startswith("validation normals")
+    cost = ref.cost(2.0)
+    assert cost["fpr"] == 0.5 and cost["recall"] == 1.0 and cost["precision"] == pytest.approx(2 / 3)
+
+
+def test_a_model_that_does_not_exist_is_one_message(project):
+    from uad.errors import UadError
+    from uad.framework.review.model import open_model
+
+    for kwargs, said in [({"method": "nosuch"}, "--method 'nosuch' is not a method of this project"),
+                         ({"method": "patchcore", "version": "2020-01-01T00.00.00.000Z"}, "is not a version of"),
+                         ({"method": "dinomaly"}, "no trained dinomaly model"),
+                         ({"model": str(project / "nowhere")}, "neither an MLflow model URI nor a folder")]:
+        with pytest.raises(UadError, match=said.replace("(", r"\(")):
+            open_model(project, env="smoke", device="cpu", **kwargs)

@@ -111,7 +111,7 @@ def project_catalog(project: Path, env: str | None):
         ctx = session.load_context()
         conf = ctx.config_loader["catalog"]
         params = dict(ctx.params)
-    return CatalogConfigResolver(conf), params
+    return CatalogConfigResolver(conf, default_runtime_patterns={"{default}": {"type": "kedro.io.MemoryDataset"}}), params
 
 
 def _dataset(resolver, project: Path, name: str, load_version: str | None = None):
