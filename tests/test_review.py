@@ -281,3 +281,39 @@ def test_a_model_that_does_not_exist_is_one_message(project):
                          ({"model": str(project / "nowhere")}, "neither an MLflow model URI nor a folder")]:
         with pytest.raises(UadError, match=said.replace("(", r"\(")):
             open_model(project, env="smoke", device="cpu", **kwargs)
+
+
+def test_reviewed_folder_never_overwrites_and_holds_out_normals(tmp_path):
+    """Marks into the MVTec layout: equal names get -2, a changed mind moves the file (the CSV keeps
+    both marks), a defect gets a mask of its image's size, and one confirmed normal in five goes to
+    test/good so that a retraining has normals to measure false alarms on."""
+    from uad.framework.review.store import Item, ReviewedDataset
+
+    ds = ReviewedDataset(tmp_path / "reviewed")
+    src = tmp_path / "src"
+    src.mkdir()
+    items = []
+    for k in range(10):
+        p = src / f"{k}.png"
+        Image.fromarray(np.full((30, 40, 3), 10 * k, np.uint8)).save(p)
+        items.append(Item(f"i{k}", "part.png", str(p), "upload", score=float(k)))
+    amap = np.zeros((30, 40), np.float32)
+    amap[5:10, 5:15] = 3.0
+    for it in items:
+        ds.mark(it, "normal", "gear", "", amap, 2.0, 5.0, "m")
+    train = sorted(p.name for p in (tmp_path / "reviewed/gear/train/good").iterdir())
+    test = sorted(p.name for p in (tmp_path / "reviewed/gear/test/good").iterdir())
+    assert len(train) == 8 and len(test) == 2
+    kept = [p.read_bytes() for p in (tmp_path / "reviewed/gear").glob("*/good/*")]
+    assert len(set(kept)) == 10  # ten marks of images named part.png: ten files, none replaced
+    assert "part.png" in train and "part-2.png" in train
+    out = ds.mark(items[0], "defect", "gear", "scratch", amap, 2.0, 5.0, "m")
+    assert not Path(out["replaced"][0]).exists() and Path(out["written"][0]).parent.name == "scratch"
+    mask = np.asarray(Image.open(out["written"][1]))
+    assert mask.shape == (30, 40) and mask[7, 7] == 255 and mask[20, 30] == 0
+    with ds.csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 11 and rows[-1]["replaces"] == out["replaced"][0] and rows[-1]["decision_at_threshold"] == "normal"
+    for bad in [("normal", "", ""), ("defect", "gear", ""), ("defect", "gear", "good"), ("maybe", "gear", "x")]:
+        with pytest.raises(Exception, match="give the class|defect kind|is not 'normal' or 'defect'"):
+            ds.mark(items[1], bad[0], bad[1], bad[2], amap, 2.0, 5.0, "m")

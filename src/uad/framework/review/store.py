@@ -7,7 +7,8 @@ marks. Uploads are kept in the session's work folder under their id; maps are ke
 
 :class:`ReviewedDataset` writes marks into a folder in the MVTec layout the project ingests:
 
-* ``<root>/<class>/train/good/<name>`` — images confirmed normal;
+* ``<root>/<class>/train/good/<name>`` — images confirmed normal (one in five goes to
+  ``test/good`` instead, so the retrained model's false alarms can be measured);
 * ``<root>/<class>/test/<kind>/<name>`` and ``<root>/<class>/ground_truth/<kind>/<stem>_mask.png``
   — images marked defective (the mask is the model's region above the pixel threshold, or its
   top 1 % of pixels where the model saw none: a proposal to correct, recorded as such);
@@ -40,6 +41,8 @@ __all__ = ["Item", "Items", "ReviewedDataset", "safe_name", "MARK_COLUMNS"]
 
 MARK_COLUMNS = ["time", "item", "source", "mark", "defect_kind", "class_name", "written", "mask", "mask_source",
                 "score", "image_threshold", "decision_at_threshold", "model", "replaces"]
+#: the share of confirmed normals written to ``test/good`` instead of ``train/good``
+HELD_OUT_NORMALS = 0.2
 _NAME_OK = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -186,7 +189,7 @@ class ReviewedDataset:
             removed = self._unmark(item)
             mask_path, mask_source = "", ""
             if mark == "normal":
-                written = _place(data, self.root / cls / "train" / "good", name)
+                written = _place(data, self.root / cls / self._normal_split(cls) / "good", name)
             else:
                 written = _place(data, self.root / cls / "test" / kind, name)
                 mask, mask_source = _proposed_mask(amap, pixel_threshold, item)
@@ -204,6 +207,15 @@ class ReviewedDataset:
                    "decision_at_threshold": decision, "model": model, "replaces": ";".join(removed)}
             self._append(row)
         return {"written": item.written, "mask_source": mask_source, "csv": str(self.csv), "replaced": removed}
+
+    def _normal_split(self, cls: str) -> str:
+        """``train`` for most confirmed normals, ``test`` for about one in five (the third, the
+        eighth, ...): a retraining on this folder then has normal test images to measure its
+        false alarms on, beside the defects (ingest holds normals out only for a class with no
+        test images at all)."""
+        n_train, n_test = (sum(1 for p in (self.root / cls / s / "good").glob("*") if not p.name.startswith("."))
+                           if (self.root / cls / s / "good").is_dir() else 0 for s in ("train", "test"))
+        return "test" if n_train >= 1 and n_test < round(HELD_OUT_NORMALS * (n_train + n_test + 1)) else "train"
 
     def _unmark(self, item: Item) -> list[str]:
         """Removes what this item's earlier mark wrote (a changed mind must not leave the image in
