@@ -229,6 +229,13 @@ def test_server_doors(server, project, tmp_path):
     Image.new("RGB", (2500, 2000)).save(huge)
     code, body = _post(_url(server, "/api/upload?name=huge.png"), huge.read_bytes())
     assert code == 413 and "2500 x 2000 px" in body["error"] and "--max-pixels" in body["error"], body
+    # an upload's name never leads outside the server's own folder
+    small = tmp_path / "small.png"
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(small)
+    code, body = _post(_url(server, "/api/upload?name=..%2F..%2F..%2Fescaped.png"), small.read_bytes())
+    assert code == 200 and body["name"] == "escaped.png" and (body["width"], body["height"]) == (40, 30), body
+    stored = Path(server.station.items.get(body["id"]).path)
+    assert stored.name == "escaped.png" and stored.resolve().is_relative_to(server.station.items.work.resolve())
     # another Host than loopback (a rebound DNS name) is refused
     req = urllib.request.Request(_url(server, "/api/state"), headers={"Host": "attacker.example"})
     with pytest.raises(urllib.error.HTTPError) as err:
