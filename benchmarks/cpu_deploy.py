@@ -5,7 +5,9 @@ For PatchCore (the quick profile: bundled ImageNet EfficientNet-Lite0, stages 2-
 (ViT-S/14 with registers at 224, random weights: speed only): images/s at batch 1 and batch 8 of
 
 * torch fp32 (``method.predict``, the library's path),
-* onnxruntime fp32 and INT8 (static QDQ, calibrated on 64 training normals: ``uad.deploy``),
+* onnxruntime fp32 and INT8 (static QDQ, calibrated on 64 training normals: ``uad.deploy``; for
+  PatchCore also "INT8 + bank": the memory-bank product quantised too, which the export keeps in
+  float),
 * OpenVINO fp32, INT8 (the same QDQ file) and bf16 (the fp32 IR with ``INFERENCE_PRECISION_HINT
   bf16``; only where the CPU has AVX-512 BF16 or AMX),
 
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--crop", type=int, default=224, help="crop (PatchCore resizes to crop * 8 / 7 first); 56 for a dry run")
     ap.add_argument("--calibration", type=int, default=64, help="training normals the INT8 models are calibrated on")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "uad_cpu_deploy" / "synthetic"))
     args = ap.parse_args(argv)
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from uad.data.layouts import scan_dataset
     from uad.data.synthetic import ensure_synthetic_dataset
     from uad.data.torch_data import AnomalyImageDataset
-    from uad.deploy.export import calibration_images, export_uint8_onnx, quantize_int8, to_openvino
+    from uad.deploy.export import calibration_images, export_uint8_onnx, keep_fp32_nodes, quantize_int8, to_openvino
     from uad.deploy.runtime import make_runner
     from uad.engine.scoring import normalise_uint8
     from uad.methods.registry import build_method
@@ -122,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, acc_rows, notes = [], [], []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "patchcore":
-            params = dict(backbone="tf_efficientnet_lite0", weights="bundled", layers=[2, 3], resize=256, crop=224)
+            params = dict(backbone="tf_efficientnet_lite0", weights="bundled", layers=[2, 3], resize=args.crop * 8 // 7,
+                          crop=args.crop)
         elif name == "dinomaly":
-            params = dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=224, crop=224)
+            params = dict(backbone="dinov2_vits14_reg", weights="random", allow_random=True, resize=args.crop, crop=args.crop)
         else:
             raise SystemExit(f"Error: --models: {name!r} is not patchcore or dinomaly")
         method = build_method(name, params)
@@ -147,11 +151,16 @@ def main(argv: list[str] | None = None) -> int:
                      f"of the largest score); INT8: {qinfo['quantised_nodes']} nodes quantised, "
                      f"{len(qinfo['kept_fp32'])} kept in float, {qinfo['calibration_images']} calibration images, "
                      f"{qinfo['quantize_s']} s")
+        extra = []
+        if name == "patchcore":  # also the bank product in 8-bit (only the map filters kept in float)
+            filters = [n for n in keep_fp32_nodes(onnx32) if "memory_bank" not in n and "matmul" not in n.lower()]
+            int8_bank, _ = quantize_int8(onnx32, calib, keep_fp32=filters)
+            extra = [("onnx8b", int8_bank)]
         files = {}
-        for key, data in (("onnx32", onnx32), ("onnx8", int8)):
+        for key, data in (("onnx32", onnx32), ("onnx8", int8), *extra):
             files[key] = tmp / f"{name}_{key}.onnx"
             files[key].write_bytes(data)
-        for key, src in (("ov32", onnx32), ("ov8", int8)):
+        for key, src in (("ov32", onnx32), ("ov8", int8), *[("ov8b", d) for _, d in extra]):
             xml, bin_ = to_openvino(src)
             files[key] = tmp / f"{name}_{key}.xml"
             files[key].write_bytes(xml)
@@ -168,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                     ("onnxruntime", "INT8", make_runner(files["onnx8"], "onnxruntime", args.threads)),
                     ("openvino", "fp32", make_runner(files["ov32"], "openvino", args.threads)),
                     ("openvino", "INT8", make_runner(files["ov8"], "openvino", args.threads))]
+        if extra:
+            backends += [("onnxruntime", "INT8 + bank", make_runner(files["onnx8b"], "onnxruntime", args.threads)),
+                         ("openvino", "INT8 + bank", make_runner(files["ov8b"], "openvino", args.threads))]
         if has_bf16:
             try:
                 backends.append(("openvino", "bf16", make_runner(files["ov32"], "openvino", args.threads, precision="bf16")))
@@ -205,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]} |")
     if acc_rows:
         print()
-        print("PatchCore on the embedded test set (100 images, 224 crop), each backend against torch fp32:")
+        print(f"PatchCore on the embedded test set (100 images, {args.crop} crop), each backend against torch fp32:")
         print()
         print("| backend | precision | image AUROC | pixel AUROC | max score diff (rel.) | max map diff (rel.) |")
         print("| --- | --- | ---: | ---: | ---: | ---: |")
