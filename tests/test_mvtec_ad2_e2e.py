@@ -53,7 +53,8 @@ def test_ingest_to_submission(project, tree):
     unl = pd.read_csv(inter / "unlabelled_index.csv", keep_default_na=False)
     assert len(val) == 16 and not set(val.image_path) & set(train.image_path)
     assert len(unl) == 100 and set(unl.split) == {"test_private", "test_private_mixed"}
-    m = last_run(f"sqlite:///{project / 'mlflow.db'}").data.metrics
+    _, run = last_run(f"sqlite:///{project / 'mlflow.db'}")
+    m = run.data.metrics
     for name in ("pixel_segf1", "pixel_aupro_005", "pixel_aupimo", "pixel_aupro"):
         for cls in CLASSES:
             assert 0.0 <= m[f"{cls}/{name}"] <= 1.0, name
