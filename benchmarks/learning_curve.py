@@ -19,6 +19,13 @@ A plug-in (``costfilter_<base>``) reads its base's latest checkpoint from the ca
 pipeline does; its base's own metrics are drawn as a horizontal line. Needs ``train_index`` and
 ``test_index`` (run ``kedro run --pipeline=ingest`` with the same ``--env`` first).
 
+CostFilter-AD's ``calibrated`` preset (``--params preset=calibrated``): at every budget the blend is
+fitted as the pipeline fits it after training (on ``validation_index``, the held-out normals, and
+pseudo anomalies made on them: :func:`uad.engine.orchestration.calibrate_method`), then the test
+images are scored once and taken apart: P alone, the base alone and the calibrated blend, on the
+same images; the validation figures (the chosen weight, the blend's, P's and the base's validation
+AUROC) are recorded beside them.
+
 Usage::
 
     python benchmarks/learning_curve.py --pipeline rlr --budgets 75,150,300,600,1200 --templates \\
@@ -186,11 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     engine = EngineConfig.from_params({**params["engine"], "checkpoint_dir": None, "resume": False,
                                        "log_every": 1, "progress": True})
     train_index, test_index = catalog.load("train_index"), catalog.load("test_index")
+    validation_index = catalog.load("validation_index")
     normal, labelled = train_index[train_index["label"] == 0], train_index[train_index["label"] == 1]
     classes = sorted(train_index["class_name"].unique())
 
     method = build_method(method_name, method_params)
     base_info = {}
+    ckpt = None
     if base_name:
         from uad.methods.registry import method_class
 
@@ -215,11 +224,47 @@ def main(argv: list[str] | None = None) -> int:
     train_seconds = [0.0]
     last = [time.perf_counter()]
 
+    calibrated = method_name == "costfilter" and bool(method.cfg.calibrate)
+
+    def calibrated_point(done: int, loss: float) -> dict:
+        """Fit the blend on the validation split as the pipeline does, then P alone, the base and
+        the blend on the same test images (one forward)."""
+        from uad.data.index import content_fingerprint
+        from uad.engine.orchestration import calibrate_method
+        from uad.methods.costfilter.calibration import blend
+
+        t0 = time.perf_counter()
+        figures = calibrate_method(method, method_name, validation_index, None, classes, spec, engine.seed, ckpt,
+                                   content_fingerprint(train_index))
+        out = method.validation_outputs(test_ds, 8)
+        cal = method.calibration
+        masks = out.masks.numpy()
+        parts = {"p": (out.p_scores, out.p_maps), "base": (out.base_scores, out.base_maps),
+                 "blend": (blend(out.p_scores, out.base_scores, cal.score_weight, cal.score_affine),
+                           blend(out.p_maps, out.base_maps, cal.map_weight, cal.map_affine))}
+        row = {"steps": done, "loss": loss, "train_seconds": round(train_seconds[0], 1),
+               "validation": {k: v for k, v in figures.items() if k != "curve"},
+               "validation_curve": figures["curve"], "eval_seconds": round(time.perf_counter() - t0, 1)}
+        for name, (sc, mp) in parts.items():
+            row[name] = _metrics(labels, sc.numpy(), masks, mp.numpy(), test_classes)
+        row.update(row["blend"])  # the pipeline's output at this budget
+        return row
+
     def on_log(stage_name: str, done: int, loss: float) -> None:
         nonlocal base_metrics
         if done not in budgets:
             return
         train_seconds[0] += time.perf_counter() - last[0]
+        if calibrated:
+            row = calibrated_point(done, loss)
+            base_metrics = row["base"]
+            points.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "validation_curve"}), flush=True)
+            method.train_mode(stage_name)
+            last[0] = time.perf_counter()
+            if done >= budgets[-1]:
+                raise _Done
+            return
         base: dict[str, list] = {}
         scores, maps, masks = score_dataset(method, test_ds, trainer, engine, f"{ns}@{done}", base=base)
         row = {"steps": done, "loss": loss, "train_seconds": round(train_seconds[0], 1),
@@ -280,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def plot(report: dict, path: Path) -> None:
+    if report["points"] and "blend" in report["points"][0]:
+        return plot_calibrated(report, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -312,6 +359,49 @@ def plot(report: dict, path: Path) -> None:
         ax.set_title(f"{title}, mean over classes")
     fig.suptitle(f"{report['pipeline']} ({report['env']} profile, embedded dataset): AUROC against training steps\n"
                  f"{report['machine']}, {report['date']}", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_calibrated(report: dict, path: Path) -> None:
+    """CostFilter-AD's calibrated preset: on the test images P alone, the base and the blend; on
+    the validation set (held-out normals + pseudo anomalies) P alone and the blend; the weight the
+    validation chose at each budget written under the blend's points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = report["points"]
+    steps = [p["steps"] for p in pts]
+    base_name = report["pipeline"].split("_", 1)[1]
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 5.8), constrained_layout=True)
+    for ax, key, vkey, title in ((axes[0], "image_auroc", "image_auroc", "image AUROC"),
+                                 (axes[1], "pixel_auroc", "pixel_auroc", "pixel AUROC")):
+        ax.plot(steps, [p["blend"][key] for p in pts], "o-", color="C0", lw=2.2, label="calibrated blend (test)")
+        for x, p in zip(steps, pts):
+            wkey = "score_weight" if key == "image_auroc" else "map_weight"
+            ax.annotate(f"{p['blend'][key]:.3f}\nw={p['validation'][wkey]:g}", (x, p["blend"][key]),
+                        textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7.5)
+        ax.plot(steps, [p["p"][key] for p in pts], "s-", color="C1", lw=1.6, label="P alone (test)")
+        ax.plot(steps, [p["base"][key] for p in pts], "--", color="C3", lw=1.6, label=f"base alone, {base_name} (test)")
+        ax.plot(steps, [p["validation"][f"val_{vkey}"] for p in pts], "o:", color="C0", alpha=0.6,
+                label="calibrated blend (validation)")
+        ax.plot(steps, [p["validation"].get(f"val_p_{vkey}", np.nan) for p in pts], "s:", color="C1", alpha=0.6,
+                label="P alone (validation)")
+        ax.axhline(0.5, color="0.6", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.set_xlabel(f"optimisation steps (batch {report['batch_size']}, {report['n_train']} training images)")
+        ax.set_ylabel(title)
+        lows = [p[part][key] for p in pts for part in ("p", "base", "blend")]
+        ax.set_ylim(max(0.0, min(0.4, min(lows) - 0.05)), 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False, ncol=2)
+        ax.set_title(f"{title}, mean over classes")
+    fig.suptitle(f"{report['pipeline']}, calibrated preset ({report['env']} profile, embedded dataset): P, base and "
+                 f"blend against training steps\nvalidation = held-out normals + their pseudo anomalies (never the test "
+                 f"split); {report['machine']}, {report['date']}", fontsize=9.5)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

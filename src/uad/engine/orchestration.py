@@ -328,9 +328,10 @@ def calibrate_method(method, method_name: str, validation_index: pd.DataFrame | 
     normals = method_dataset(method, rows, classes)
     pseudo = method_dataset(method, rows, classes, augment=aug)
     figures = method.calibrate(normals, pseudo)
-    log.info("%s%s: calibrated on %d held-out normals + their pseudo anomalies: weight %.2f (validation image / "
-             "pixel AUROC %.3f / %.3f; base %.3f / %.3f, P %.3f / %.3f)", method_name, f" [{group}]" if group else "",
-             len(rows), figures["weight"], figures["val_image_auroc"], figures["val_pixel_auroc"],
+    log.info("%s%s: calibrated on %d held-out normals + their pseudo anomalies: map weight %.2f, score weight %.2f "
+             "(validation image / pixel AUROC %.3f / %.3f; base %.3f / %.3f, P %.3f / %.3f)", method_name,
+             f" [{group}]" if group else "", len(rows), figures["map_weight"], figures["score_weight"],
+             figures["val_image_auroc"], figures["val_pixel_auroc"],
              figures.get("val_base_image_auroc", float("nan")), figures.get("val_base_pixel_auroc", float("nan")),
              figures.get("val_p_image_auroc", float("nan")), figures.get("val_p_pixel_auroc", float("nan")))
     return figures

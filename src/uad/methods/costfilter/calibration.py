@@ -11,16 +11,17 @@ every base and chooses it without the test split:
    to the base's median and P's upper quantile (99.9 %) to the base's, for the pixel maps and for
    the image scores separately. The blend is then computed in the base's units::
 
-       M = (1 - w) M_base + w (a P + b)          s = (1 - w) s_base + w (a' s(P) + b')
+       M = (1 - w) M_base + w (a P + b)          s = (1 - w') s_base + w' (a' s(P) + b')
 
-   so ``w = 0`` is the base bit for bit and ``w = 1`` is P (an increasing affine map of it: the same
+   so ``w = w' = 0`` is the base bit for bit and ``w = w' = 1`` is P (an increasing affine map of it: the same
    ranking, the same AUROC and AUPRO). Mapping the base onto P's scale instead gives the same map
    up to one increasing affine map (the same metrics); the base's units keep its thresholds readable.
-2. **Weight** (:func:`choose_weight`): on a validation set of the held-out normals and pseudo
+2. **Weights** (:func:`choose_weights`): on a validation set of the held-out normals and pseudo
    anomalies made on them with the filter's own recipe (its synthesis spec, its own seed stream),
-   every candidate weight is scored by the mean of image AUROC (normal vs pseudo-anomalous images)
-   and pixel AUROC; the best wins, ties going to the smaller weight (the base). The test split is
-   never an input.
+   the map's weight ``w`` is the candidate with the best pixel AUROC and the score's weight ``w'``
+   the one with the best image AUROC (normal vs pseudo-anomalous images), ties to the smaller
+   weight, each kept only if it beats the base on that set by ``min_gain`` (else 0). The test split
+   is never an input.
 
 All statistics are of the model's own group (one model per class in the one-class setting: per class).
 """
@@ -33,26 +34,30 @@ from typing import Sequence
 import numpy as np
 import torch
 
-__all__ = ["BlendCalibration", "ValidationOutputs", "affine_onto", "choose_weight", "blend", "DEFAULT_WEIGHTS"]
+__all__ = ["BlendCalibration", "ValidationOutputs", "affine_onto", "choose_weights", "blend", "DEFAULT_WEIGHTS",
+           "DEFAULT_MIN_GAIN"]
 
 #: the candidate weights searched by default: 0, 0.05, ..., 1
 DEFAULT_WEIGHTS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(21))
+#: the validation gain over the base below which the base keeps its output (half an AUROC point)
+DEFAULT_MIN_GAIN = 0.005
 #: at most this many pixels enter a quantile or a pixel AUROC (a fixed stride over the maps)
 MAX_PIXELS = 2_000_000
 
 
 @dataclass
 class BlendCalibration:
-    """The fitted blend: weight ``w`` and the affine maps (scale, shift) sending P's map and
-    score onto the base's units."""
+    """The fitted blend: the map's and the score's weights and the affine maps (scale, shift)
+    sending P's map and score onto the base's units."""
 
-    weight: float
+    map_weight: float
+    score_weight: float
     map_affine: tuple[float, float]
     score_affine: tuple[float, float]
     figures: dict[str, float] = field(default_factory=dict)
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"weight": torch.tensor([float(self.weight)], dtype=torch.float64),
+        return {"weight": torch.tensor([float(self.map_weight), float(self.score_weight)], dtype=torch.float64),
                 "map_affine": torch.tensor(self.map_affine, dtype=torch.float64),
                 "score_affine": torch.tensor(self.score_affine, dtype=torch.float64)}
 
@@ -61,8 +66,8 @@ class BlendCalibration:
         need = {"weight", "map_affine", "score_affine"}
         if set(state) != need:
             raise KeyError(f"costfilter: a calibration needs {sorted(need)}, got {sorted(state)}")
-        ma, sa = state["map_affine"].tolist(), state["score_affine"].tolist()
-        return cls(float(state["weight"].reshape(-1)[0]), (float(ma[0]), float(ma[1])), (float(sa[0]), float(sa[1])))
+        ma, sa, w = state["map_affine"].tolist(), state["score_affine"].tolist(), state["weight"].reshape(-1).tolist()
+        return cls(float(w[0]), float(w[-1]), (float(ma[0]), float(ma[1])), (float(sa[0]), float(sa[1])))
 
 
 @dataclass
@@ -118,36 +123,44 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(auroc(labels, scores))
 
 
-def choose_weight(val: ValidationOutputs, map_affine: tuple[float, float], score_affine: tuple[float, float],
-                  weights: Sequence[float] = DEFAULT_WEIGHTS) -> tuple[float, dict[str, float]]:
-    """The weight with the best mean of image and pixel AUROC on the validation set, ties to the
-    smaller weight; and the validation figures (each candidate's, P alone's, the base's)."""
+def choose_weights(val: ValidationOutputs, map_affine: tuple[float, float], score_affine: tuple[float, float],
+                   weights: Sequence[float] = DEFAULT_WEIGHTS, min_gain: float = DEFAULT_MIN_GAIN
+                   ) -> tuple[float, float, dict[str, float]]:
+    """``(map weight, score weight, validation figures)``: the map's weight by pixel AUROC and the
+    score's by image AUROC on the validation set, each the best candidate (ties to the smaller
+    weight) **if** it beats the base (w = 0) on that set by at least ``min_gain``, else 0: a gain
+    smaller than that on a few dozen validation images is noise, and the pseudo anomalies favour P
+    (the filter learnt exactly them), so the base keeps its output unless P's help is clear."""
     labels = val.labels.numpy().astype(np.int64)
     masks = val.masks.reshape(-1)
     step = max(1, -(-masks.numel() // MAX_PIXELS))
     pix_labels = masks[::step].numpy().astype(np.int64)
     base_px, p_px = val.base_maps.reshape(-1)[::step], val.p_maps.reshape(-1)[::step]
-    table: list[tuple[float, float, float]] = []
-    for w in weights:
-        img = _auroc(labels, blend(val.p_scores, val.base_scores, w, score_affine).numpy())
-        pix = _auroc(pix_labels, blend(p_px, base_px, w, map_affine).numpy())
-        table.append((float(w), img, pix))
+    ws = [float(w) for w in weights]
+    image = [_auroc(labels, blend(val.p_scores, val.base_scores, w, score_affine).numpy()) for w in ws]
+    pixel = [_auroc(pix_labels, blend(p_px, base_px, w, map_affine).numpy()) for w in ws]
 
-    def criterion(row: tuple[float, float, float]) -> float:
-        vals = [v for v in row[1:] if np.isfinite(v)]
-        return float(np.mean(vals)) if vals else float("-inf")
+    def pick(curve: list[float]) -> float:
+        if len(ws) == 1:  # a fixed weight (``blend`` given): nothing to choose
+            return ws[0]
+        finite = [(v, w) for v, w in zip(curve, ws) if np.isfinite(v)]
+        if not finite:
+            return 0.0
+        best_v = max(v for v, _ in finite)
+        best_w = min(w for v, w in finite if v >= best_v - 1e-12)
+        base_v = dict(zip(ws, curve)).get(0.0)
+        if base_v is not None and np.isfinite(base_v) and best_v - base_v < float(min_gain):
+            return 0.0
+        return best_w
 
-    best = table[0]
-    for row in table[1:]:
-        if criterion(row) > criterion(best) + 1e-12:
-            best = row
-    figures = {"val_images": float(len(labels)), "val_pseudo_anomalies": float(labels.sum()),
-               "weight": best[0], "val_image_auroc": best[1], "val_pixel_auroc": best[2],
-               "val_criterion": criterion(best)}
-    by_weight = {row[0]: row for row in table}
+    wm, wsc = pick(pixel), pick(image)
+    at = dict(zip(ws, zip(image, pixel)))
+    figures: dict = {"val_images": float(len(labels)), "val_pseudo_anomalies": float(labels.sum()),
+                     "map_weight": wm, "score_weight": wsc,
+                     "val_image_auroc": at[wsc][0], "val_pixel_auroc": at[wm][1]}
     for name, w in (("base", 0.0), ("p", 1.0)):
-        if w in by_weight:
-            figures[f"val_{name}_image_auroc"] = by_weight[w][1]
-            figures[f"val_{name}_pixel_auroc"] = by_weight[w][2]
-    figures["curve"] = [list(r) for r in table]  # type: ignore[assignment]
-    return best[0], figures
+        if w in at:
+            figures[f"val_{name}_image_auroc"] = at[w][0]
+            figures[f"val_{name}_pixel_auroc"] = at[w][1]
+    figures["curve"] = [[w, i, p] for w, i, p in zip(ws, image, pixel)]
+    return wm, wsc, figures

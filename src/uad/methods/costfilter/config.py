@@ -25,6 +25,11 @@ image score              mean of the top 250 pixels      own: lambda s(P) + (1 -
                                                          cosine: the top max(1 %, 250) of the map
 =======================  ==============================  =====================================
 
+``preset: calibrated`` (this project's addition, ``docs/deviations.md``): the ``paper`` column for
+the filter and its training, then the blend ``(1 - w) M_base + w (a P + b)`` (score likewise) with
+``a, b`` fitted on held-out normals (the ``validation`` split) and ``w`` chosen on them plus
+pseudo anomalies (:mod:`uad.methods.costfilter.calibration`); ``blend`` set explicitly fixes ``w``.
+
 ``base_map`` (what ``guidance_map: base`` and the blend read): ``own`` is the base's own
 evaluation output from the same base forward: its full-size map (resized to the volume for the
 guidance) and its image score, so with ``blend`` 0 the output *is* the base; ``cosine`` is the
@@ -142,6 +147,7 @@ class CostFilterConfig:
     calibrate: bool | None = None
     blend_candidates: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(21)])
     calibration_quantile: float = 0.999
+    blend_min_gain: float = 0.005  # a chosen weight must beat the base on the validation set by this
     score_topk: int | None = None  # mean of the top k pixels (> 0) ...
     score_ratio: float | None = None  # ... or of the top ratio of the pixels (official 1 %)
 
@@ -180,6 +186,8 @@ class CostFilterConfig:
         if not cands or any(not 0.0 <= w <= 1.0 for w in cands):
             raise ConfigError(f"costfilter: blend_candidates must be weights in [0, 1], got {self.blend_candidates}")
         self.blend_candidates = sorted(set(cands))
+        if not 0.0 <= float(self.blend_min_gain) < 1.0:
+            raise ConfigError(f"costfilter: blend_min_gain must be in [0, 1), got {self.blend_min_gain}")
         if not 0.5 < float(self.calibration_quantile) < 1.0:
             raise ConfigError(f"costfilter: calibration_quantile must be in (0.5, 1), got {self.calibration_quantile}")
         if int(self.templates) < 1:

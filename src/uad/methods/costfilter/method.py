@@ -35,7 +35,7 @@ from ..capabilities import Calibrated, ReferencePool, RescalableSchedule
 from ..common.optim import EpochPlateau
 from ..registry import build_method, register
 from .bases import BaseView, EmbeddingBase, make_base
-from .calibration import BlendCalibration, ValidationOutputs, affine_onto, blend, choose_weight
+from .calibration import BlendCalibration, ValidationOutputs, affine_onto, blend, choose_weights
 from .config import CostFilterConfig
 from .losses import costfilter_loss
 from .network import CostFilterNet
@@ -269,8 +269,8 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
                 raise RuntimeError("costfilter: calibrate is on but the filter has no calibration; it is fitted after "
                                    "training on the held-out normals (the validation split)")
             base, base_scores = self._base_outputs(view, size)
-            return (blend(prob, base, cal.weight, cal.map_affine),
-                    blend(self.image_score(prob), base_scores, cal.weight, cal.score_affine))
+            return (blend(prob, base, cal.map_weight, cal.map_affine),
+                    blend(self.image_score(prob), base_scores, cal.score_weight, cal.score_affine))
         lam = float(self.cfg.blend)
         if lam >= 1.0:
             return prob, self.image_score(prob)
@@ -358,10 +358,10 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
             (clean.p_maps, clean.base_maps, clean.p_scores, clean.base_scores, clean.masks, clean.labels * 0),
             (fake.p_maps, fake.base_maps, fake.p_scores, fake.base_scores, fake.masks, fake.labels))))
         candidates = cfg.blend_candidates if cfg.blend is None else [float(cfg.blend)]
-        weight, figures = choose_weight(val, map_affine, score_affine, candidates)
+        map_w, score_w, figures = choose_weights(val, map_affine, score_affine, candidates, cfg.blend_min_gain)
         figures.update({"map_scale": map_affine[0], "map_shift": map_affine[1], "score_scale": score_affine[0],
                         "score_shift": score_affine[1], "weight_chosen": float(cfg.blend is None)})
-        self.calibration = BlendCalibration(weight, map_affine, score_affine, figures)
+        self.calibration = BlendCalibration(map_w, score_w, map_affine, score_affine, figures)
         return figures
 
     # --- state ----------------------------------------------------------------------------------
@@ -410,6 +410,6 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
         if self.calibration is None:
             return {}
         cal = self.calibration
-        return {"blend": f"{cal.weight:g}", "blend_calibrated": "true",
+        return {"blend": f"map {cal.map_weight:g}, score {cal.score_weight:g}", "blend_calibrated": "true",
                 "blend_map_affine": f"{cal.map_affine[0]:.6g},{cal.map_affine[1]:.6g}",
                 "blend_score_affine": f"{cal.score_affine[0]:.6g},{cal.score_affine[1]:.6g}"}
