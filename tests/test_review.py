@@ -65,7 +65,9 @@ def _url(srv, path="/"):
 
 
 def _post(url, data: bytes, headers=None):
-    req = urllib.request.Request(url, data=data, method="POST", headers=headers or {})
+    """A POST as the page sends it: JSON, or the raw file for an upload."""
+    ctype = "application/octet-stream" if "/api/upload" in url else "application/json"
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": ctype, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
             return r.status, json.loads(r.read())
@@ -215,6 +217,7 @@ def test_server_doors(server, project, tmp_path):
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.putrequest("POST", "/api/upload?name=big.bmp")
     conn.putheader("Content-Length", str(len(data)))
+    conn.putheader("Content-Type", "application/octet-stream")
     conn.endheaders()
     try:
         conn.send(data[:65536])  # the answer comes before the rest is sent
@@ -241,6 +244,29 @@ def test_server_doors(server, project, tmp_path):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=10)
     assert err.value.code == 421
+
+
+def test_another_site_cannot_change_anything(server, project):
+    """A page on another site can POST to the loopback address (its Host is then loopback): a
+    threshold saved that way would be the one infer applies. The page's own requests pass."""
+    versions = project / "data/08_reporting/patchcore/thresholds.json"
+    before = sorted(p.name for p in versions.iterdir())
+    body = json.dumps({"image": 1.0}).encode()
+    url = _url(server, "/api/thresholds")
+    for headers, said in [({"Content-Type": "text/plain"}, "content type 'text/plain' refused"),  # a form's types
+                          ({"Content-Type": "application/x-www-form-urlencoded"}, "refused"),
+                          ({"Origin": "https://attacker.example"}, "from https://attacker.example refused"),
+                          ({"Origin": "null"}, "refused"),
+                          ({"Sec-Fetch-Site": "cross-site"}, "from another site (cross-site) refused")]:
+        code, out = _post(url, body, headers)
+        assert code == 403 and said in out["error"], (headers, out)
+    code, out = _post(_url(server, "/api/upload?name=x.png"), b"x", {"Content-Type": "text/plain"})
+    assert code == 403, out
+    assert sorted(p.name for p in versions.iterdir()) == before  # nothing saved
+    # the page's own request (same origin, JSON) is taken: here a refusal of the value, not of the caller
+    code, out = _post(url, json.dumps({"image": "x"}).encode(),
+                      {"Origin": f"http://127.0.0.1:{server.port}", "Sec-Fetch-Site": "same-origin"})
+    assert code == 400 and "is not a number" in out["error"], out
 
 
 def test_token_required_off_loopback(server, project):

@@ -13,6 +13,10 @@ Security:
   set when the printed address with ``?token=`` is opened);
 * on loopback the ``Host`` header must name loopback (a page elsewhere cannot reach the server
   through a rebound DNS name);
+* a request that changes something (every POST) must come from the page itself: one of the page's
+  content types (JSON, octet-stream), and ``Origin`` / ``Sec-Fetch-Site`` naming this server where
+  the browser sends them, so another site open in the same browser cannot save a threshold or mark
+  an image through the loopback address (:func:`_cross_site`);
 * a folder named on the page is resolved (``..`` and symbolic links followed) and refused unless
   it lies inside the project or a folder given with ``--allow``;
 * an upload over ``max_upload_mb`` is refused while it arrives; an image over ``max_pixels`` is
@@ -255,6 +259,9 @@ def create_app(station: Station):
             if host not in LOOPBACK_HOSTS:
                 return JSONResponse({"error": f"host {host!r} refused: this server answers on loopback only"},
                                     status_code=421)
+        refused = _cross_site(request)
+        if refused:
+            return JSONResponse({"error": refused}, status_code=403)
         if st.token:
             given = request.query_params.get("token") or request.cookies.get("uad_review_token") or ""
             auth = request.headers.get("authorization") or ""
@@ -411,6 +418,37 @@ def _redecide(station: Station) -> list[Item]:
         if item.score is not None and t is not None:
             item.decision = "anomalous" if item.score >= float(t) else "normal"
     return station.items.all()
+
+
+#: what the page sends: a cross-site form can send neither without the browser asking first (CORS)
+POST_TYPES = ("application/json", "application/octet-stream")
+
+
+def _cross_site(request: Request) -> str:
+    """Why a state-changing request is refused as coming from another site ("" when it is not).
+
+    The Host check alone does not stop a page on another site from POSTing to
+    ``http://127.0.0.1:<port>/api/thresholds`` (the browser sends that Host): it could save a
+    threshold that ``infer`` then applies. So every POST must carry one of the page's own
+    content types (a cross-site form cannot, and a cross-site ``fetch`` with one is preflighted,
+    which this server never allows), and the browser's ``Origin`` / ``Sec-Fetch-Site``, where
+    sent, must name this server."""
+    if request.method in ("GET", "HEAD", "OPTIONS"):
+        return ""
+    from urllib.parse import urlsplit
+
+    fetch_site = (request.headers.get("sec-fetch-site") or "").lower()
+    origin = request.headers.get("origin")
+    host = (request.headers.get("host") or "").lower()
+    if fetch_site and fetch_site not in ("same-origin", "none"):
+        return f"a request from another site ({fetch_site}) refused: use the review page itself"
+    if origin is not None and (origin == "null" or urlsplit(origin).netloc.lower() != host):
+        return f"a request from {origin} refused: this server takes changes from its own page only"
+    ctype = (request.headers.get("content-type") or "").split(";")[0].strip().lower()
+    if ctype not in POST_TYPES:
+        return (f"content type {ctype or 'none'!r} refused: the page sends {' or '.join(POST_TYPES)} "
+                "(a form from another site cannot)")
+    return ""
 
 
 async def _json(request) -> dict[str, Any]:
