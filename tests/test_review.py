@@ -140,6 +140,9 @@ def test_review_loop_in_chromium(server, project, chromium, tmp_path):
         assert page.text_content("#zoom-out") == "300 %"
         page.fill("#zoom", "0")
         page.dispatch_event("#zoom", "input")
+        facts = page.text_content("#d-facts")  # the area names the pixel threshold it is measured at
+        assert "pixel threshold" in facts and "anomalous area" not in facts, facts
+        assert "pixel threshold" in page.text_content("#d-scale")
         shots["detail"] = tmp_path / "review_detail.png"
         page.screenshot(path=str(shots["detail"]))
         # mark the other image (the normal one) normal
@@ -267,6 +270,28 @@ def test_another_site_cannot_change_anything(server, project):
     code, out = _post(url, json.dumps({"image": "x"}).encode(),
                       {"Origin": f"http://127.0.0.1:{server.port}", "Sec-Fetch-Site": "same-origin"})
     assert code == 400 and "is not a number" in out["error"], out
+
+
+def test_heat_map_is_visible_where_the_map_is_high_and_red_at_the_pixel_threshold():
+    """The overlay's scale runs from the map's median (clear) to the pixel threshold (red): a map
+    offset far from 0, with a hot spot halfway to the threshold, shows the spot opaque and the
+    background clear (the old 0 .. 2 x threshold scale drew both as one faint band)."""
+    import io
+
+    from uad.framework.review.app import heat_png
+
+    amap = np.full((40, 40), 20.0, np.float32)
+    amap[10:20, 10:20] = 30.0  # halfway from the background (20) to the threshold (40)
+    amap[30:34, 30:34] = 45.0  # above the threshold
+    amap[0, 0] = np.nan  # not scored
+    rgba = np.asarray(Image.open(io.BytesIO(heat_png(amap, 40.0))))
+    assert rgba[25, 5, 3] == 0 and rgba[0, 0, 3] == 0  # background and unscored: clear
+    assert rgba[15, 15, 3] >= 200  # the spot below the threshold: clearly visible
+    r, g, b = (int(c) for c in rgba[32, 32, :3])
+    assert rgba[32, 32, 3] >= 200 and r > 100 and r > 2 * g and r > 2 * b  # at/above the threshold: red
+    assert tuple(rgba[30, 31]) == (255, 255, 255, 255)  # ... outlined
+    # a map wholly above its threshold is red everywhere, not clear
+    assert (np.asarray(Image.open(io.BytesIO(heat_png(np.full((8, 8), 5.0, np.float32), 1.0))))[..., 3] > 200).all()
 
 
 def test_token_required_off_loopback(server, project):

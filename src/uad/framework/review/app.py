@@ -104,23 +104,52 @@ class Settings:
         return resolved
 
 
+def heat_levels(amap: np.ndarray, pixel_threshold: float | None) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """``(level in [0, 1], valid, low, high)``: where the map sits on the overlay's colour scale.
+
+    The scale runs from the map's own median (the part's background: clear) to the pixel
+    threshold (red, and everything above it), so a region well above the background shows as a
+    warm, opaque patch even when it stays below the threshold, and red always means "at or above
+    the pixel threshold", the same on every image. (A scale from 0 to twice the threshold, as
+    before, put a distance map offset at 15-30 into one faint blue-green band.) Without a pixel
+    threshold the map's 99th percentile stands in; where the threshold lies at or below the median
+    (most of the image above it) the scale starts at the map's minimum."""
+    m = np.asarray(amap, np.float32)
+    valid = np.isfinite(m)
+    if not valid.any():
+        return np.zeros(m.shape, np.float32), valid, 0.0, 0.0
+    v = m[valid]
+    thr = float(pixel_threshold) if pixel_threshold is not None and np.isfinite(pixel_threshold) else None
+    high = thr if thr is not None else float(np.quantile(v, 0.99))
+    low = float(np.median(v))
+    if high <= low:
+        low = float(v.min())
+    filled = np.nan_to_num(m, nan=-np.inf)
+    if high <= low:  # every scored pixel at or above the threshold
+        level = (filled >= high).astype(np.float32)
+    else:
+        level = np.clip((filled - low) / (high - low), 0.0, 1.0).astype(np.float32)
+    return np.where(valid, level, 0.0).astype(np.float32), valid, low, high
+
+
 def heat_png(amap: np.ndarray, pixel_threshold: float | None) -> bytes:
-    """The map as an RGBA PNG at its full size (jet; the pixel threshold at the middle of the colour
-    scale, as the ``infer`` overlays; transparent where low or not scored)."""
+    """The map as an RGBA PNG at its full size (jet over :func:`heat_levels`' scale: clear at the
+    map's median, opaque from half-way up, red at the pixel threshold; the region at or above the
+    pixel threshold outlined in white, as the ``infer`` overlays outline it; transparent where not
+    scored)."""
     from matplotlib import colormaps
     from PIL import Image
 
     m = np.asarray(amap, np.float32)
-    valid = np.isfinite(m)
-    thr = pixel_threshold if pixel_threshold is not None and pixel_threshold > 0 else (
-        float(np.quantile(m[valid], 0.99)) if valid.any() else 1.0)
-    level = np.clip(np.nan_to_num(m, nan=0.0) / (2.0 * thr), 0.0, 1.0)
-    idx = (level * 255).astype(np.uint8)
+    level, valid, _low, high = heat_levels(m, pixel_threshold)
     lut = (colormaps["jet"](np.linspace(0, 1, 256))[:, :3] * 255).astype(np.uint8)
     rgba = np.empty(m.shape + (4,), np.uint8)
-    rgba[..., :3] = lut[idx]
-    # clear where the map is low (the part shows through), opaque from just above the threshold
-    rgba[..., 3] = np.where(valid, 235 * np.clip((level - 0.2) / 0.4, 0.0, 1.0), 0).astype(np.uint8)
+    rgba[..., :3] = lut[(level * 255).astype(np.uint8)]
+    rgba[..., 3] = np.where(valid, 240 * np.clip((level - 0.1) / 0.4, 0.0, 1.0), 0).astype(np.uint8)
+    if pixel_threshold is not None and valid.any():
+        hot = valid & (np.nan_to_num(m, nan=-np.inf) >= float(high))
+        edge = hot & ~(np.roll(hot, 1, 0) & np.roll(hot, -1, 0) & np.roll(hot, 1, 1) & np.roll(hot, -1, 1))
+        rgba[edge] = (255, 255, 255, 255)
     buf = io.BytesIO()
     Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
@@ -202,6 +231,8 @@ class Station:
             item.status, item.error = res.status, f"{item.name}: {res.error}"
         else:
             item.score, item.decision, item.anomalous_area = float(res.score), res.decision, res.anomalous_area
+            finite = res.map[np.isfinite(res.map)] if res.map is not None else np.empty(0)
+            item.map_max = float(finite.max()) if finite.size else None
             self.items.save_map(item, res.map)
         item.seconds = time.perf_counter() - started
         return self.items.add(item)

@@ -65,7 +65,8 @@ class Item:
     error: str = ""
     score: float | None = None
     decision: str = ""
-    anomalous_area: float | None = None
+    anomalous_area: float | None = None  #: share of pixels at or above the pixel threshold
+    map_max: float | None = None  #: the map's hottest pixel (beside the pixel threshold: why the area is 0)
     height: int = 0
     width: int = 0
     seconds: float = 0.0  #: from the request's arrival to the map, as measured by the server
@@ -77,7 +78,7 @@ class Item:
     def as_json(self) -> dict[str, Any]:
         return {"id": self.id, "name": self.name, "origin": self.origin, "status": self.status, "error": self.error,
                 "score": self.score, "decision": self.decision, "anomalous_area": self.anomalous_area,
-                "height": self.height, "width": self.width, "seconds": round(self.seconds, 3), "mark": self.mark,
+                "map_max": self.map_max, "height": self.height, "width": self.width, "seconds": round(self.seconds, 3), "mark": self.mark,
                 "defect_kind": self.defect_kind, "written": list(self.written)}
 
 

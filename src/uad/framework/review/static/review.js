@@ -193,10 +193,24 @@ function showDetailFacts() {
   if (!item) return;
   const d = decisionAt(item, S.current);
   $("d-badge").textContent = d; $("d-badge").className = "badge " + d;
-  const area = item.anomalous_area === null ? "–" : (100 * item.anomalous_area).toFixed(2) + " %";
-  $("d-facts").textContent = "score " + fmt(item.score) + " · threshold " + fmt(S.current) + " · anomalous area " + area +
+  $("d-facts").textContent = "score " + fmt(item.score) + " · image threshold " + fmt(S.current) + " · " + areaText(item) +
     " · " + item.width + " × " + item.height + " px · scored in " + item.seconds.toFixed(2) + " s";
+  const pix = S.thr ? S.thr.pixel : null;
+  $("d-scale").textContent = pix === null || pix === undefined
+    ? "map colours: clear at this image's median, red at its top 1 %"
+    : "map colours: clear at this image's median, red (outlined) at or above the pixel threshold " + fmt(pix);
   $("d-mark").textContent = item.mark ? "marked " + (item.mark === "normal" ? "normal" : item.defect_kind) + " → " + item.written[0] : "not marked yet";
+}
+
+// The area is the share of pixels at or above the pixel threshold, which is set apart from the
+// image threshold (on the pixels): an image can pass the image threshold with no pixel above it.
+function areaText(item) {
+  const pix = S.thr ? S.thr.pixel : null;
+  if (item.anomalous_area === null || item.anomalous_area === undefined || pix === null || pix === undefined)
+    return "no pixel threshold stored: no anomalous area";
+  const share = item.anomalous_area > 0 && item.anomalous_area < 0.0001 ? "< 0.01 %" : (100 * item.anomalous_area).toFixed(2) + " %";
+  if (item.anomalous_area > 0) return "area at or above the pixel threshold " + fmt(pix) + ": " + share;
+  return "no pixel reaches the pixel threshold " + fmt(pix) + " (hottest " + fmt(item.map_max) + ")";
 }
 
 function layout() {
