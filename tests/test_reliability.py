@@ -358,3 +358,20 @@ def test_a_from_nodes_run_after_an_in_memory_output_is_one_error_line_naming_whe
     err = _user_error(kedro_error)
     assert err is not None and "--from-nodes=costfilter_patchcore.compose_params" in str(err)
     assert _user_error(ValueError("some other bug")) is None  # a real bug keeps its traceback
+
+
+def test_a_missing_ingest_table_is_one_line_naming_the_run_that_writes_it(tmp_path):
+    """``kedro run --pipeline=submission --namespaces=patchcore`` before any ingest: Kedro's
+    DatasetError over a missing CSV (as it raises it) becomes one line naming the file and ingest."""
+    from kedro.io import DataCatalog
+
+    from uad.framework.cli import _user_error
+    from uad.framework.io.datasets import CsvTableDataset
+
+    path = tmp_path / "data/02_intermediate/unlabelled_index.csv"
+    catalog = DataCatalog({"unlabelled_index": CsvTableDataset(filepath=str(path))})
+    with pytest.raises(Exception) as raised:
+        catalog.load("unlabelled_index")
+    err = _user_error(raised.value)
+    assert err is not None, raised.value
+    assert str(err).startswith(f"unlabelled_index: {path} does not exist yet") and "--pipeline=ingest" in str(err)

@@ -49,6 +49,29 @@ def _missing_version(exc: BaseException) -> UadError | None:
                     f"(with the same --env), then this command again")
 
 
+#: the catalog's tables ingest writes (``data/02_intermediate``), read by pipelines that do not run it
+INGEST_OUTPUTS = ("train_index", "validation_index", "test_index", "unlabelled_index", "dataset_report")
+
+
+def _missing_file(exc: BaseException) -> UadError | None:
+    """Kedro's "<dataset>: Failed while loading data from dataset ..." over a missing file (a
+    pipeline that reads what no run wrote yet: ``submission`` before ingest, the method's run or
+    the data) as one line naming the file and the run that writes it."""
+    import re
+
+    text = str(exc)
+    if "Failed while loading data from dataset" not in text or "No such file or directory" not in text:
+        return None
+    name = re.match(r"\s*([\w.]+): Failed while loading", text)
+    ds = name.group(1) if name else "an input"
+    found = re.search(r"filepath=['\"]?([^,)'\"]+)", text)
+    path = found.group(1) if found else "its file"
+    if ds.split(".")[-1] in INGEST_OUTPUTS:
+        return UadError(f"{ds}: {path} does not exist yet: run kedro run --pipeline=ingest (or the method's whole "
+                        f"pipeline, which starts with it) with the same --env and UAD_DATA_ROOT, then this command again")
+    return UadError(f"{ds}: {path} does not exist yet: run the pipeline that writes it first (with the same --env)")
+
+
 def _memory_input_missing(exc: BaseException) -> UadError | None:
     """Kedro's "Pipeline input(s) {...} not found" for a ``--from-nodes`` / ``--to-outputs`` run that
     starts after a node whose output is never saved (a plug-in's composed parameters) as one line."""
@@ -71,7 +94,7 @@ def _user_error(exc: BaseException) -> UadError | None:
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, UadError):
             return exc
-        known = _missing_version(exc) or _memory_input_missing(exc)
+        known = _missing_version(exc) or _memory_input_missing(exc) or _missing_file(exc)
         if known is not None:
             return known
         seen.add(id(exc))
