@@ -121,3 +121,23 @@ def test_extra_metrics_table_per_class():
     assert np.isfinite(t.loc["x", "pixel_aupro_005"])
     no_val = extra_metrics(labels, masks, maps, np.array(["x", "x"]))
     assert np.isnan(no_val.loc["x", "pixel_segf1"])  # no validation normals: no SegF1
+
+
+def test_a_wrong_evaluation_setting_is_refused_even_where_it_would_not_be_used():
+    """A typo in evaluation.segf1_rule was read only when the data had masks (and after training):
+    now every setting is one ConfigError naming it, here on a normal-only split without masks."""
+    from uad.errors import ConfigError
+    from uad.metrics.evaluation import check_evaluation, evaluate_predictions
+
+    preds = {"labels": np.array([0, 0]), "scores": np.array([0.1, 0.2]), "masks": np.zeros((2, 4, 4), bool),
+             "maps": np.zeros((2, 4, 4), np.float32), "class_names": np.array(["x", "x"])}
+    evaluate_predictions(preds, {})  # the defaults pass
+    for bad, said in [({"segf1_rule": "mean+3std"}, "evaluation.segf1_rule: 'mean+3std' is not one of"),
+                      ({"threshold_rule": "median"}, "evaluation.threshold_rule: 'median'"),
+                      ({"threshold_std_k": "three"}, "evaluation.threshold_std_k: 'three'"),
+                      ({"threshold_fpr": 1.5}, "evaluation.threshold_fpr: 1.5"),
+                      ({"aupro_second_limit": 0}, "evaluation.aupro_second_limit: 0")]:
+        with pytest.raises(ConfigError, match=said.replace("+", r"\+")):
+            evaluate_predictions(preds, bad)
+        with pytest.raises(ConfigError):
+            check_evaluation(bad)

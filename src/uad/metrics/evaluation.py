@@ -16,7 +16,7 @@ from .metrics import METRIC_NAMES, auroc, compute_metrics
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_predictions"]
+__all__ = ["check_evaluation", "evaluate_predictions"]
 
 
 def _limit(evaluation: dict, key: str, default: float) -> float:
@@ -33,18 +33,40 @@ def _limit(evaluation: dict, key: str, default: float) -> float:
     return val
 
 
+def check_evaluation(evaluation: dict) -> None:
+    """Every ``evaluation.*`` setting the evaluation reads, checked at once (the ``predict`` node
+    calls it before scoring, :func:`evaluate_predictions` again): one :class:`uad.errors.ConfigError`
+    naming the setting and the fix. A rule is checked whether or not this run's data has masks or
+    validation normals to use it on, so a typo never passes unnoticed until another dataset."""
+    from uad.errors import ConfigError
+
+    from .thresholds import THRESHOLD_RULES
+
+    evaluation = evaluation or {}
+    for key, why in (("threshold_rule", "fpr: a false-positive rate on normals"),
+                     ("segf1_rule", "mean_std is the MVTec AD 2 paper's rule")):
+        rule = evaluation.get(key, "fpr" if key == "threshold_rule" else "mean_std")
+        if rule not in THRESHOLD_RULES:
+            raise ConfigError(f"evaluation.{key}: {rule!r} is not one of {', '.join(THRESHOLD_RULES)} ({why}); "
+                              f"e.g. --params=\"evaluation.{key}=mean_std\"")
+    k = evaluation.get("threshold_std_k", 3.0)
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not np.isfinite(k) or k < 0:
+        raise ConfigError(f"evaluation.threshold_std_k: {k!r} is not a non-negative number (the k of mean + k std); "
+                          "e.g. 3, the MVTec AD 2 paper's")
+    fpr = evaluation.get("threshold_fpr", 0.01)
+    if isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0.0 < fpr < 1.0:
+        raise ConfigError(f"evaluation.threshold_fpr: {fpr!r} is not a false-positive rate in (0, 1); e.g. 0.01")
+    _limit(evaluation, "aupro_limit", 0.3)
+    _limit(evaluation, "aupro_second_limit", 0.05)
+
+
 def _extra_metrics(predictions: dict[str, np.ndarray], evaluation: dict):
     """:func:`uad.metrics.mvtec_ad2.extra_metrics` from the predictions and the evaluation's
     parameters (``segf1_rule``, ``threshold_std_k``, ``threshold_fpr``, ``aupro_second_limit``)."""
     from .mvtec_ad2 import extra_metrics
-    from .thresholds import THRESHOLD_RULES
 
+    check_evaluation(evaluation)
     rule = str(evaluation.get("segf1_rule", "mean_std"))
-    if rule not in THRESHOLD_RULES:
-        from uad.errors import ConfigError
-
-        raise ConfigError(f"evaluation.segf1_rule: {rule!r} is not one of {', '.join(THRESHOLD_RULES)}; "
-                          "mean_std is the MVTec AD 2 paper's rule")
     return extra_metrics(predictions["labels"], predictions["masks"].astype(bool), predictions["maps"],
                          predictions["class_names"], predictions.get("validation_maps"),
                          predictions.get("validation_class_names"), rule=rule,
@@ -61,6 +83,7 @@ def evaluate_predictions(predictions: dict[str, np.ndarray], evaluation: dict) -
     labelled split, or at ``evaluation.threshold_fpr`` on normal images without labels)."""
     from .thresholds import compute_thresholds
 
+    check_evaluation(evaluation)
     has_masks = bool(predictions["masks"].any()) and evaluation.get("pixel", True)
     limit = _limit(evaluation, "aupro_limit", 0.3)
     table = compute_metrics(predictions["labels"], predictions["scores"], predictions["masks"].astype(bool),

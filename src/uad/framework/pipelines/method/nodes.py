@@ -57,7 +57,9 @@ def predict(method_name: str, test_index: pd.DataFrame, data: dict, method_param
     """``predict``: the test split (and the validation normals, ``validation_*`` keys) by the
     evaluation protocol and in the full frame (:func:`uad.engine.orchestration.predict_split`)."""
     from uad.engine import orchestration
+    from uad.metrics.evaluation import check_evaluation
 
+    check_evaluation(evaluation or {})  # a wrong evaluation.* setting: one line before scoring, not after
     return orchestration.predict_split(method_name, test_index, data, method_params, engine, engine_override,
                                        checkpoint, infer=infer, evaluation=evaluation,
                                        validation_index=validation_index)
