@@ -57,7 +57,12 @@ def test_own_data_in_one_line(project, my_data, monkeypatch, how, env):
     train = pd.read_csv(project / "data/02_intermediate/train_index.csv")
     test = pd.read_csv(project / "data/02_intermediate/test_index.csv")
     assert set(train["dataset"]) == {"my_parts"} and set(train["class_name"]) == {"washer", "wood"}
-    assert len(train) == 8 and set(test["class_name"]) == {"washer", "wood"}
+    # 4 training images per class; the quick profile holds out a fifth of them (at least one) as
+    # the validation split no method trains on, smoke none
+    validation = pd.read_csv(project / "data/02_intermediate/validation_index.csv")
+    held = 2 if env == "quick" else 0
+    assert len(validation) == held and set(validation["split"]) <= {"validation"} and (validation["label"] == 0).all()
+    assert len(train) == 8 - held and set(test["class_name"]) == {"washer", "wood"}
     assert all(str(p).startswith(str(my_data)) for p in train["image_path"])
     assert not (my_data / MARKER_NAME).exists()  # nothing was generated into the user's folder
 

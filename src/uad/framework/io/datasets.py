@@ -281,8 +281,9 @@ class PngFolderDataset(_LocalVersionedDataset):
 
 class FileFolderDataset(_LocalVersionedDataset):
     """``{file name: bytes}`` as one folder per version (each file written atomically; names are
-    flat, no sub-folders); logged to MLflow as a folder of artifacts. An empty dict writes nothing
-    (the export's deployable formats when ``export.formats`` is empty)."""
+    flat, no sub-folders); logged to MLflow as a folder of artifacts. An empty dict (the export's
+    deployable formats when ``export.formats`` is empty) writes an empty version folder, so the
+    version exists and loads back as ``{}`` (the run summary and later nodes resolve it)."""
 
     def load(self) -> dict[str, bytes]:
         root = self._path("load")
@@ -293,8 +294,6 @@ class FileFolderDataset(_LocalVersionedDataset):
         return out
 
     def save(self, data: dict[str, bytes]) -> None:
-        if not data:
-            return
         root = self._path("save")
         if self._protocol != "file":
             raise DatasetError("FileFolderDataset writes local files only")
@@ -306,7 +305,7 @@ class FileFolderDataset(_LocalVersionedDataset):
         self._invalidate_cache()
         self._mark_saved()
         mlflow = _open_mlflow()
-        if self._mlflow_artifact_path is not None and mlflow is not None:
+        if data and self._mlflow_artifact_path is not None and mlflow is not None:
             mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
 
 
