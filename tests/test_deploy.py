@@ -151,8 +151,11 @@ def test_exported_folder_runs_without_torch_or_uad(deployed):
     d = deployed
     paths = list(d["test"].image_path)[::5]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # stdin from /dev/null: under pytest-xdist the worker's stdin is its channel to the controller,
+    # and a child that inherits it can take the controller's next messages (the worker then dies
+    # and the run hangs: measured in the full suite, not when this module runs alone)
     proc = subprocess.run([sys.executable, "-c", _BLOCKED_RUN, str(d["folder"]), *paths], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=str(d["folder"]))
+                          timeout=300, env=env, cwd=str(d["folder"]), stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["modules"] == []
