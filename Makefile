@@ -29,8 +29,12 @@ setup-cpu: setup
 run: setup
 	$(BIN)/kedro run $(if $(PIPELINE),--pipeline=$(PIPELINE)) $(if $(ENV),--env=$(ENV))
 
+# tests/test_deploy.py runs in a pytest process of its own: inside a pytest-xdist worker that ran other
+# modules first, its no-torch child run took the worker down and the suite hung (measured twice, not
+# when the module runs alone; cause not found). Its 5 tests take about 25 s.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PYTEST_ARGS) --ignore=tests/test_deploy.py
+	$(BIN)/python -m pytest tests/test_deploy.py
 
 # JupyterLab for notebooks/ (the optional extra), then open it in the project's Kedro session
 notebooks: setup
