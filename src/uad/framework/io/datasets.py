@@ -249,46 +249,21 @@ class CsvTableDataset(_LocalVersionedDataset):
         self._write(data.to_csv(**self._save_args).encode())
 
 
-class PngFolderDataset(_LocalVersionedDataset):
-    """``{name: PNG bytes}`` as one folder of PNG files per version (each file written atomically);
-    logged to MLflow as a folder of artifacts."""
-
-    def load(self) -> dict[str, bytes]:
-        root = self._path("load")
-        out = {}
-        for p in sorted(self._fs.glob(f"{root}/*.png")):
-            with self._fs.open(p, "rb") as fh:
-                out[PurePosixPath(p).name] = fh.read()
-        return out
-
-    def save(self, data: dict[str, bytes]) -> None:
-        root = self._path("save")
-        if self._protocol != "file":
-            raise DatasetError("PngFolderDataset writes local files only")
-        import os
-
-        os.makedirs(root, exist_ok=True)
-        for name, png in data.items():
-            if not bytes(png[:8]) == b"\x89PNG\r\n\x1a\n":
-                raise DatasetError(f"{self._filepath}: {name!r} is not PNG bytes")
-            atomic_write_bytes(f"{root}/{PurePosixPath(name).name}", bytes(png))
-        self._invalidate_cache()
-        self._mark_saved()
-        mlflow = _open_mlflow()
-        if self._mlflow_artifact_path is not None and mlflow is not None:
-            mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
-
-
 class FileFolderDataset(_LocalVersionedDataset):
     """``{file name: bytes}`` as one folder per version (each file written atomically; names are
     flat, no sub-folders); logged to MLflow as a folder of artifacts. An empty dict (the export's
     deployable formats when ``export.formats`` is empty) writes an empty version folder, so the
     version exists and loads back as ``{}`` (the run summary and later nodes resolve it)."""
 
+    _pattern = "*"
+
+    def _check(self, name: str, blob: bytes) -> None:
+        """Refuse a file this folder must not hold (subclasses)."""
+
     def load(self) -> dict[str, bytes]:
         root = self._path("load")
         out = {}
-        for p in sorted(self._fs.glob(f"{root}/*")):
+        for p in sorted(self._fs.glob(f"{root}/{self._pattern}")):
             with self._fs.open(p, "rb") as fh:
                 out[PurePosixPath(p).name] = fh.read()
         return out
@@ -296,17 +271,29 @@ class FileFolderDataset(_LocalVersionedDataset):
     def save(self, data: dict[str, bytes]) -> None:
         root = self._path("save")
         if self._protocol != "file":
-            raise DatasetError("FileFolderDataset writes local files only")
+            raise DatasetError(f"{type(self).__name__} writes local files only")
         import os
 
         os.makedirs(root, exist_ok=True)
         for name, blob in data.items():
+            self._check(name, blob)
             atomic_write_bytes(f"{root}/{PurePosixPath(name).name}", bytes(blob))
         self._invalidate_cache()
         self._mark_saved()
         mlflow = _open_mlflow()
         if data and self._mlflow_artifact_path is not None and mlflow is not None:
             mlflow.log_artifacts(root, artifact_path=self._mlflow_artifact_path)
+
+
+class PngFolderDataset(FileFolderDataset):
+    """``{name: PNG bytes}`` as one folder of PNG files per version (each file written atomically);
+    logged to MLflow as a folder of artifacts."""
+
+    _pattern = "*.png"
+
+    def _check(self, name: str, blob: bytes) -> None:
+        if not bytes(blob[:8]) == b"\x89PNG\r\n\x1a\n":
+            raise DatasetError(f"{self._filepath}: {name!r} is not PNG bytes")
 
 
 class OnnxModelDataset(_LocalVersionedDataset):
