@@ -90,14 +90,10 @@ print(json.dumps({"fit_s": fit_s, "rate1": rates[1], "rate8": rates[8], "bank": 
 
 
 def _timed(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of one call (cpu_deploy.timed gives its inverse, calls per second)."""
+    from cpu_deploy import timed
+
+    return 1.0 / timed(fn, warmup, iters)
 
 
 def main(argv: list[str] | None = None) -> int:
