@@ -11,8 +11,10 @@ For PatchCore (the quick profile: bundled ImageNet EfficientNet-Lite0, stages 2-
 * OpenVINO fp32, INT8 (the same QDQ file) and bf16 (the fp32 IR with ``INFERENCE_PRECISION_HINT
   bf16``; only where the CPU has AVX-512 BF16 or AMX),
 
-and, for PatchCore, image / pixel AUROC of each on the 100 test images (the evaluation's crop),
-next to torch's. The CPU's flags, the libraries' versions and the load average at start and end
+and, for PatchCore (and each trained checkpoint given with ``--checkpoints``, e.g. the quick
+RLR and AGPNet), image / pixel AUROC of each on the 100 test images (the evaluation's crop), next
+to torch's, and the self-test a deployed folder runs when it loads (4 training normals against
+torch fp32, its verdict at ``uad.deploy.runtime.SELF_CHECK_TOLERANCE``). The CPU's flags, the libraries' versions and the load average at start and end
 are printed with the table. Every backend gets the same thread count (``--threads``, default all
 cores).
 
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=224, help="crop (PatchCore resizes to crop * 8 / 7 first); 56 for a dry run")
     ap.add_argument("--calibration", type=int, default=64, help="training normals the INT8 models are calibrated on")
     ap.add_argument("--data", default=str(Path(tempfile.gettempdir()) / "uad_cpu_deploy" / "synthetic"))
+    ap.add_argument("--checkpoints", default="", help="trained checkpoints whose INT8 accuracy is measured too, "
+                    "name=path,... (e.g. rlr=data/06_models/rlr/train.safetensors/<version>/train.safetensors; "
+                    "a versioned folder takes its newest version); accuracy only, no speed rows")
     args = ap.parse_args(argv)
     if args.isa != "native" and os.environ.get("UAD_CPU_DEPLOY_CHILD") != "1":
         env = {**os.environ, **ISA_ENV[args.isa], "UAD_CPU_DEPLOY_CHILD": "1"}
@@ -102,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     from uad.data.synthetic import ensure_synthetic_dataset
     from uad.data.torch_data import AnomalyImageDataset
     from uad.deploy.export import calibration_images, export_uint8_onnx, keep_fp32_nodes, quantize_int8, to_openvino
-    from uad.deploy.runtime import make_runner
+    from uad.deploy.runtime import SELF_CHECK_TOLERANCE, make_runner
+    from uad.engine.checkpoint import load_state
+    from uad.inference import load_trained
     from uad.engine.scoring import normalise_uint8
     from uad.methods.registry import build_method
     from uad.metrics import compute_metrics
@@ -123,6 +130,34 @@ def main(argv: list[str] | None = None) -> int:
     train, test = idx[idx.split == "train"], idx[idx.split == "test"].reset_index(drop=True)
     tmp = Path(tempfile.mkdtemp(prefix="uad_cpu_deploy_"))
     rows, acc_rows, notes = [], [], []
+
+    def accuracy(name, method, backends, calib):
+        """Image / pixel AUROC of each backend on the test images (the evaluation's crop), its
+        largest differences to torch fp32 there, and the export's self-test on 4 training normals
+        (the check a deployed folder runs when it loads: its verdict at SELF_CHECK_TOLERANCE)."""
+        spec = method.input_spec
+        resize, crop = int(spec["resize"]), int(spec["crop"])
+        ds = AnomalyImageDataset(test, resize, crop, spec["mean"], spec["std"])
+        masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
+        x_test = calibration_images(test.image_path, resize, crop, limit=len(test))
+        ref = ref_self = None
+        for backend, prec, run in backends:
+            maps, scores = zip(*[run(x_test[i:i + 8]) for i in range(0, len(x_test), 8)])
+            maps, scores = np.concatenate(maps), np.concatenate(scores)
+            table = compute_metrics(test.label.to_numpy(), scores, masks, maps, test.class_name.to_numpy())
+            mean_row = table.loc["mean"]  # the class mean (the papers' protocol)
+            self_maps, self_scores = run(calib[:4])
+            if ref is None:
+                ref, ref_self = (scores, maps), (self_scores, self_maps)
+            scale = float(np.abs(ref[0]).max())
+            s_scale = float(np.abs(ref_self[0]).max())
+            self_diff = max(float(np.abs(self_maps - ref_self[1]).max()), float(np.abs(self_scores - ref_self[0]).max())) / s_scale
+            limit = SELF_CHECK_TOLERANCE["exact" if prec == "fp32" else "reduced"]
+            acc_rows.append((name, backend, prec, float(mean_row["image_auroc"]), float(mean_row["pixel_auroc"]),
+                             float(np.abs(scores - ref[0]).max()) / scale, float(np.abs(maps - ref[1]).max()) / scale,
+                             f"{self_diff:.1e} {'pass' if self_diff <= limit else 'REFUSED'} (limit {limit:g})"))
+            print(f"  {name} {backend} {prec}: AUROC {acc_rows[-1][3]:.4f} / {acc_rows[-1][4]:.4f}, self-test {acc_rows[-1][7]}",
+                  flush=True)
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "patchcore":
             params = dict(backbone="tf_efficientnet_lite0", weights="bundled", layers=[2, 3], resize=args.crop * 8 // 7,
@@ -196,20 +231,48 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((name, backend, prec, rates[1], rates[8], rates[1] / base[1], rates[8] / base[8], restricted))
             print(f"  {name} {backend} {prec}: {rates[1]:.2f} / {rates[8]:.2f} img/s", flush=True)
         if name == "patchcore":
-            ds = AnomalyImageDataset(test, resize, crop, spec["mean"], spec["std"])
-            masks = np.stack([ds[i]["mask"][0].numpy() > 0.5 for i in range(len(ds))])
-            x_test = calibration_images(test.image_path, resize, crop, limit=len(test))
-            ref = None
-            for backend, prec, run in backends:
-                maps, scores = zip(*[run(x_test[i:i + 8]) for i in range(0, len(x_test), 8)])
-                maps, scores = np.concatenate(maps), np.concatenate(scores)
-                table = compute_metrics(test.label.to_numpy(), scores, masks, maps, test.class_name.to_numpy())
-                mean_row = table.loc["mean"]  # the class mean (the papers' protocol)
-                if ref is None:
-                    ref = (scores, maps)
-                scale = float(np.abs(ref[0]).max())
-                acc_rows.append((backend, prec, float(mean_row["image_auroc"]), float(mean_row["pixel_auroc"]),
-                                 float(np.abs(scores - ref[0]).max()) / scale, float(np.abs(maps - ref[1]).max()) / scale))
+            accuracy(name, method, backends, calib)
+
+    for item in [c.strip() for c in args.checkpoints.split(",") if c.strip()]:
+        name, _, path = item.partition("=")
+        path = Path(path)
+        if path.is_dir():
+            path = sorted(path.glob("*/*.safetensors"))[-1]
+        tensors, meta = load_state(path)
+        method = load_trained(name, None, tensors, meta, str(path))
+        spec = method.input_spec
+        calib = calibration_images(train.image_path, int(spec["resize"]), int(spec["crop"]), limit=args.calibration)
+        onnx32, _ = export_uint8_onnx(method)
+        int8, qinfo = quantize_int8(onnx32, calib)
+        notes.append(f"{name}: checkpoint {path}; INT8: {qinfo['quantised_nodes']} nodes quantised, "
+                     f"{len(qinfo['kept_fp32'])} kept in float")
+        files = {}
+        for key, data in (("onnx32", onnx32), ("onnx8", int8)):
+            files[key] = tmp / f"{name}_{key}.onnx"
+            files[key].write_bytes(data)
+            xml, bin_ = to_openvino(data)
+            files["ov" + key[4:]] = tmp / f"{name}_ov{key[4:]}.xml"
+            files["ov" + key[4:]].write_bytes(xml)
+            files["ov" + key[4:]].with_suffix(".bin").write_bytes(bin_)
+        method.eval_mode()
+        mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+
+        def torch_ckpt(x, method=method, mean=mean, std=std):
+            with torch.no_grad():
+                out = method.predict(normalise_uint8(torch.from_numpy(x), mean, std))
+            return out.maps.numpy(), out.scores.numpy()
+
+        backends = [("torch", "fp32", torch_ckpt),
+                    ("onnxruntime", "fp32", make_runner(files["onnx32"], "onnxruntime", args.threads)),
+                    ("onnxruntime", "INT8", make_runner(files["onnx8"], "onnxruntime", args.threads)),
+                    ("openvino", "fp32", make_runner(files["ov32"], "openvino", args.threads)),
+                    ("openvino", "INT8", make_runner(files["ov8"], "openvino", args.threads))]
+        if has_bf16:
+            try:
+                backends.append(("openvino", "bf16", make_runner(files["ov32"], "openvino", args.threads, precision="bf16")))
+            except Exception as e:
+                notes.append(f"{name}: OpenVINO bf16 not available here: {str(e).splitlines()[0][:160]}")
+        accuracy(name, method, backends, calib)
     print()
     print("| model | backend | precision | img/s batch 1 | img/s batch 8 | x torch (b1) | x torch (b8) | note |")
     print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
@@ -217,12 +280,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]:.2f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]} |")
     if acc_rows:
         print()
-        print(f"PatchCore on the embedded test set (100 images, {args.crop} crop), each backend against torch fp32:")
+        print(f"Accuracy on the embedded test set (100 images, the evaluation's crop), each backend against torch fp32; "
+              f"self-test: the largest difference on 4 training normals, relative to the largest score, and the "
+              f"verdict a deployed folder's load gives:")
         print()
-        print("| backend | precision | image AUROC | pixel AUROC | max score diff (rel.) | max map diff (rel.) |")
-        print("| --- | --- | ---: | ---: | ---: | ---: |")
+        print("| model | backend | precision | image AUROC | pixel AUROC | max score diff (rel.) | max map diff (rel.) | self-test |")
+        print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
         for r in acc_rows:
-            print(f"| {r[0]} | {r[1]} | {r[2]:.4f} | {r[3]:.4f} | {r[4]:.1e} | {r[5]:.1e} |")
+            print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.4f} | {r[4]:.4f} | {r[5]:.1e} | {r[6]:.1e} | {r[7]} |")
+        print()
+        ref = {}
+        for r in acc_rows:
+            if r[1] == "torch":
+                ref[r[0]] = r
+            elif "INT8" in r[2]:
+                t = ref[r[0]]
+                print(f"- {r[0]} {r[1]} {r[2]} against fp32: image AUROC {100 * (r[3] - t[3]):+.2f}, "
+                      f"pixel AUROC {100 * (r[4] - t[4]):+.2f} points")
     print()
     for n in notes:
         print(f"- {n}")

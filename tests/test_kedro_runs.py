@@ -142,7 +142,7 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     assert len(overlays) == 3 and set(res["overlay"][res["status"] == "ok"]) == {p.name for p in overlays}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "inference")} >= {"inference/results.csv"}
 
-    run_pipeline(project, "export", namespaces=["dinomaly"])
+    run_pipeline(project, "export", namespaces=["dinomaly"], params={"export.formats": ["onnx", "onnx_int8"]})
     onnx_file = _latest(project / "data/06_models/dinomaly/model.onnx", "model.onnx")
     spec = __import__("json").loads(_latest(project / "data/06_models/dinomaly/model.json", "model.json").read_text())
     assert spec["thresholds"]["image"] == thresholds["image"] and spec["preprocessing"]["crop"] == 112
@@ -158,6 +158,23 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     np.testing.assert_allclose(scores, ref.scores.numpy(), atol=1e-4, rtol=0)
     versions = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_model_versions("name='uad-dinomaly'")
     assert len(versions) >= 1
+
+    # export.formats: the deployable folder (uint8 in, no torch needed) scores as the evaluation did,
+    # and its self-test on this CPU passed when it loaded
+    from uad.deploy.runtime import DeployedModel
+
+    deploy = _latest(project / "data/06_models/dinomaly/deploy", "deploy")
+    assert {p.name for p in deploy.iterdir()} == {"model.onnx", "model_int8.onnx", "deploy.json", "uad_runtime.py",
+                                                  "selftest.npz"}
+    paths = [str(project / preds["image_paths"][i]) for i in picks]
+    for model, tol in (("onnx", 1e-4), ("onnx_int8", None)):
+        deployed = DeployedModel(deploy, model)
+        assert deployed.check["checked"] and deployed.check["max_rel_diff"] <= deployed.check["limit"], deployed.check
+        got = [r["score"] for r in deployed.predict(paths)]
+        if tol:  # fp32: the evaluate run's scores
+            np.testing.assert_allclose(got, preds["scores"][picks], atol=tol, rtol=0)
+    _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
+    assert run.data.tags["deploy_formats"] == "onnx,onnx_int8"
 
 
 def test_runs_are_named_and_their_parameters_line_up(project):

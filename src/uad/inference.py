@@ -372,6 +372,8 @@ class Inferencer:
         (:func:`uad.deploy.runtime.make_runner`)."""
         from uad.deploy.runtime import BACKENDS, RuntimeConfigError, make_runner
 
+        self.backend_check: dict[str, Any] = {"checked": False}
+
         if backend not in BACKENDS:
             raise ConfigError(f"infer.backend: {backend!r} is not one of {', '.join(BACKENDS)}")
         if backend == "torch":
@@ -389,7 +391,9 @@ class Inferencer:
             raise ConfigError(f"infer.backend_model: {model} is not a file; give an exported .onnx or OpenVINO .xml "
                               f"(kedro run --pipeline=export writes them under data/06_models/<method>/deploy)")
         try:
-            return make_runner(model, backend, threads, precision)
+            runner = make_runner(model, backend, threads, precision)
+            self.backend_check = _check_deployed(runner, model, backend, precision)
+            return runner
         except RuntimeConfigError as e:
             raise ConfigError(str(e)) from None
         except ImportError as e:
@@ -598,6 +602,19 @@ class Inferencer:
             area = float((valid >= float(thr["pixel"])).mean()) if valid.size else None
         return ImageResult(source, score, decision, amap, area, tuple(img.shape[:2]), plan.frame, plan.pieces,
                            image=img if keep_images else None)
+
+
+def _check_deployed(runner, model: Any, backend: str, precision: str) -> dict[str, Any]:
+    """A model file of an exported folder (``deploy.json`` beside it, with its self-test) checked
+    on this CPU against the export's torch reference, as :class:`uad.deploy.runtime.DeployedModel`
+    does on load; a bare file or bytes: not checked."""
+    from uad.deploy.runtime import check_against_reference, read_manifest
+
+    if isinstance(model, (bytes, bytearray)) or not (Path(model).parent / "deploy.json").is_file():
+        return {"checked": False}
+    spec = read_manifest(Path(model).parent)
+    key = next((k for k, f in (spec.get("models") or {}).items() if f == Path(model).name), None)
+    return {"checked": False} if key is None else check_against_reference(runner, spec, key, backend, precision)
 
 
 def _version_file(folder: Path, version: str | None, missing: str) -> Path | None:

@@ -24,6 +24,10 @@ evaluation's protocol) for the same image.
 
 :func:`make_runner` is also what :class:`uad.inference.Inferencer` uses for its ``onnxruntime`` and
 ``openvino`` backends, so the library and a bare deployment run the same code.
+
+Loading a model runs the export's self-test on the CPU it runs on (:func:`check_against_reference`:
+``selftest.npz``, a few training normals with torch's fp32 outputs): an INT8 kernel that is wrong
+on this CPU is refused with one line naming the model and the fix, not found later in the scores.
 """
 
 from __future__ import annotations
@@ -36,12 +40,20 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["BACKENDS", "DeployedModel", "make_runner", "prepare", "read_manifest"]
+__all__ = ["BACKENDS", "DeployedModel", "check_against_reference", "make_runner", "prepare", "read_manifest"]
 
 #: the runtimes a model runs on; ``torch`` is the library's own path (uad.inference)
 BACKENDS = ("torch", "onnxruntime", "openvino")
 #: OpenVINO inference precisions (``INFERENCE_PRECISION_HINT``): f32 everywhere, bf16 where the CPU has it
 OV_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
+#: the model keys whose output must equal torch's fp32 (run in fp32 precision); the others are reduced precision
+EXACT_MODELS = ("onnx", "openvino_fp32")
+#: the self-check's limits on the largest difference to the torch fp32 reference (maps and scores), as a
+#: fraction of the reference's largest score. fp32: 1e-3, because the reference images are training
+#: normals, whose patches sit in PatchCore's memory bank: the square root of a distance near 0 amplifies
+#: the float rounding of |q|^2 - 2 q.b + |b|^2 in the map (measured 6.6e-4 for onnxruntime, scores 5e-7).
+#: Reduced precision (INT8, fp16, bf16): 0.2; a wrong kernel measured about 3 (docs/benchmarks.md)
+SELF_CHECK_TOLERANCE = {"exact": 1e-3, "reduced": 0.2}
 
 
 class RuntimeConfigError(ValueError):
@@ -79,7 +91,9 @@ def prepare(image: Any, resize: int, crop: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------- runners
 def make_runner(model: str | os.PathLike | bytes, backend: str, threads: int | None = None,
                 precision: str = "fp32") -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
-    """A function ``uint8 (B, 3, crop, crop) -> (maps float32 (B, crop, crop), scores float32 (B,))``.
+    """A function ``uint8 (B, 3, crop, crop) -> (maps float32 (B, crop, crop), scores float32 (B,))``
+    (the input cast to the model's own input type: uint8 for the deployable graphs, float32 for
+    the normalised-input ``model.onnx`` of :func:`uad.export.export_onnx`).
 
     ``model``: an ``.onnx`` file or its bytes (onnxruntime, OpenVINO) or an OpenVINO ``.xml``
     (its ``.bin`` beside it). ``precision``: OpenVINO's inference precision, ``fp32`` (exact) or
@@ -96,9 +110,10 @@ def make_runner(model: str | os.PathLike | bytes, backend: str, threads: int | N
             opts.intra_op_num_threads = int(threads)
         src = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)
         sess = ort.InferenceSession(src, sess_options=opts, providers=["CPUExecutionProvider"])
+        dtype = np.uint8 if sess.get_inputs()[0].type == "tensor(uint8)" else np.float32
 
         def run_ort(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            maps, scores = sess.run(["maps", "scores"], {"images": np.ascontiguousarray(images, dtype=np.uint8)})
+            maps, scores = sess.run(["maps", "scores"], {"images": np.ascontiguousarray(images, dtype=dtype)})
             return maps, scores
 
         return run_ort
@@ -123,14 +138,51 @@ def make_runner(model: str | os.PathLike | bytes, backend: str, threads: int | N
         compiled = core.compile_model(net, "CPU", config)
         request = compiled.create_infer_request()
         out_maps, out_scores = compiled.output("maps"), compiled.output("scores")
+        dtype = compiled.input("images").get_element_type().to_dtype()
 
         def run_ov(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            res = request.infer({"images": np.ascontiguousarray(images, dtype=np.uint8)})
+            res = request.infer({"images": np.ascontiguousarray(images, dtype=dtype)})
             return np.array(res[out_maps], dtype=np.float32), np.array(res[out_scores], dtype=np.float32)
 
         return run_ov
     raise RuntimeConfigError(f"infer.backend: {backend!r} is not one of {', '.join(b for b in BACKENDS if b != 'torch')} "
                              f"here (torch runs inside the library: uad.inference.Inferencer)")
+
+
+# ------------------------------------------------------------------------------------- self-check
+def check_against_reference(run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], spec: Mapping[str, Any],
+                            model: str, backend: str, precision: str = "fp32") -> dict[str, Any]:
+    """Run the export's reference images (``selftest.npz``: a few training normals with torch's fp32
+    maps and scores, written by the export) through ``run`` on *this* CPU and compare. Kernels
+    differ between CPUs (VNNI, AMX, AVX2 only), and a runtime's INT8 kernels have been measured
+    wrong on one ISA and right on another, so a deployed model is checked where it runs, when it
+    is loaded. The largest difference, as a fraction of the reference's largest score, must stay
+    within ``SELF_CHECK_TOLERANCE`` (``exact`` for fp32 models run in fp32, ``reduced`` otherwise);
+    beyond it: one :class:`RuntimeConfigError` naming the model, the backend and the fix. A
+    manifest without a self-test returns ``{"checked": False}``."""
+    info = spec.get("selftest") or {}
+    if not info.get("file"):
+        return {"checked": False}
+    path = Path(spec.get("_folder", ".")) / info["file"]
+    try:
+        with np.load(path, allow_pickle=False) as ref:
+            images, ref_maps, ref_scores = ref["images"], ref["maps"], ref["scores"]
+    except (OSError, KeyError, ValueError) as e:
+        raise RuntimeConfigError(f"{path}: the export's self-test file is unreadable ({e}); export the model again") from None
+    maps, scores = run(images)
+    scale = max(float(np.abs(ref_scores).max()), 1e-12)
+    diff = max(float(np.abs(np.asarray(maps, np.float32) - ref_maps).max()),
+               float(np.abs(np.asarray(scores, np.float32) - ref_scores).max())) / scale
+    kind = "exact" if (model in EXACT_MODELS and precision == "fp32") else "reduced"
+    limit = float(dict(SELF_CHECK_TOLERANCE, **(info.get("tolerance") or {}))[kind])
+    out = {"checked": True, "images": int(len(images)), "max_rel_diff": diff, "limit": limit, "kind": kind}
+    if not diff <= limit:
+        hint = ("use the fp32 model (onnx or openvino_fp32) on this machine, or onnx_int8 on onnxruntime"
+                if kind == "reduced" else "export the model again with this version of the runtime")
+        raise RuntimeConfigError(f"{path.parent}: model {model} on {backend} ({precision}) disagrees with the export's "
+                                 f"torch fp32 reference on this CPU: largest difference {diff:.3g} of the largest score, "
+                                 f"allowed {limit:g}; {hint}")
+    return out
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -155,10 +207,11 @@ class DeployedModel:
 
     ``model``: a key of ``deploy.json``'s ``models`` (``onnx``, ``onnx_int8``, ``openvino_fp32``,
     ``openvino_fp16``, ``openvino_int8``); its backend is OpenVINO for ``openvino_*`` keys and
-    onnxruntime otherwise unless ``backend`` says (OpenVINO also runs the ONNX files)."""
+    onnxruntime otherwise unless ``backend`` says (OpenVINO also runs the ONNX files). Loading runs
+    the export's self-test on this CPU (:func:`check_against_reference`) unless ``check=False``."""
 
     def __init__(self, manifest: str | os.PathLike | Mapping[str, Any], model: str = "onnx", backend: str | None = None,
-                 threads: int | None = None, precision: str = "fp32", batch_size: int = 8):
+                 threads: int | None = None, precision: str = "fp32", batch_size: int = 8, check: bool = True):
         self.spec = read_manifest(manifest) if not isinstance(manifest, Mapping) else dict(manifest)
         files = self.spec["models"]
         if model not in files:
@@ -168,6 +221,8 @@ class DeployedModel:
         self.backend = backend or ("openvino" if model.startswith("openvino") else "onnxruntime")
         path = Path(self.spec.get("_folder", ".")) / files[model]
         self._run = make_runner(path, self.backend, threads, precision)
+        #: the self-check on this CPU (:func:`check_against_reference`); ``check=False`` skips it
+        self.check = check_against_reference(self._run, self.spec, model, self.backend, precision) if check else {"checked": False}
         pre = self.spec["preprocessing"]
         self.resize, self.crop = int(pre["resize"]), int(pre["crop"])
         self.thresholds = self.spec["thresholds"]
@@ -207,9 +262,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model", default="onnx", help="onnx, onnx_int8, openvino_fp32, openvino_fp16, openvino_int8")
     ap.add_argument("--backend", default=None, choices=("onnxruntime", "openvino"))
     ap.add_argument("--precision", default="fp32", choices=tuple(OV_PRECISIONS))
+    ap.add_argument("--no-check", action="store_true", help="skip the self-test against the export's reference outputs")
     args = ap.parse_args(argv)
     try:
-        model = DeployedModel(args.manifest, args.model, args.backend, precision=args.precision)
+        model = DeployedModel(args.manifest, args.model, args.backend, precision=args.precision, check=not args.no_check)
         for r in model.predict(args.images):
             print(json.dumps(r))
     except RuntimeConfigError as e:

@@ -150,11 +150,11 @@ def deploy_files(method_name: str, method, export: dict, thresholds: dict, train
     formats = export.get("formats") or []
     if not formats:
         return {}
-    from uad.deploy.export import calibration_images, check_formats, export_bundle
+    from uad.deploy.export import SELFTEST_IMAGES, calibration_images, check_formats, export_bundle
 
     formats = check_formats(formats)
     for key, low in (("calibration_images", 1), ("int8_keep_first", 0)):
-        val = export.get(key, 64 if key == "calibration_images" else 5)
+        val = export.get(key, 64 if key == "calibration_images" else 10)
         if isinstance(val, bool) or not isinstance(val, int) or val < low:
             raise ConfigError(f"export.{key}: {val!r} is not an integer >= {low}")
     calib = None
@@ -164,16 +164,33 @@ def deploy_files(method_name: str, method, export: dict, thresholds: dict, train
         crop = method.input_spec
         calib = calibration_images(list(normals["image_path"]), int(crop["resize"]), int(crop["crop"]),
                                    limit=int(export.get("calibration_images", 64)))
+    # the self-test's reference images (selftest.npz): training normals, also without an INT8 format
+    reference = calib[:SELFTEST_IMAGES] if calib is not None else _reference_images(method, train_index)
     try:
         files, manifest = export_bundle(method, formats, calib, thresholds,
                                         extra={"checkpoint_version": spec["checkpoint_version"],
                                                "trained_in_run": spec["trained_in_run"]},
-                                        int8_keep_first=int(export.get("int8_keep_first", 5)))
+                                        int8_keep_first=int(export.get("int8_keep_first", 10)),
+                                        reference_images=reference)
     except ImportError as e:
         raise ConfigError(f"export.formats: {', '.join(formats)} needs {e.name or e}: pip install -e \".[deploy]\"") from None
     log.info("export: %s deployable formats %s (%.1f MB)", method_name, ", ".join(manifest["models"]),
              sum(len(v) for v in files.values()) / 2**20)
     return files
+
+
+def _reference_images(method, train_index: pd.DataFrame | None) -> np.ndarray | None:
+    """The first training normals as the deployable graph's input, for the self-test (None
+    without a training index)."""
+    from uad.deploy.export import SELFTEST_IMAGES, calibration_images
+
+    if train_index is None or not len(train_index):
+        return None
+    normals = train_index[train_index["label"].astype(int) == 0]
+    if not len(normals):
+        return None
+    spec = method.input_spec
+    return calibration_images(list(normals["image_path"]), int(spec["resize"]), int(spec["crop"]), limit=SELFTEST_IMAGES)
 
 
 def _mean_metrics(table: pd.DataFrame | None) -> dict[str, float]:
