@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from uad.data.synthetic import ensure_synthetic_dataset
     from uad.data.torch_data import AnomalyImageDataset
     from uad.deploy.export import calibration_images, export_uint8_onnx, keep_fp32_nodes, quantize_int8, to_openvino
-    from uad.deploy.runtime import SELF_CHECK_TOLERANCE, make_runner
+    from uad.deploy.runtime import SELF_CHECK_TOLERANCE, make_runner, self_test_difference
     from uad.engine.checkpoint import load_state
     from uad.inference import load_trained
     from uad.engine.scoring import normalise_uint8
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             if ref is None:
                 ref, ref_self = (scores, maps), (self_scores, self_maps)
             scale = float(np.abs(ref[0]).max())
-            s_scale = float(np.abs(ref_self[0]).max())
-            self_diff = max(float(np.abs(self_maps - ref_self[1]).max()), float(np.abs(self_scores - ref_self[0]).max())) / s_scale
+            self_diff = self_test_difference(self_maps, self_scores, ref_self[1], ref_self[0])
             limit = SELF_CHECK_TOLERANCE["exact" if prec == "fp32" else "reduced"]
             acc_rows.append((name, backend, prec, float(mean_row["image_auroc"]), float(mean_row["pixel_auroc"]),
                              float(np.abs(scores - ref[0]).max()) / scale, float(np.abs(maps - ref[1]).max()) / scale,
@@ -182,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"memory bank {tuple(method.memory_bank.shape)}")
         onnx32, info = export_uint8_onnx(method)
         int8, qinfo = quantize_int8(onnx32, calib)
-        notes.append(f"{name}: ONNX export {info['export_s']} s (max diff to torch {info['check_max_rel_diff_scores']:.1e} "
-                     f"of the largest score); INT8: {qinfo['quantised_nodes']} nodes quantised, "
+        notes.append(f"{name}: ONNX export {info['export_s']} s (max diff to torch {info['check_max_abs_diff_scores'] / info['check_scale']:.1e} "
+                     f"of max(1, the largest score)); INT8: {qinfo['quantised_nodes']} nodes quantised, "
                      f"{len(qinfo['kept_fp32'])} kept in float, {qinfo['calibration_images']} calibration images, "
                      f"{qinfo['quantize_s']} s")
         extra = []
@@ -281,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     if acc_rows:
         print()
         print(f"Accuracy on the embedded test set (100 images, the evaluation's crop), each backend against torch fp32; "
-              f"self-test: the largest difference on 4 training normals, relative to the largest score, and the "
-              f"verdict a deployed folder's load gives:")
+              f"self-test: uad.deploy.runtime.self_test_difference on 4 training normals (largest score difference and "
+              f"mean map difference, relative) and the verdict a deployed folder's load gives:")
         print()
         print("| model | backend | precision | image AUROC | pixel AUROC | max score diff (rel.) | max map diff (rel.) | self-test |")
         print("| --- | --- | --- | ---: | ---: | ---: | ---: | --- |")
