@@ -39,10 +39,12 @@ def test_inpformer_smoke_run_multi_class(project):
 
 
 def test_rlr_smoke_run_localises_defects(project):
-    """RLR on the bundled ImageNet Lite0 (real weights): pixel-level detection well above chance
-    after 80 CPU steps. Image-level scores of so short a run are near chance on this dataset
-    (README: why), so they are checked for presence only."""
-    client, run = last_run_after(project, "rlr", {"evaluation.full_frame": False})  # crop metrics only
+    """RLR on the bundled ImageNet Lite0 (real weights): pixel-level detection above chance after
+    40 CPU steps (the smoke profile's 80 halved for the suite's time: measured 0.688 pixel AUROC /
+    0.290 AUPRO at 40 steps, 0.732 / 0.360 at 80, on 2 CPU cores). Image-level scores of so short a
+    run are near chance on this dataset (README: why), so they are checked for presence only."""
+    client, run = last_run_after(project, "rlr", {"evaluation.full_frame": False,  # crop metrics only
+                                                  "rlr.method.iterations": 40})
     m = run.data.metrics
     for name in SEVEN:
         assert name in m and all(f"{cls}/{name}" in m for cls in CLASSES)

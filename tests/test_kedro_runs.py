@@ -142,7 +142,8 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     assert len(overlays) == 3 and set(res["overlay"][res["status"] == "ok"]) == {p.name for p in overlays}
     assert {a.path for a in client.list_artifacts(run.info.run_id, "inference")} >= {"inference/results.csv"}
 
-    run_pipeline(project, "export", namespaces=["dinomaly"], params={"export.formats": ["onnx", "onnx_int8"]})
+    run_pipeline(project, "export", namespaces=["dinomaly"], params={"export.formats": ["onnx", "onnx_int8"],
+                                                                     "export.calibration_images": 8})
     onnx_file = _latest(project / "data/06_models/dinomaly/model.onnx", "model.onnx")
     spec = __import__("json").loads(_latest(project / "data/06_models/dinomaly/model.json", "model.json").read_text())
     assert spec["thresholds"]["image"] == thresholds["image"] and spec["preprocessing"]["crop"] == 112
