@@ -6,8 +6,8 @@ For PatchCore (the quick profile: bundled ImageNet EfficientNet-Lite0, stages 2-
 
 * torch fp32 (``method.predict``, the library's path),
 * onnxruntime fp32 and INT8 (static QDQ, calibrated on 64 training normals: ``uad.deploy``; for
-  PatchCore also "INT8 + bank": the memory-bank product quantised too, which the export keeps in
-  float),
+  PatchCore also "INT8 + bank": the memory-bank product quantised too, as the export's
+  ``openvino_int8`` does; its ``onnx_int8`` keeps the product in float),
 * OpenVINO fp32, INT8 (the same QDQ file) and bf16 (the fp32 IR with ``INFERENCE_PRECISION_HINT
   bf16``; only where the CPU has AVX-512 BF16 or AMX),
 
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"{qinfo['quantize_s']} s")
         extra = []
         if name == "patchcore":  # also the bank product in 8-bit (only the map filters kept in float)
-            filters = [n for n in keep_fp32_nodes(onnx32) if "memory_bank" not in n and "matmul" not in n.lower()]
-            int8_bank, _ = quantize_int8(onnx32, calib, keep_fp32=filters)
+            int8_bank, _ = quantize_int8(onnx32, calib, keep_fp32=keep_fp32_nodes(onnx32, bank=False))
             extra = [("onnx8b", int8_bank)]
         files = {}
         for key, data in (("onnx32", onnx32), ("onnx8", int8), *extra):

@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         m, fit_s = fitted[dim]
         onnx32, _ = export_uint8_onnx(m, check=False)
         int8, _ = quantize_int8(onnx32, calib)
-        filters = [n for n in keep_fp32_nodes(onnx32) if "memory_bank" not in n and "matmul" not in n.lower()]
-        int8_bank, _ = quantize_int8(onnx32, calib, keep_fp32=filters)
+        int8_bank, _ = quantize_int8(onnx32, calib, keep_fp32=keep_fp32_nodes(onnx32, bank=False))
         variants = [("fp32", onnx32, "fp32")]
         if "avx512_bf16" in flags or "amx_bf16" in flags:
             variants.append(("bf16", onnx32, "bf16"))

@@ -227,7 +227,8 @@ def test_benchmark_runs_two_methods_as_child_runs_compares_them_and_resumes(proj
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    run_pipeline(project, "benchmark")
+    # the parent's own parameters reach its children (and keep the suite short: 8 Dinomaly steps)
+    run_pipeline(project, "benchmark", params={"dinomaly.method.iterations": 8})
     exp = client.get_experiment_by_name("uad-synthetic")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`uad.method` = 'benchmark'",
                                  order_by=["attributes.start_time DESC"])
@@ -236,6 +237,8 @@ def test_benchmark_runs_two_methods_as_child_runs_compares_them_and_resumes(proj
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["dinomaly synthetic multi_class smoke",
                                                          "patchcore synthetic multi_class smoke"]
+    (dino,) = [c for c in children if c.data.tags["uad.method"] == "dinomaly"]
+    assert dino.data.params["method.iterations"] == "8", dino.data.params.get("method.iterations")
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "benchmark")}
     assert {"benchmark/comparison.csv", "benchmark/per_class.csv", "benchmark/heatmap.png"} <= arts
     table = pd.read_csv(_latest(project / "data/08_reporting/benchmark/comparison.csv", "comparison.csv")).set_index("method")
@@ -252,7 +255,7 @@ def test_benchmark_runs_two_methods_as_child_runs_compares_them_and_resumes(proj
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # resume: nothing is retrained or re-evaluated, the same children are read back
     n_before = len(client.search_runs([exp.experiment_id], max_results=1000))
-    run_pipeline(project, "benchmark")
+    run_pipeline(project, "benchmark", params={"dinomaly.method.iterations": 8})
     assert len(client.search_runs([exp.experiment_id], max_results=1000)) == n_before + 1  # the new parent only
     again = pd.read_csv(_latest(project / "data/08_reporting/benchmark/comparison.csv", "comparison.csv")).set_index("method")
     assert again["reused"].astype(str).str.lower().eq("true").all()

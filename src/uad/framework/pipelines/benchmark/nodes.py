@@ -5,6 +5,9 @@ Every (method, setting, seed) of ``params:benchmark`` is trained and evaluated b
 ``mlflow.parentRunId``, same experiment, same store). A child that finished before with the same
 key (method, setting, seed, environment, the parameters it runs with, the code's commit) is not
 run again: its MLflow run is read back, so an interrupted benchmark resumes where it stopped.
+A child runs with this run's parameters (its ``--params`` included: e.g.
+``--params=dinomaly.method.iterations=8`` reaches the Dinomaly child), handed over as a Kedro run
+config file (``--config``) beside the child's log.
 The comparison (mean and per-class metrics side by side, training time and scoring rate) is
 written as two CSV tables and a heat map of classes x methods, logged to this run.
 """
@@ -24,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from uad.errors import ConfigError
+from uad.osutil import atomic_write_bytes
 from uad.params import cli_list
 from uad.data.sources import dataset_name
 from uad.methods.declaration import base_methods, plugin_namespace, plugins, split_namespace
@@ -85,8 +90,17 @@ def _child(method: str, overrides: dict[str, Any], seed: int, parameters: dict[s
     label = f"{method} {overrides['setting']}" + "".join(f" {k}={v}" for k, v in overrides.items() if k != "setting") \
         + f" seed {seed}"
     cli = [f"data.{k}={v}" for k, v in overrides.items()] + [f"engine.seed={seed}"]
+    # what the child runs with, exactly what its key says: the parent's merged blocks (its own
+    # --params included), the setting's data overrides and the seed, handed over as a run config file
+    forwarded: dict[str, Any] = {method: parameters.get(method) or {}}
+    if base is not None:
+        forwarded[base] = parameters.get(base) or {}
+    forwarded.update({"data": {**(parameters.get("data") or {}), **overrides},
+                      "engine": {**(parameters.get("engine") or {}), "seed": seed}})
+    if parameters.get("synthesis") is not None:
+        forwarded["synthesis"] = parameters["synthesis"]
     return {"method": method, "setting": overrides["setting"], "overrides": overrides, "seed": seed, "key": key,
-            "label": label, "params": ",".join(cli)}
+            "label": label, "params": ",".join(cli), "forwarded": forwarded}
 
 
 def _kedro() -> list[str]:
@@ -102,7 +116,10 @@ def _finished(client, experiment_ids: list[str], key: str):
 
 def _run_child(child: dict[str, Any], env: str, project: Path, parent_id: str | None, experiment: str | None,
                log_dir: Path) -> tuple[int, Path]:
-    cmd = [*_kedro(), "run", f"--pipeline={child['method']}", f"--env={env}", f"--params={child['params']}"]
+    log_dir.mkdir(parents=True, exist_ok=True)
+    config = log_dir / f"{child['method']}-{child['key']}.run.yml"
+    atomic_write_bytes(config, yaml.safe_dump({"run": {"params": child["forwarded"]}}, sort_keys=True).encode())
+    cmd = [*_kedro(), "run", f"--pipeline={child['method']}", f"--env={env}", f"--config={config}"]
     child_env = {**os.environ, "UAD_BENCHMARK_KEY": child["key"]}
     if parent_id:
         import mlflow
@@ -110,7 +127,6 @@ def _run_child(child: dict[str, Any], env: str, project: Path, parent_id: str | 
         child_env.update({"UAD_PARENT_RUN_ID": parent_id, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()})
         if experiment:
             child_env["MLFLOW_EXPERIMENT_NAME"] = experiment
-    log_dir.mkdir(parents=True, exist_ok=True)
     out = log_dir / f"{child['method']}-{child['key']}.log"
     with open(out, "w") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
@@ -162,8 +178,9 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
             log.info("%s: finished before (MLflow run %s), not run again", head, run.info.run_id)
             reused = True
         else:
-            log.info("%s: kedro run --pipeline=%s --env=%s --params=%s (its log: %s)", head, child["method"], env,
-                     child["params"], log_dir / f"{child['method']}-{child['key']}.log")
+            log.info("%s: kedro run --pipeline=%s --env=%s --config=%s (%s and this run's parameters; its log: %s)",
+                     head, child["method"], env, log_dir / f"{child['method']}-{child['key']}.run.yml", child["params"],
+                     log_dir / f"{child['method']}-{child['key']}.log")
             t0 = time.perf_counter()
             code, out = _run_child(child, env, project, parent.info.run_id if parent else None, experiment, log_dir)
             if code != 0:
