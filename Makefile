@@ -7,9 +7,8 @@ BIN    := $(VENV)/bin
 export KEDRO_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export MPLBACKEND := Agg
-# two pytest workers, each test module whole on one worker (modules share a project fixture), the
-# longest modules first (tests/conftest.py: LONGEST_FIRST)
-PYTEST_ARGS ?= -n 2 --dist loadfile --no-loadscope-reorder
+# two pytest workers, each test module whole on one worker (modules share a project fixture)
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: setup setup-cpu run test viz mlflow-ui bench clean notebooks review
 

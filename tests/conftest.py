@@ -26,20 +26,6 @@ torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, os.
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-#: the longest test modules, longest first (seconds each in a full two-worker run, measured on 2 cores:
-#: 295, 205, 158, 102, 74, 54, 45). ``make test`` runs whole modules per worker in collection order
-#: (``--dist loadfile --no-loadscope-reorder``), so these start first and the two workers end
-#: together; pytest-xdist's own order (most tests first) left the one-test 158 s module for last
-LONGEST_FIRST = ("test_kedro_runs.py", "test_kedro_methods.py", "test_kedro_costfilter.py", "test_reliability.py",
-                 "test_distributed.py", "test_resume_kill.py", "test_synthesis_stage.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    """The longest modules first, every other module after them in its usual order (a stable sort:
-    a module's tests stay together and in their order)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))
-
 
 @pytest.fixture(scope="session")
 def project_root() -> Path:
