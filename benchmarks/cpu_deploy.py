@@ -157,6 +157,38 @@ def main(argv: list[str] | None = None) -> int:
                              f"{self_diff:.1e} {'pass' if self_diff <= limit else 'REFUSED'} (limit {limit:g})"))
             print(f"  {name} {backend} {prec}: AUROC {acc_rows[-1][3]:.4f} / {acc_rows[-1][4]:.4f}, self-test {acc_rows[-1][7]}",
                   flush=True)
+    def make_backends(name, method, models):
+        """torch fp32 (``method.predict`` on the normalised batch) and each exported model
+        (``models``: precision label -> ONNX bytes, fp32 first) on onnxruntime and OpenVINO, plus
+        OpenVINO bf16 of the fp32 model where the CPU has it."""
+        spec = method.input_spec
+        mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
+        method.eval_mode()
+
+        def torch_run(x):
+            with torch.no_grad():
+                out = method.predict(normalise_uint8(torch.from_numpy(x), mean, std))
+            return out.maps.numpy(), out.scores.numpy()
+
+        backends, ov = [("torch", "fp32", torch_run)], []
+        for k, (prec, data) in enumerate(models.items()):
+            onnx_file = tmp / f"{name}_{k}.onnx"
+            onnx_file.write_bytes(data)
+            xml, bin_ = to_openvino(data)
+            xml_file = onnx_file.with_suffix(".xml")
+            xml_file.write_bytes(xml)
+            xml_file.with_suffix(".bin").write_bytes(bin_)
+            backends.append(("onnxruntime", prec, make_runner(onnx_file, "onnxruntime", args.threads)))
+            ov.append(("openvino", prec, make_runner(xml_file, "openvino", args.threads)))
+        backends += ov
+        if has_bf16:
+            try:
+                backends.append(("openvino", "bf16", make_runner(tmp / f"{name}_0.xml", "openvino", args.threads,
+                                                                 precision="bf16")))
+            except Exception as e:  # an ISA restricted below the CPU's bf16 support
+                notes.append(f"{name}: OpenVINO bf16 not available here: {str(e).splitlines()[0][:160]}")
+        return backends
+
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name == "patchcore":
             params = dict(backbone="tf_efficientnet_lite0", weights="bundled", layers=[2, 3], resize=args.crop * 8 // 7,
@@ -185,39 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                      f"of max(1, the largest score)); INT8: {qinfo['quantised_nodes']} nodes quantised, "
                      f"{len(qinfo['kept_fp32'])} kept in float, {qinfo['calibration_images']} calibration images, "
                      f"{qinfo['quantize_s']} s")
-        extra = []
+        models = {"fp32": onnx32, "INT8": int8}
         if name == "patchcore":  # also the bank product in 8-bit (only the map filters kept in float)
-            int8_bank, _ = quantize_int8(onnx32, calib, keep_fp32=keep_fp32_nodes(onnx32, bank=False))
-            extra = [("onnx8b", int8_bank)]
-        files = {}
-        for key, data in (("onnx32", onnx32), ("onnx8", int8), *extra):
-            files[key] = tmp / f"{name}_{key}.onnx"
-            files[key].write_bytes(data)
-        for key, src in (("ov32", onnx32), ("ov8", int8), *[("ov8b", d) for _, d in extra]):
-            xml, bin_ = to_openvino(src)
-            files[key] = tmp / f"{name}_{key}.xml"
-            files[key].write_bytes(xml)
-            files[key].with_suffix(".bin").write_bytes(bin_)
-        method.eval_mode()
-
-        def torch_run(x):
-            with torch.no_grad():
-                out = method.predict(normalise_uint8(torch.from_numpy(x), mean, std))
-            return out.maps.numpy(), out.scores.numpy()
-
-        backends = [("torch", "fp32", torch_run),
-                    ("onnxruntime", "fp32", make_runner(files["onnx32"], "onnxruntime", args.threads)),
-                    ("onnxruntime", "INT8", make_runner(files["onnx8"], "onnxruntime", args.threads)),
-                    ("openvino", "fp32", make_runner(files["ov32"], "openvino", args.threads)),
-                    ("openvino", "INT8", make_runner(files["ov8"], "openvino", args.threads))]
-        if extra:
-            backends += [("onnxruntime", "INT8 + bank", make_runner(files["onnx8b"], "onnxruntime", args.threads)),
-                         ("openvino", "INT8 + bank", make_runner(files["ov8b"], "openvino", args.threads))]
-        if has_bf16:
-            try:
-                backends.append(("openvino", "bf16", make_runner(files["ov32"], "openvino", args.threads, precision="bf16")))
-            except Exception as e:  # an ISA restricted below the CPU's bf16 support
-                notes.append(f"{name}: OpenVINO bf16 not available here: {str(e).splitlines()[0][:160]}")
+            models["INT8 + bank"], _ = quantize_int8(onnx32, calib, keep_fp32=keep_fp32_nodes(onnx32, bank=False))
+        backends = make_backends(name, method, models)
         rng = np.random.default_rng(0)
         batches = {b: rng.integers(0, 256, (b, 3, crop, crop), dtype=np.uint8) for b in (1, 8)}
         base = {}
@@ -244,32 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         int8, qinfo = quantize_int8(onnx32, calib)
         notes.append(f"{name}: checkpoint {path}; INT8: {qinfo['quantised_nodes']} nodes quantised, "
                      f"{len(qinfo['kept_fp32'])} kept in float")
-        files = {}
-        for key, data in (("onnx32", onnx32), ("onnx8", int8)):
-            files[key] = tmp / f"{name}_{key}.onnx"
-            files[key].write_bytes(data)
-            xml, bin_ = to_openvino(data)
-            files["ov" + key[4:]] = tmp / f"{name}_ov{key[4:]}.xml"
-            files["ov" + key[4:]].write_bytes(xml)
-            files["ov" + key[4:]].with_suffix(".bin").write_bytes(bin_)
-        method.eval_mode()
-        mean, std = (torch.tensor(spec[k]).view(1, 3, 1, 1) for k in ("mean", "std"))
-
-        def torch_ckpt(x, method=method, mean=mean, std=std):
-            with torch.no_grad():
-                out = method.predict(normalise_uint8(torch.from_numpy(x), mean, std))
-            return out.maps.numpy(), out.scores.numpy()
-
-        backends = [("torch", "fp32", torch_ckpt),
-                    ("onnxruntime", "fp32", make_runner(files["onnx32"], "onnxruntime", args.threads)),
-                    ("onnxruntime", "INT8", make_runner(files["onnx8"], "onnxruntime", args.threads)),
-                    ("openvino", "fp32", make_runner(files["ov32"], "openvino", args.threads)),
-                    ("openvino", "INT8", make_runner(files["ov8"], "openvino", args.threads))]
-        if has_bf16:
-            try:
-                backends.append(("openvino", "bf16", make_runner(files["ov32"], "openvino", args.threads, precision="bf16")))
-            except Exception as e:
-                notes.append(f"{name}: OpenVINO bf16 not available here: {str(e).splitlines()[0][:160]}")
+        backends = make_backends(name, method, {"fp32": onnx32, "INT8": int8})
         accuracy(name, method, backends, calib)
     print()
     print("| model | backend | precision | img/s batch 1 | img/s batch 8 | x torch (b1) | x torch (b8) | note |")

@@ -235,7 +235,7 @@ def test_a_loaded_model_checks_itself_on_this_cpu_and_a_wrong_one_is_refused(dep
             print(model, "refused:", e)
             continue
         print(model, c)
-        assert c["checked"] and c["images"] == 4 and c["max_rel_diff"] <= c["limit"]
+        assert c["checked"] and c["images"] == 4 and c["difference"] <= c["limit"]
         assert (c["kind"], c["limit"]) == (("exact", 1e-3) if model in ("onnx", "openvino_fp32") else ("reduced", 0.2))
     bad = tmp_path / "bad"
     shutil.copytree(d["folder"], bad)

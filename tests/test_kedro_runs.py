@@ -179,7 +179,7 @@ def test_infer_and_export_use_the_trained_dinomaly(project, tmp_path):
     paths = [p if Path(p).is_absolute() else str(project / p) for p in pc["image_paths"][picks]]
     for model in ("onnx", "onnx_int8"):
         deployed = DeployedModel(deploy, model)
-        assert deployed.check["checked"] and deployed.check["max_rel_diff"] <= deployed.check["limit"], deployed.check
+        assert deployed.check["checked"] and deployed.check["difference"] <= deployed.check["limit"], deployed.check
         got = [r["score"] for r in deployed.predict(paths)]
         if model == "onnx":  # fp32: the evaluate run's scores
             np.testing.assert_allclose(got, pc["scores"][picks], rtol=1e-4, atol=1e-4)

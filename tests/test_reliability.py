@@ -88,7 +88,11 @@ def test_cli_prints_one_line_for_a_project_error_and_no_deprecation_warning(tmp_
     (["--pipeline=ingest", "--params=data.setting=bogus"], "Error: data.setting: 'bogus' is not one of"),
     (["--pipeline=export", "--namespaces=dinomaly"], "Error: no trained dinomaly model in"),
     (["--pipeline=infer", "--namespaces=rlr", "--params=infer.images={images}"], "Error: no trained rlr model in"),
-], ids=["batch_size", "checkpoint_every", "iterations", "method_lr", "setting", "export_untrained", "infer_untrained"])
+    # a parameter of the parent reaches the benchmark's child, whose own Error line the parent repeats
+    (["--pipeline=benchmark", "--params=benchmark.methods=patchcore,patchcore.method.coreset_ratio=7"],
+     "Error: benchmark: no child finished (patchcore multi_class seed 1: invalid patchcore parameters: coreset_ratio"),
+], ids=["batch_size", "checkpoint_every", "iterations", "method_lr", "setting", "export_untrained", "infer_untrained",
+        "benchmark_child"])
 def test_every_bad_parameter_or_missing_model_is_one_error_line(tmp_path_factory, args, expected):
     """Each bad parameter, and infer / export before any training, ends in exactly one ``Error:``
     line naming the setting (or the model and the command to run first), exit 1, no traceback."""

@@ -186,7 +186,7 @@ def check_against_reference(run: Callable[[np.ndarray], tuple[np.ndarray, np.nda
     diff = self_test_difference(maps, scores, ref_maps, ref_scores)
     kind = "exact" if (model in EXACT_MODELS and precision == "fp32") else "reduced"
     limit = float(dict(SELF_CHECK_TOLERANCE, **(info.get("tolerance") or {}))[kind])
-    out = {"checked": True, "images": int(len(images)), "max_rel_diff": diff, "limit": limit, "kind": kind}
+    out = {"checked": True, "images": int(len(images)), "difference": diff, "limit": limit, "kind": kind}
     if not diff <= limit:
         hint = ("use the fp32 model (onnx or openvino_fp32) on this machine, or onnx_int8 on onnxruntime"
                 if kind == "reduced" else "export the model again with this version of the runtime")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from uad.errors import ConfigError
+from uad.errors import ConfigError, UadError
 from uad.osutil import atomic_write_bytes
 from uad.params import cli_list
 from uad.data.sources import dataset_name
@@ -79,19 +79,10 @@ def plan_children(benchmark: dict[str, Any], parameters: dict[str, Any], env: st
 
 def _child(method: str, overrides: dict[str, Any], seed: int, parameters: dict[str, Any], env: str,
            commit: str) -> dict[str, Any]:
-    block = parameters.get(method) or {}
+    # what the child runs with, and what its key says: the parent's merged blocks (its own --params
+    # included; a plug-in's base block too), the setting's data overrides and the seed, handed over
+    # as a run config file
     _, base = split_namespace(method)
-    if base is not None:  # a plug-in over a base: both blocks make the child what it is
-        block = {"filter": block, "base": parameters.get(base) or {}}
-    fingerprint = {"method": method, "overrides": overrides, "seed": seed, "env": env, "commit": commit,
-                   "params": block, "data": {**(parameters.get("data") or {}), **overrides},
-                   "engine": parameters.get("engine"), "synthesis": parameters.get("synthesis")}
-    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    label = f"{method} {overrides['setting']}" + "".join(f" {k}={v}" for k, v in overrides.items() if k != "setting") \
-        + f" seed {seed}"
-    cli = [f"data.{k}={v}" for k, v in overrides.items()] + [f"engine.seed={seed}"]
-    # what the child runs with, exactly what its key says: the parent's merged blocks (its own
-    # --params included), the setting's data overrides and the seed, handed over as a run config file
     forwarded: dict[str, Any] = {method: parameters.get(method) or {}}
     if base is not None:
         forwarded[base] = parameters.get(base) or {}
@@ -99,6 +90,12 @@ def _child(method: str, overrides: dict[str, Any], seed: int, parameters: dict[s
                       "engine": {**(parameters.get("engine") or {}), "seed": seed}})
     if parameters.get("synthesis") is not None:
         forwarded["synthesis"] = parameters["synthesis"]
+    fingerprint = {"method": method, "overrides": overrides, "seed": seed, "env": env, "commit": commit,
+                   "params": forwarded}
+    key = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    label = f"{method} {overrides['setting']}" + "".join(f" {k}={v}" for k, v in overrides.items() if k != "setting") \
+        + f" seed {seed}"
+    cli = [f"data.{k}={v}" for k, v in overrides.items()] + [f"engine.seed={seed}"]
     return {"method": method, "setting": overrides["setting"], "overrides": overrides, "seed": seed, "key": key,
             "label": label, "params": ",".join(cli), "forwarded": forwarded}
 
@@ -170,6 +167,7 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
     long_rows: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     failed: list[str] = []
+    errors: list[str] = []  # each failed child's own Error line
     t_all = time.perf_counter()
     for i, child in enumerate(children, 1):
         head = f"benchmark {i}/{len(children)}: {child['label']}"
@@ -184,10 +182,11 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
             t0 = time.perf_counter()
             code, out = _run_child(child, env, project, parent.info.run_id if parent else None, experiment, log_dir)
             if code != 0:
-                tail = out.read_text(errors="replace").strip().splitlines()[-3:]
+                lines = out.read_text(errors="replace").strip().splitlines()
                 log.error("%s failed (exit %d) after %.0f s; its log: %s\n  %s", head, code, time.perf_counter() - t0, out,
-                          "\n  ".join(tail))
+                          "\n  ".join(lines[-3:]))
                 failed.append(child["label"])
+                errors.append(next((ln.strip() for ln in reversed(lines) if ln.strip().startswith("Error: ")), ""))
                 continue
             run = _finished(client, [parent.info.experiment_id], child["key"]) if client is not None else None
             log.info("%s: done in %.0f s", head, time.perf_counter() - t0)
@@ -200,8 +199,10 @@ def run_benchmark(benchmark: dict[str, Any], parameters: dict[str, Any]) -> tupl
         summaries.append(summary)
     long = pd.DataFrame(long_rows, columns=["method", "setting", "seed", "class_name", "metric", "value"])
     table = pd.DataFrame(summaries)
-    if table.empty:
-        raise RuntimeError("benchmark: no child finished; see the logs under " + str(log_dir))
+    if table.empty:  # the project's own error (one line): the first child's own Error line, and where the logs are
+        first = next((e[len("Error: "):] for e in errors if e), "")
+        raise UadError(f"benchmark: no child finished ({failed[0] if failed else 'none ran'}: "
+                       f"{first or 'see its log'}); the logs are under {log_dir}")
     _log_parent_dataset(client, table, long)
     png = _heatmap_png(long, f"{dataset_name(parameters.get('data'))} · {env} · per class and mean")
     _log_parent_metrics(table)

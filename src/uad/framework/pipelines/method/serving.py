@@ -157,15 +157,16 @@ def deploy_files(method_name: str, method, export: dict, thresholds: dict, train
         val = export.get(key, 64 if key == "calibration_images" else 10)
         if isinstance(val, bool) or not isinstance(val, int) or val < low:
             raise ConfigError(f"export.{key}: {val!r} is not an integer >= {low}")
-    calib = None
+    rows = train_index if train_index is not None else pd.DataFrame(columns=["image_path", "label"])
+    normals = list((rows[rows["label"].astype(int) == 0] if len(rows) else rows)["image_path"])
+    spec_in = method.input_spec
+    calib = reference = None
     if any(f.endswith("int8") for f in formats):
-        rows = train_index if train_index is not None else pd.DataFrame(columns=["image_path", "label"])
-        normals = rows[rows["label"].astype(int) == 0] if len(rows) else rows
-        crop = method.input_spec
-        calib = calibration_images(list(normals["image_path"]), int(crop["resize"]), int(crop["crop"]),
+        calib = calibration_images(normals, int(spec_in["resize"]), int(spec_in["crop"]),
                                    limit=int(export.get("calibration_images", 64)))
-    # the self-test's reference images (selftest.npz): training normals, also without an INT8 format
-    reference = calib[:SELFTEST_IMAGES] if calib is not None else _reference_images(method, train_index)
+        reference = calib[:SELFTEST_IMAGES]
+    elif normals:  # the self-test's reference images (selftest.npz): training normals, also without INT8
+        reference = calibration_images(normals, int(spec_in["resize"]), int(spec_in["crop"]), limit=SELFTEST_IMAGES)
     try:
         files, manifest = export_bundle(method, formats, calib, thresholds,
                                         extra={"checkpoint_version": spec["checkpoint_version"],
@@ -177,20 +178,6 @@ def deploy_files(method_name: str, method, export: dict, thresholds: dict, train
     log.info("export: %s deployable formats %s (%.1f MB)", method_name, ", ".join(manifest["models"]),
              sum(len(v) for v in files.values()) / 2**20)
     return files
-
-
-def _reference_images(method, train_index: pd.DataFrame | None) -> np.ndarray | None:
-    """The first training normals as the deployable graph's input, for the self-test (None
-    without a training index)."""
-    from uad.deploy.export import SELFTEST_IMAGES, calibration_images
-
-    if train_index is None or not len(train_index):
-        return None
-    normals = train_index[train_index["label"].astype(int) == 0]
-    if not len(normals):
-        return None
-    spec = method.input_spec
-    return calibration_images(list(normals["image_path"]), int(spec["resize"]), int(spec["crop"]), limit=SELFTEST_IMAGES)
 
 
 def _mean_metrics(table: pd.DataFrame | None) -> dict[str, float]:
