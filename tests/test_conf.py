@@ -49,3 +49,32 @@ def test_paper_environments_change_no_method_default(project_root):
 
 def test_default_run_env_is_the_quick_profile():
     assert CONFIG_LOADER_ARGS["default_run_env"] == "quick"
+
+
+@pytest.mark.parametrize("namespace, method, engine, expected", [
+    ("dinomaly", {"lr": "fast"}, {}, "dinomaly.method.lr: 'fast' is not a number"),
+    ("patchcore", {"coreset_ratio": 7}, {}, "invalid patchcore parameters: coreset_ratio"),
+    ("costfilter_patchcore", {"templates": 0}, {}, "costfilter: templates must be >= 1"),
+    ("rlr", {"no_such_setting": 1}, {}, "unknown rlr parameter(s) ['no_such_setting']"),
+    ("agpnet", {}, {"batch_size": "abc"}, "engine.batch_size: 'abc' is not an integer"),
+])
+def test_a_runs_settings_are_checked_as_its_nodes_check_them(namespace, method, engine, expected):
+    """What the pre-run check (ParamsCheckHook) raises for a bad engine or method value is the node's
+    own one-line error; every environment's own settings, plug-ins included, pass it."""
+    from uad.engine.orchestration import check_method_params
+    from uad.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        check_method_params(namespace, method, engine, {})
+    assert str(err.value).startswith(expected), str(err.value)
+
+
+@pytest.mark.parametrize("env", ENVS)
+def test_every_environment_passes_the_pre_run_check(project_root, env):
+    from uad.engine.orchestration import check_method_params
+
+    params = _params(project_root, env)
+    namespaces = [k for k, v in params.items() if isinstance(v, dict) and ("method" in v or "engine_override" in v)]
+    assert set(METHODS) <= set(namespaces) and any(ns.startswith("costfilter_") for ns in namespaces), namespaces
+    for ns in namespaces:
+        check_method_params(ns, params[ns].get("method") or {}, params["engine"], params[ns].get("engine_override"))

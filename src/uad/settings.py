@@ -16,6 +16,7 @@ from uad.framework.hooks import (
     DEFAULT_RUN_ENV,
     LazyTrackingHook,
     NodeTimesHook,
+    ParamsCheckHook,
     ProjectLockHook,
     RankZeroWritesHook,
     RunSummaryHook,
@@ -68,7 +69,8 @@ _plain_logs_off_terminal()
 # otherwise); the plug-in's own instance is disabled for it (uad.cli: without importing it).
 block_disabled_plugin_hooks()  # DISABLE_HOOKS_FOR_PLUGINS below: blocked, never imported
 
-HOOKS = (LazyTrackingHook(), ProjectLockHook(), RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(), NodeTimesHook())
+HOOKS = (LazyTrackingHook(), ProjectLockHook(), ParamsCheckHook(), RunTagsHook(), RankZeroWritesHook(), RunSummaryHook(),
+         NodeTimesHook())
 
 DISABLE_HOOKS_FOR_PLUGINS = ("kedro-telemetry", "kedro_mlflow")
 

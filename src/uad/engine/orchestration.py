@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ONE_CLASS", "PARAM_PREFIX", "engine_config", "flatten_params", "model_params", "checkpoint_params",
            "per_class_models", "model_groups", "method_dataset", "synthesis_augment", "resolve_synthesis_spec",
-           "compose_plugin_params", "train_stage", "extract_features", "predict_split", "launch_ranks"]
+           "check_method_params", "compose_plugin_params", "train_stage", "extract_features", "predict_split", "launch_ranks"]
 
 ONE_CLASS = "one_class"
 _SEP = GROUP_SEP
@@ -165,6 +165,27 @@ def resolve_synthesis_spec(method_name: str, train_index: pd.DataFrame, data: di
 
 
 # ------------------------------------------------------------------------------------ training
+def check_method_params(namespace: str, method_params: dict | None, engine: dict | None = None,
+                        engine_override: dict | None = None) -> None:
+    """The settings a run of ``namespace`` (``dinomaly``, ``costfilter_patchcore``, ...) will read,
+    checked as its nodes would check them: the engine's (``engine`` with the namespace's
+    ``engine_override`` over it) and the method's own block against its config class. A bad value
+    raises the same one-line :class:`~uad.errors.ConfigError` the node would, before anything runs
+    (no ingest, no model built). A plug-in's base parameters are checked by the base's own block."""
+    from uad.methods.declaration import split_namespace
+    from uad.methods.registry import method_class
+
+    engine_config(engine, engine_override)
+    if method_params is None:
+        return
+    method, _base = split_namespace(namespace)
+    try:
+        cls = method_class(method)
+    except KeyError:
+        return  # not a method's block: nothing of ours reads it
+    cls.config_class.from_params(dict(method_params))
+
+
 def compose_plugin_params(method_params: dict, base_name: str, base_params: dict) -> dict:
     """A plug-in's parameters (CostFilter-AD): its own block plus the base method's name and
     parameters, so the frozen base is rebuilt exactly as it was trained."""
