@@ -49,7 +49,10 @@ def test_costfilter_over_patchcore_calibrated_logs_base_and_gain(project):
     grid28 = {"patchcore.method.layers": [1, 2], "patchcore.method.coreset_ratio": 0.01,
               "data.validation_fraction": 0.2, **crop_only}
     run_pipeline(project, "patchcore", params=grid28)
-    run_pipeline(project, "costfilter_patchcore", params={**grid28, "costfilter_patchcore.method.preset": "calibrated"})
+    # 40 filter steps (the smoke profile's 80 halved for the suite's time): measured score weight 0.45, map
+    # weight 0 (validation image AUROC of P 0.696, of the base 0.932, of the blend 0.943), 2 CPU cores
+    run_pipeline(project, "costfilter_patchcore", params={**grid28, "costfilter_patchcore.method.preset": "calibrated",
+                                                          "costfilter_patchcore.method.iterations": 40})
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
     m = _check_plugin_run(run, "patchcore", preset="calibrated")
     base_run = MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).get_run(run.data.tags["base_mlflow_run_id"])
@@ -62,9 +65,9 @@ def test_costfilter_over_patchcore_calibrated_logs_base_and_gain(project):
         assert f"calibration/{key}" in m, key
     n_val = m["calibration/val_images"]  # the held-out normals and as many pseudo-anomalous copies
     assert n_val >= 2 * len(CLASSES) and n_val % 2 == 0 and 1 <= m["calibration/val_pseudo_anomalies"] <= n_val / 2
-    # neither end for the score: the smoke filter (80 steps) separates the held-out pseudo-anomalous
+    # neither end for the score: the smoke filter (40 steps) separates the held-out pseudo-anomalous
     # images well enough to enter PatchCore's score, not to replace it. The map's weight may be 0:
-    # P's pixel AUROC on them is ~0.74 against PatchCore's ~0.92 and the blend's gain there is under
+    # P's pixel AUROC on them is ~0.69 against PatchCore's ~0.92 and the blend's gain there is under
     # the half point blend_min_gain asks
     assert 0.0 < score_w < 1.0, score_w
     assert 0.0 <= map_w < 1.0, map_w

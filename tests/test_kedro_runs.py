@@ -234,8 +234,10 @@ def test_benchmark_runs_two_methods_as_child_runs_compares_them_and_resumes(proj
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
-    # the parent's own parameters reach its children (and keep the suite short: 8 Dinomaly steps)
-    run_pipeline(project, "benchmark", params={"dinomaly.method.iterations": 8})
+    # the parent's own parameters reach its children (and keep the suite short: 8 Dinomaly steps, the
+    # crop metrics only: the whole-frame pass is the infer pipeline's, tested below)
+    short = {"dinomaly.method.iterations": 8, "evaluation.full_frame": False}
+    run_pipeline(project, "benchmark", params=short)
     exp = client.get_experiment_by_name("uad-synthetic")
     parents = client.search_runs([exp.experiment_id], filter_string="tags.`uad.method` = 'benchmark'",
                                  order_by=["attributes.start_time DESC"])
@@ -262,7 +264,7 @@ def test_benchmark_runs_two_methods_as_child_runs_compares_them_and_resumes(proj
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     # resume: nothing is retrained or re-evaluated, the same children are read back
     n_before = len(client.search_runs([exp.experiment_id], max_results=1000))
-    run_pipeline(project, "benchmark", params={"dinomaly.method.iterations": 8})
+    run_pipeline(project, "benchmark", params=short)
     assert len(client.search_runs([exp.experiment_id], max_results=1000)) == n_before + 1  # the new parent only
     again = pd.read_csv(_latest(project / "data/08_reporting/benchmark/comparison.csv", "comparison.csv")).set_index("method")
     assert again["reused"].astype(str).str.lower().eq("true").all()
@@ -507,7 +509,7 @@ def test_ddp_run_trains_on_two_ranks_and_writes_once(project):
     preds = project / "data/07_model_output/dinomaly/anomaly_maps.npz"
     before = (len(_versions(ckpts)), len(_versions(preds)))
     run_pipeline(project, "dinomaly", params={"engine.strategy": "ddp", "engine.devices": 2, "engine.resume": False,
-                                              "dinomaly.method.iterations": 8})
+                                              "dinomaly.method.iterations": 8, "evaluation.full_frame": False})
     assert (len(_versions(ckpts)), len(_versions(preds))) == (before[0] + 1, before[1] + 1)
     assert _n_runs(client) == runs_before + 1
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
@@ -534,7 +536,7 @@ def test_torchrun_ranks_write_only_from_rank_zero(project):
     before = len(_versions(ckpts))
     torchrun = Path(sys.executable).with_name("torchrun")
     out = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "kedro", "run", "--pipeline=dinomaly", "--env=smoke",
-                          "--params=dinomaly.method.iterations=6,engine.resume=false"],
+                          "--params=dinomaly.method.iterations=6,engine.resume=false,evaluation.full_frame=false"],
                          cwd=project, capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "250"})
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr

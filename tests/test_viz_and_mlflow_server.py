@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -77,20 +78,24 @@ def test_runs_land_in_a_real_mlflow_server(tmp_path, monkeypatch):
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{server_dir / 'server.db'}",
          "--artifacts-destination", str(server_dir / "artifacts")],
-        cwd=server_dir, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        # (its background job runner, a process of its own that tracking does not use, stays off)
+        cwd=server_dir, env=_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 120
+        # ready means its /health answers, not only its port: on a busy machine the port opens
+        # seconds before the application behind it serves (CI once failed the run's own check here)
+        deadline = time.time() + 180
         while time.time() < deadline:
+            assert proc.poll() is None, "mlflow server exited early"
             try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
+                with urllib.request.urlopen(uri + "/health", timeout=5) as resp:
+                    if resp.status == 200:
+                        break
             except OSError:
-                assert proc.poll() is None, "mlflow server exited early"
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         else:
-            pytest.fail("mlflow server did not start within 120 s")
-        time.sleep(1.0)
+            pytest.fail("mlflow server did not answer /health within 180 s")
         project = make_project_copy(tmp_path / "p")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         run_pipeline(project, "synthesis")  # ingest alone opens no MLflow run

@@ -81,7 +81,7 @@ def run_identity(run_params: dict[str, Any], data: dict[str, Any] | None, env: s
 
 
 #: seconds a tracking server gets to answer before the run stops with one line
-SERVER_TIMEOUT_S = 5.0
+SERVER_TIMEOUT_S = 15.0  # a refused connection fails at once; a busy server gets this long
 
 
 def check_server(uri: str, timeout: float = SERVER_TIMEOUT_S) -> None:
