@@ -625,4 +625,89 @@ def test_choose_weights_follow_the_informative_side():
     # the same informative P with a gain demanded above what it brings: the base is kept
     assert choose_weights(good, (10.0, 40.0), (10.0, 40.0), min_gain=0.9)[:2] == (0.0, 0.0)
     assert set(inspect.signature(choose_weights).parameters) == {"val", "map_affine", "score_affine", "weights",
-                                                                  "min_gain"}
+                                                                  "min_gain", "confidence", "resamples"}
+    assert fig["val_image_gain_share"] >= 0.95 and fig["val_pixel_gain_share"] >= 0.95
+
+
+def test_bootstrap_test_refuses_a_gain_inside_the_noise():
+    """A P that adds noise to the base's score can beat it on one validation set by more than
+    ``min_gain`` by chance: without the bootstrap test that weight is taken, with it the base is kept;
+    a P that carries signal passes it."""
+    import numpy as np
+
+    from uad.methods.costfilter.calibration import ValidationOutputs, choose_weights
+
+    g = torch.Generator().manual_seed(3)
+    n, s = 24, 8
+    labels = (torch.arange(n) >= n // 2).long()
+    masks = torch.zeros(n, s, s, dtype=torch.bool)
+    masks[n // 2:, 2:5, 2:5] = True
+    base_maps = 40 + 10 * torch.rand(n, s, s, generator=g) + 3.0 * masks.float()
+    base_scores = base_maps.flatten(1).amax(1) + 2.0 * torch.randn(n, generator=g)
+    found = None
+    for trial in range(40):  # a noise P whose best weight beats the base on this set by chance
+        gg = torch.Generator().manual_seed(100 + trial)
+        p_scores = torch.rand(n, generator=gg)
+        val = ValidationOutputs(torch.rand(n, s, s, generator=gg), base_maps, p_scores, base_scores, masks, labels)
+        _, ws_plain, fig = choose_weights(val, (10.0, 40.0), (10.0, 40.0), confidence=0.0)
+        if ws_plain > 0 and fig["val_image_auroc"] - fig["val_base_image_auroc"] >= 0.005:
+            found = val
+            break
+    assert found is not None, "no chance gain found to test against"
+    _, ws, fig = choose_weights(found, (10.0, 40.0), (10.0, 40.0))
+    assert ws == 0.0 and fig["val_image_gain_share"] < 0.95
+    # P that knows the labels: the same test keeps its weight
+    informed = ValidationOutputs(found.p_maps, base_maps, labels.float() + 0.1 * torch.rand(n, generator=g),
+                                 base_scores, masks, labels)
+    assert choose_weights(informed, (10.0, 40.0), (10.0, 40.0))[1] > 0.0
+    assert np.isfinite(fig["val_image_auroc"])
+
+
+def test_weighted_bootstrap_auroc_equals_the_resample_materialised():
+    """The bootstrap's AUROC with per-image counts equals the AUROC of the resample built image by
+    image (ties included); a wrong tie rule or a count applied to the wrong item fails it."""
+    import numpy as np
+
+    from uad.methods.costfilter.calibration import _groups, _weighted_auroc
+    from uad.metrics.metrics import auroc
+
+    rng = np.random.default_rng(5)
+    n_img, per = 12, 30
+    image_labels = (np.arange(n_img) >= 6).astype(int)
+    item_image = np.repeat(np.arange(n_img), per)
+    item_labels = ((rng.random(n_img * per) < 0.3) & (image_labels[item_image] == 1)).astype(float)
+    scores = np.round(rng.normal(size=n_img * per) + item_labels, 1)  # rounded: many ties
+    counts = np.bincount(rng.choice(n_img, size=n_img), minlength=n_img).astype(float)
+    g, k = _groups(scores)
+    got = _weighted_auroc(g, k, item_labels, counts[item_image])
+    idx = np.concatenate([np.flatnonzero(item_image == i) for i in range(n_img) for _ in range(int(counts[i]))])
+    assert abs(got - auroc(item_labels[idx], scores[idx])) < 1e-12
+
+
+def test_cutpaste_changes_only_its_mask_and_is_seeded():
+    """CutPaste (the calibration's validation recipe): the image equals its input outside the mask,
+    every masked pixel changed, the same (seed, index) gives the same sample, and a foreground
+    keeps the paste inside the object."""
+    import numpy as np
+
+    from uad.synthesis import SynthesisAugment
+    from uad.synthesis.cutpaste import CutPasteSynthesizer
+
+    rng = np.random.default_rng(0)
+    img = (rng.random((96, 96, 3)) * 255).astype(np.uint8)
+    aug = SynthesisAugment(CutPasteSynthesizer(), 7)
+    sizes = []
+    for i in range(12):
+        out, mask, label = aug(img, i)
+        assert label == 1 and mask.any()
+        assert np.array_equal(out[~mask], img[~mask])
+        assert (out[mask] != img[mask]).any(axis=-1).all()
+        again = aug(img, i)
+        assert np.array_equal(again[0], out) and np.array_equal(again[1], mask)
+        sizes.append(int(mask.sum()))
+    assert len(set(sizes)) > 6  # both kinds (rectangles, scars) at drawn sizes
+    fg = np.zeros((96, 96), dtype=bool)
+    fg[30:70, 30:70] = True
+    for i in range(8):
+        out, mask, _ = CutPasteSynthesizer()(img, np.random.default_rng(i), fg, True)
+        assert not (mask & ~fg).any() and np.array_equal(out[~fg], img[~fg])

@@ -49,8 +49,8 @@ def test_costfilter_over_patchcore_calibrated_logs_base_and_gain(project):
     grid28 = {"patchcore.method.layers": [1, 2], "patchcore.method.coreset_ratio": 0.01,
               "data.validation_fraction": 0.2, **crop_only}
     run_pipeline(project, "patchcore", params=grid28)
-    # 40 filter steps (the smoke profile's 80 halved for the suite's time): measured score weight 0.45, map
-    # weight 0 (validation image AUROC of P 0.696, of the base 0.932, of the blend 0.943), 2 CPU cores
+    # 40 filter steps (the smoke profile's 80 halved for the suite's time): measured score weight 0.35, map
+    # weight 0 (validation image AUROC of P 0.571, of the base 0.771, of the blend 0.816), 2 CPU cores
     run_pipeline(project, "costfilter_patchcore", params={**grid28, "costfilter_patchcore.method.preset": "calibrated",
                                                           "costfilter_patchcore.method.iterations": 40})
     _, run = last_run(os.environ["MLFLOW_TRACKING_URI"])
@@ -63,23 +63,26 @@ def test_costfilter_over_patchcore_calibrated_logs_base_and_gain(project):
     assert run.data.tags["blend_calibrated"] == "true" and run.data.tags["blend"] == f"map {map_w:g}, score {score_w:g}"
     for key in ("val_image_auroc", "val_pixel_auroc", "val_base_image_auroc", "val_p_pixel_auroc", "map_scale"):
         assert f"calibration/{key}" in m, key
-    n_val = m["calibration/val_images"]  # the held-out normals and as many pseudo-anomalous copies
-    assert n_val >= 2 * len(CLASSES) and n_val % 2 == 0 and 1 <= m["calibration/val_pseudo_anomalies"] <= n_val / 2
-    # neither end for the score: the smoke filter (40 steps) separates the held-out pseudo-anomalous
-    # images well enough to enter PatchCore's score, not to replace it. The map's weight may be 0:
-    # P's pixel AUROC on them is ~0.69 against PatchCore's ~0.92 and the blend's gain there is under
-    # the half point blend_min_gain asks
+    # the held-out normals and 4 CutPaste copies of each (calibration_copies), logged with the recipe
+    n_val = m["calibration/val_images"]
+    assert n_val >= 5 * len(CLASSES) and n_val % 5 == 0 and 1 <= m["calibration/val_pseudo_anomalies"] <= n_val * 4 / 5
+    assert run.data.tags["blend_validation_recipe"] == "cutpaste"
+    # neither end for the score: the smoke filter (40 steps) separates the held-out CutPaste images
+    # well enough to enter PatchCore's score, not to replace it (measured twice: score weight 0.35,
+    # beating the base in 98 % of bootstrap resamples of the held-out normals). The map's weight is 0:
+    # P's pixel AUROC there is ~0.57 against PatchCore's ~0.89, and its best weight beat the base in
+    # 92.5 % of the resamples, under the 95 % the bootstrap test asks for
     assert 0.0 < score_w < 1.0, score_w
     assert 0.0 <= map_w < 1.0, map_w
-    # against the base on the test images: a weight of 0 gives the base's output exactly; a weight
-    # chosen on the filter's own pseudo anomalies can cost points on real defects (they overrate P:
-    # src/uad/methods/costfilter/README.md, the calibrated preset), measured here between +0.2 and
-    # -2.3 points of image AUROC over suite runs, so a chosen weight is held to 3 points, not to 0
+    # against the base on the test images: a weight of 0 gives the base's output exactly; a chosen
+    # weight is not below the base by more than the half point the issue allows (measured: image
+    # AUROC 0.9167 with weight 0.35, equal to the base's; the first chooser, on the filter's own
+    # pseudo anomalies without the bootstrap test, measured from +0.2 to -2.3 points over suite runs)
     for name, w in (("image_auroc", score_w), ("pixel_auroc", map_w), ("pixel_aupro", map_w)):
         if w == 0.0:
             assert m[name] == pytest.approx(m[f"base/{name}"], abs=1e-9), (name, m[name], m[f"base/{name}"])
         else:
-            assert m[name] >= m[f"base/{name}"] - 0.03, (name, m[name], m[f"base/{name}"])
+            assert m[name] >= m[f"base/{name}"] - 0.005, (name, m[name], m[f"base/{name}"])
     assert (project / "data/06_models/costfilter_patchcore/filter.safetensors").exists()
     # its features stage: the reference pool, computed before the filter's training
     assert (project / "data/04_feature/costfilter_patchcore/train_features.safetensors").exists()

@@ -343,15 +343,22 @@ def calibrate_method(method, method_name: str, validation_index: pd.DataFrame | 
                           "may be images it learnt; train the base again with this run's data parameters")
     stage = method.stages[-1]
     val_seed = int(seed) + VALIDATION_SEED_OFFSET
-    aug, _ = synthesis_augment(method, stage, rows, rows.iloc[0:0], spec, val_seed, group)
+    recipe = str(getattr(method, "validation_recipe", "own"))
+    # each held-out normal gives `copies` pseudo-anomalous images (rows repeated: each index its own draw)
+    copies = pd.concat([rows] * int(getattr(method, "validation_copies", 1)), ignore_index=True)
+    aug, _ = synthesis_augment(method, stage, copies, rows.iloc[0:0], spec, val_seed, group)
     if aug is None:
         raise ConfigError(f"{method_name}: calibrate needs the method's pseudo-anomaly recipe (a synthesis stage)")
+    if recipe == "cutpaste":
+        from uad.synthesis.spec import cutpaste_augment
+
+        aug = cutpaste_augment(spec, stage, copies, val_seed)
     normals = method_dataset(method, rows, classes)
-    pseudo = method_dataset(method, rows, classes, augment=aug)
+    pseudo = method_dataset(method, copies, classes, augment=aug)
     figures = method.calibrate(normals, pseudo)
-    log.info("%s%s: calibrated on %d held-out normals + their pseudo anomalies: map weight %.2f, score weight %.2f "
+    log.info("%s%s: calibrated on %d held-out normals + %d %s pseudo anomalies: map weight %.2f, score weight %.2f "
              "(validation image / pixel AUROC %.3f / %.3f; base %.3f / %.3f, P %.3f / %.3f)", method_name,
-             f" [{group}]" if group else "", len(rows), figures["map_weight"], figures["score_weight"],
+             f" [{group}]" if group else "", len(rows), len(copies), recipe, figures["map_weight"], figures["score_weight"],
              figures["val_image_auroc"], figures["val_pixel_auroc"],
              figures.get("val_base_image_auroc", float("nan")), figures.get("val_base_pixel_auroc", float("nan")),
              figures.get("val_p_image_auroc", float("nan")), figures.get("val_p_pixel_auroc", float("nan")))

@@ -91,6 +91,17 @@ class Calibrated(abc.ABC):
     def wants_calibration(self) -> bool:
         ...
 
+    @property
+    def validation_recipe(self) -> str:
+        """The pseudo anomalies of the validation set: ``own`` (the method's training recipe) or
+        ``cutpaste`` (:mod:`uad.synthesis.cutpaste`, another family)."""
+        return "own"
+
+    @property
+    def validation_copies(self) -> int:
+        """Pseudo-anomalous images made from each held-out normal (different anomalies)."""
+        return 1
+
     @abc.abstractmethod
     def calibrate(self, normals: Any, pseudo: Any) -> dict[str, Any]:
         """Fit on two datasets (clean held-out normals; the same images with pseudo anomalies);

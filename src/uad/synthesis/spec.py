@@ -158,6 +158,21 @@ def augment_from_spec(spec: Mapping[str, Any], stage: str, train_df: pd.DataFram
     return _assemble(images, train_df, labelled, synth, spec["stages"][stage], seed, crop, resize)
 
 
+def cutpaste_augment(spec: Mapping[str, Any], stage: str, df: pd.DataFrame, seed: int) -> ClassAwareAugment:
+    """CutPaste pseudo anomalies (:mod:`uad.synthesis.cutpaste`) on the rows of ``df``, each
+    restricted to its object as ``stage``'s own recipe restricts its anomalies (GLAD's per-class
+    Otsu side, the spec's foreground settings): a validation set of another family than the one
+    ``stage`` trains on, in the same places."""
+    from uad.synthesis.cutpaste import CutPasteSynthesizer
+
+    if stage not in spec["stages"]:
+        raise ValueError(f"the synthesis spec has no stage {stage!r} (it has {sorted(spec['stages'])})")
+    modes = foreground_modes(df["class_name"], spec["parameters"], spec["stages"][stage])
+    generator = CutPasteSynthesizer()
+    by_mode = {m: SynthesisAugment(generator, seed, foreground_mode=m) for m in set(modes) or {"none"}}
+    return ClassAwareAugment(by_mode, modes)
+
+
 # ------------------------------------------------------------------------------------ the spec
 def _checked(setting: str, make):
     """``make()``, with a bad value's ValueError / TypeError turned into one ConfigError naming ``setting``."""

@@ -28,7 +28,9 @@ image score              mean of the top 250 pixels      own: lambda s(P) + (1 -
 ``preset: calibrated`` (this project's addition, ``docs/deviations.md``): the ``paper`` column for
 the filter and its training, then the blend ``(1 - w) M_base + w (a P + b)`` (score likewise) with
 ``a, b`` fitted on held-out normals (the ``validation`` split) and ``w`` chosen on them plus
-pseudo anomalies (:mod:`uad.methods.costfilter.calibration`); ``blend`` set explicitly fixes ``w``.
+pseudo anomalies of another family than the filter's own (``calibration_recipe: cutpaste``), kept
+only when it beats the base there by ``blend_min_gain`` in a ``blend_confidence`` share of bootstrap
+resamples (:mod:`uad.methods.costfilter.calibration`); ``blend`` set explicitly fixes ``w``.
 
 ``base_map`` (what ``guidance_map: base`` and the blend read): ``own`` is the base's own
 evaluation output from the same base forward: its full-size map (resized to the volume for the
@@ -63,6 +65,8 @@ QUERY_SIDES = ("input", "template")
 GUIDANCE_MAPS = ("min", "base")
 GAMMA_RULES = ("paper", "official", "fixed")
 BASE_MAP_CHOICES = ("own", "cosine", "auto")
+#: the pseudo-anomaly recipe of the calibrated blend's validation set (uad.synthesis.cutpaste; own: the filter's)
+CALIBRATION_RECIPES = ("cutpaste", "own")
 
 
 def bases() -> tuple[str, ...]:
@@ -148,6 +152,13 @@ class CostFilterConfig:
     blend_candidates: list[float] = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(21)])
     calibration_quantile: float = 0.999
     blend_min_gain: float = 0.005  # a chosen weight must beat the base on the validation set by this
+    # ... and beat it in this share of bootstrap resamples of the validation images (0: no test)
+    blend_confidence: float = 0.95
+    blend_resamples: int = 400
+    # the validation's pseudo anomalies: cutpaste (another family than the filter's training recipe)
+    # or own (the filter's own GLAD recipe, which it learnt: measured to overrate P)
+    calibration_recipe: str = "cutpaste"
+    calibration_copies: int = 4  # pseudo-anomalous images made from each held-out normal
     score_topk: int | None = None  # mean of the top k pixels (> 0) ...
     score_ratio: float | None = None  # ... or of the top ratio of the pixels (official 1 %)
 
@@ -188,6 +199,15 @@ class CostFilterConfig:
         self.blend_candidates = sorted(set(cands))
         if not 0.0 <= float(self.blend_min_gain) < 1.0:
             raise ConfigError(f"costfilter: blend_min_gain must be in [0, 1), got {self.blend_min_gain}")
+        if not 0.0 <= float(self.blend_confidence) < 1.0:
+            raise ConfigError(f"costfilter: blend_confidence must be in [0, 1), got {self.blend_confidence}")
+        if int(self.blend_resamples) < 1:
+            raise ConfigError(f"costfilter: blend_resamples must be >= 1, got {self.blend_resamples}")
+        if int(self.calibration_copies) < 1:
+            raise ConfigError(f"costfilter: calibration_copies must be >= 1, got {self.calibration_copies}")
+        if self.calibration_recipe not in CALIBRATION_RECIPES:
+            raise ConfigError(f"costfilter: calibration_recipe must be one of {CALIBRATION_RECIPES}, got "
+                              f"{self.calibration_recipe!r}")
         if not 0.5 < float(self.calibration_quantile) < 1.0:
             raise ConfigError(f"costfilter: calibration_quantile must be in (0.5, 1), got {self.calibration_quantile}")
         if int(self.templates) < 1:

@@ -316,6 +316,14 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
     def wants_calibration(self) -> bool:
         return bool(self.cfg.calibrate)
 
+    @property
+    def validation_recipe(self) -> str:
+        return str(self.cfg.calibration_recipe)
+
+    @property
+    def validation_copies(self) -> int:
+        return int(self.cfg.calibration_copies)
+
     @torch.no_grad()
     def validation_outputs(self, dataset: Any, batch_size: int = 8) -> ValidationOutputs:
         """P, s(P), the base's own map and score, the masks and labels of every image of
@@ -345,7 +353,7 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
     def calibrate(self, normals: Any, pseudo: Any) -> dict[str, Any]:
         """Fit the blend (:mod:`.calibration`): P's map and score onto the base's units from the
         held-out ``normals``; the weight (unless ``blend`` is given) on ``normals`` + ``pseudo``
-        (the same images with the filter's own pseudo anomalies). Returns the validation figures."""
+        (the same images with pseudo anomalies of ``calibration_recipe``). Returns the validation figures."""
         cfg = self.cfg
         clean = self.validation_outputs(normals, int(cfg.batch_size))
         if len(clean.labels) == 0:
@@ -354,11 +362,19 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
         map_affine = affine_onto(clean.p_maps, clean.base_maps, q)
         score_affine = affine_onto(clean.p_scores, clean.base_scores, q)
         fake = self.validation_outputs(pseudo, int(cfg.batch_size))
+        n = len(clean.labels)
+        if len(fake.labels) % n:
+            raise ValueError(f"costfilter: {len(fake.labels)} pseudo-anomalous images for {n} held-out normals: "
+                             "expected a whole number of copies of each")
+        # the pseudo dataset is the normals' rows repeated: copy j of normal i is image j * n + i
+        sources = torch.cat([torch.arange(n), torch.arange(len(fake.labels)) % n])
         val = ValidationOutputs(*(torch.cat([a, b]) for a, b in zip(
             (clean.p_maps, clean.base_maps, clean.p_scores, clean.base_scores, clean.masks, clean.labels * 0),
-            (fake.p_maps, fake.base_maps, fake.p_scores, fake.base_scores, fake.masks, fake.labels))))
+            (fake.p_maps, fake.base_maps, fake.p_scores, fake.base_scores, fake.masks, fake.labels))),
+            sources=sources)
         candidates = cfg.blend_candidates if cfg.blend is None else [float(cfg.blend)]
-        map_w, score_w, figures = choose_weights(val, map_affine, score_affine, candidates, cfg.blend_min_gain)
+        map_w, score_w, figures = choose_weights(val, map_affine, score_affine, candidates, cfg.blend_min_gain,
+                                                 cfg.blend_confidence, cfg.blend_resamples)
         figures.update({"map_scale": map_affine[0], "map_shift": map_affine[1], "score_scale": score_affine[0],
                         "score_shift": score_affine[1], "weight_chosen": float(cfg.blend is None)})
         self.calibration = BlendCalibration(map_w, score_w, map_affine, score_affine, figures)
@@ -411,5 +427,6 @@ class CostFilter(AnomalyMethod, ReferencePool, RescalableSchedule, Calibrated):
             return {}
         cal = self.calibration
         return {"blend": f"map {cal.map_weight:g}, score {cal.score_weight:g}", "blend_calibrated": "true",
+                "blend_validation_recipe": str(self.cfg.calibration_recipe),
                 "blend_map_affine": f"{cal.map_affine[0]:.6g},{cal.map_affine[1]:.6g}",
                 "blend_score_affine": f"{cal.score_affine[0]:.6g},{cal.score_affine[1]:.6g}"}
