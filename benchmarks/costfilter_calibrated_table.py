@@ -5,6 +5,10 @@ For each base: at the chosen budget, the base alone, P alone and the calibrated 
 test images (image AUROC / pixel AUROC / pixel AUPRO, mean over classes), the gain of the blend
 over the base, the weights the validation chose (map, score) and P's and the base's validation
 AUROC (held-out normals + pseudo anomalies), and the filter's training seconds to that budget.
+Reports that carry them add: the gain of the earlier chooser (the filter's own recipe, no bootstrap
+test) on the same filter, and the largest gain any weight gives when swept on the test split itself
+(an indication no run may use; in AUROC pooled over the classes, where the other columns are means of
+per-class AUROC, so it is not a bound on them exactly).
 
 Usage::
 
@@ -26,8 +30,9 @@ def _fmt(m: dict) -> str:
 
 def rows(paths: list[Path], steps: int | None, every: bool = False) -> list[str]:
     out = ["| base | steps | base alone | P alone | calibrated blend | gain (points) | weights map / score "
-           "| validation AUROC image / pixel: P, base | filter training (s) |",
-           "| --- | ---: | --- | --- | --- | --- | --- | --- | ---: |"]
+           "| validation AUROC image / pixel: P, base | own recipe, no bootstrap: gain | test sweep, pooled AUROC: best "
+           "gain image / pixel | filter training (s) |",
+           "| --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | ---: |"]
     for path in paths:
         rep = json.loads(path.read_text())
         pts = rep["points"]
@@ -40,10 +45,19 @@ def rows(paths: list[Path], steps: int | None, every: bool = False) -> list[str]
 def _row(rep: dict, p: dict) -> str:
     v = p["validation"]
     gain = " / ".join(f"{100 * (p['blend'][k] - p['base'][k]):+.1f}" for k in KEYS)
+    own = (p.get("variants") or {}).get("own")
+    old = " / ".join(f"{100 * (own['test_without_bootstrap'][k] - p['base'][k]):+.1f}" for k in KEYS) if own else "-"
+    if p.get("test_sweep"):
+        b_img = next(c[1] for c in p["test_sweep"] if c[0] == 0.0)
+        b_pix = next(c[2] for c in p["test_sweep"] if c[0] == 0.0)
+        bound = (f"{100 * (max(c[1] for c in p['test_sweep']) - b_img):+.1f} / "
+                 f"{100 * (max(c[2] for c in p['test_sweep']) - b_pix):+.1f}")
+    else:
+        bound = "-"
     return (f"| `{rep['pipeline'].split('_', 1)[1]}` | {p['steps']} | {_fmt(p['base'])} | {_fmt(p['p'])} | "
             f"{_fmt(p['blend'])} | {gain} | {v['map_weight']:g} / {v['score_weight']:g} | "
             f"{v['val_p_image_auroc']:.3f} / {v['val_p_pixel_auroc']:.3f}, {v['val_base_image_auroc']:.3f} / "
-            f"{v['val_base_pixel_auroc']:.3f} | {p['train_seconds']:.0f} |")
+            f"{v['val_base_pixel_auroc']:.3f} | {old} | {bound} | {p['train_seconds']:.0f} |")
 
 
 def main() -> int:

@@ -228,25 +228,67 @@ def main(argv: list[str] | None = None) -> int:
 
     def calibrated_point(done: int, loss: float) -> dict:
         """Fit the blend on the validation split as the pipeline does, then P alone, the base and
-        the blend on the same test images (one forward)."""
+        the blend on the same test images (one forward). Beside it, the other choosers on the same
+        filter (each recipe of the validation's pseudo anomalies, with and without the bootstrap
+        test) and the weights a sweep on the test split itself would pick (an upper bound no run
+        may use: it says whether any weight could lift the base at this budget)."""
         from uad.data.index import content_fingerprint
         from uad.engine.orchestration import calibrate_method
         from uad.methods.costfilter.calibration import blend
+        from uad.methods.costfilter.config import CALIBRATION_RECIPES
 
         t0 = time.perf_counter()
-        figures = calibrate_method(method, method_name, validation_index, None, classes, spec, engine.seed, ckpt,
-                                   content_fingerprint(train_index))
         out = method.validation_outputs(test_ds, 8)
-        cal = method.calibration
         masks = out.masks.numpy()
+
+        def test_metrics(cal_weights: tuple[float, float], cal) -> dict:
+            wm, wsc = cal_weights
+            return _metrics(labels, blend(out.p_scores, out.base_scores, wsc, cal.score_affine).numpy(), masks,
+                            blend(out.p_maps, out.base_maps, wm, cal.map_affine).numpy(), test_classes)
+
+        configured = method.cfg.calibration_recipe
+        variants, kept = {}, None
+        for recipe in [r for r in CALIBRATION_RECIPES if r != configured] + [configured]:
+            method.cfg.calibration_recipe = recipe
+            figures = calibrate_method(method, method_name, validation_index, None, classes, spec, engine.seed, ckpt,
+                                       content_fingerprint(train_index))
+            cal = method.calibration
+            # the same validation curve without the bootstrap test: the best weight beating the base by min_gain
+            unguarded = []
+            for col in (2, 1):  # pixel (map weight), image (score weight)
+                curve = [(c[col], c[0]) for c in figures["curve"] if np.isfinite(c[col])]
+                base_v = next((v for v, w in curve if w == 0.0), float("nan"))
+                best_v = max(v for v, _ in curve)
+                best_w = min(w for v, w in curve if v >= best_v - 1e-12)
+                unguarded.append(best_w if best_v - base_v >= float(method.cfg.blend_min_gain) else 0.0)
+            variants[recipe] = {
+                "weights": [cal.map_weight, cal.score_weight], "test": test_metrics((cal.map_weight, cal.score_weight), cal),
+                "weights_without_bootstrap": unguarded, "test_without_bootstrap": test_metrics(tuple(unguarded), cal),
+                "validation": {k: v for k, v in figures.items() if k != "curve"}, "validation_curve": figures["curve"]}
+            kept = figures
+        figures = kept  # the configured recipe's calibration stays on the method (the pipeline's output)
+        cal = method.calibration
+        # the test split swept (an upper bound, never an input of the method)
+        step = max(1, -(-out.masks.numel() // 2_000_000))
+        pix_labels = out.masks.reshape(-1)[::step].numpy()
+        p_px, b_px = out.p_maps.reshape(-1)[::step], out.base_maps.reshape(-1)[::step]
+        from uad.metrics.metrics import auroc
+
+        sweep = []
+        for w in method.cfg.blend_candidates:
+            sweep.append([w, float(auroc(labels, blend(out.p_scores, out.base_scores, w, cal.score_affine).numpy())),
+                          float(auroc(pix_labels, blend(p_px, b_px, w, cal.map_affine).numpy()))])
         parts = {"p": (out.p_scores, out.p_maps), "base": (out.base_scores, out.base_maps),
                  "blend": (blend(out.p_scores, out.base_scores, cal.score_weight, cal.score_affine),
                            blend(out.p_maps, out.base_maps, cal.map_weight, cal.map_affine))}
         row = {"steps": done, "loss": loss, "train_seconds": round(train_seconds[0], 1),
                "validation": {k: v for k, v in figures.items() if k != "curve"},
-               "validation_curve": figures["curve"], "eval_seconds": round(time.perf_counter() - t0, 1)}
+               "validation_curve": figures["curve"], "variants": variants, "test_sweep": sweep,
+               "test_sweep_note": "pooled AUROC over the test split per weight (image: all images; pixel: a stride "
+                                  "sample); an upper bound, not used to choose"}
         for name, (sc, mp) in parts.items():
             row[name] = _metrics(labels, sc.numpy(), masks, mp.numpy(), test_classes)
+        row["eval_seconds"] = round(time.perf_counter() - t0, 1)
         row.update(row["blend"])  # the pipeline's output at this budget
         return row
 
@@ -259,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             row = calibrated_point(done, loss)
             base_metrics = row["base"]
             points.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "validation_curve"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k not in ("validation_curve", "variants", "test_sweep")}),
+                  flush=True)
             method.train_mode(stage_name)
             last[0] = time.perf_counter()
             if done >= budgets[-1]:
@@ -311,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline": ns, "env": args.env, "method_params": {k: v for k, v in method_params.items() if k != "base_params"},
         "budgets": budgets, "points": points, "base": base_metrics, "base_info": base_info, "templates": templates,
         "filter_input": filter_input,
+        "calibration_recipe": method.cfg.calibration_recipe if calibrated else None,
         "n_train": len(train_ds), "n_test": len(test_ds), "batch_size": loader.batch_size,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}, "
                    f"torch {torch.__version__}, {'cuda' if torch.cuda.is_available() else 'no GPU'}",
@@ -375,7 +419,8 @@ def plot_calibrated(report: dict, path: Path) -> None:
     pts = report["points"]
     steps = [p["steps"] for p in pts]
     base_name = report["pipeline"].split("_", 1)[1]
-    fig, axes = plt.subplots(1, 2, figsize=(11.5, 5.8), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
+    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.27, wspace=0.2)
     for ax, key, vkey, title in ((axes[0], "image_auroc", "image_auroc", "image AUROC"),
                                  (axes[1], "pixel_auroc", "pixel_auroc", "pixel AUROC")):
         ax.plot(steps, [p["blend"][key] for p in pts], "o-", color="C0", lw=2.2, label="calibrated blend (test)")
@@ -385,6 +430,10 @@ def plot_calibrated(report: dict, path: Path) -> None:
                         textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7.5)
         ax.plot(steps, [p["p"][key] for p in pts], "s-", color="C1", lw=1.6, label="P alone (test)")
         ax.plot(steps, [p["base"][key] for p in pts], "--", color="C3", lw=1.6, label=f"base alone, {base_name} (test)")
+        other = [r for r in (pts[0].get("variants") or {}) if r != report.get("calibration_recipe", "own")]
+        for r in other:
+            ax.plot(steps, [p["variants"][r]["test_without_bootstrap"][key] for p in pts], "x-.", color="C4", lw=1.2,
+                    label=f"blend chosen on the {r} recipe, no bootstrap (test)")
         ax.plot(steps, [p["validation"][f"val_{vkey}"] for p in pts], "o:", color="C0", alpha=0.6,
                 label="calibrated blend (validation)")
         ax.plot(steps, [p["validation"].get(f"val_p_{vkey}", np.nan) for p in pts], "s:", color="C1", alpha=0.6,
@@ -397,11 +446,13 @@ def plot_calibrated(report: dict, path: Path) -> None:
         lows = [p[part][key] for p in pts for part in ("p", "base", "blend")]
         ax.set_ylim(max(0.0, min(0.4, min(lows) - 0.05)), 1.02)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False, ncol=2)
         ax.set_title(f"{title}, mean over classes")
+    handles, labels_ = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels_, fontsize=8.5, loc="lower center", ncol=3, frameon=False)
+    recipe = report.get("calibration_recipe", "own")  # reports before the recipe was a setting: the filter's own
     fig.suptitle(f"{report['pipeline']}, calibrated preset ({report['env']} profile, embedded dataset): P, base and "
-                 f"blend against training steps\nvalidation = held-out normals + their pseudo anomalies (never the test "
-                 f"split); {report['machine']}, {report['date']}", fontsize=9.5)
+                 f"blend against training steps\nvalidation = held-out normals + their {recipe} pseudo anomalies (never "
+                 f"the test split); {report['machine']}, {report['date']}", fontsize=9.5)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
