@@ -41,8 +41,9 @@ def tracked_project(tmp_path_factory):
 
 
 def run_pipeline(project: Path, pipeline: str, env: str = "smoke", params: dict[str, Any] | None = None,
-                 load_versions: dict[str, str] | None = None, namespaces: list[str] | None = None) -> dict:
-    """``kedro run --pipeline=<pipeline> --env=<env> --params=...`` inside ``project``."""
+                 load_versions: dict[str, str] | None = None, namespaces: list[str] | None = None,
+                 node_names: list[str] | None = None) -> dict:
+    """``kedro run --pipeline=<pipeline> --env=<env> --params=... [--nodes=...]`` inside ``project``."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
@@ -51,7 +52,8 @@ def run_pipeline(project: Path, pipeline: str, env: str = "smoke", params: dict[
     try:
         bootstrap_project(project)
         with KedroSession.create(project_path=project, env=env, runtime_params=_nest(params or {})) as session:
-            return session.run(pipeline_name=pipeline, load_versions=load_versions or {}, namespaces=namespaces)
+            return session.run(pipeline_name=pipeline, load_versions=load_versions or {}, namespaces=namespaces,
+                               node_names=node_names)
     finally:
         os.chdir(cwd)
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 
+import pandas as pd
 import pytest
+import torch
 
 from kedro_harness import CLASSES, SEVEN, last_run, run_pipeline, tracked_project
 
@@ -83,6 +85,31 @@ def test_costfilter_over_patchcore_calibrated_logs_base_and_gain(project):
             assert m[name] == pytest.approx(m[f"base/{name}"], abs=1e-9), (name, m[name], m[f"base/{name}"])
         else:
             assert m[name] >= m[f"base/{name}"] - 0.005, (name, m[name], m[f"base/{name}"])
+    # the weights are chosen without the test split: the test labels poisoned on disk (every label
+    # flipped), the filter's training and calibration run again and give the same calibration to the
+    # bit (the training is deterministic; a chooser that read the test split would move with its labels)
+    from safetensors.torch import load_file
+
+    def calibrations() -> list[dict]:
+        files = sorted((project / "data/06_models/costfilter_patchcore/filter.safetensors").rglob("filter.safetensors"))
+        return [{k: v for k, v in load_file(str(f)).items() if k.startswith("cal.")} for f in files]
+
+    test_csv = project / "data/02_intermediate/test_index.csv"
+    clean_csv = test_csv.read_text()
+    tdf = pd.read_csv(test_csv, keep_default_na=False)
+    tdf["label"] = 1 - tdf["label"]
+    tdf.to_csv(test_csv, index=False)
+    try:
+        run_pipeline(project, "costfilter_patchcore", params={**grid28, "costfilter_patchcore.method.preset": "calibrated",
+                                                              "costfilter_patchcore.method.iterations": 40},
+                     node_names=["costfilter_patchcore.compose_params", "costfilter_patchcore.train_filter"])
+        assert pd.read_csv(test_csv, keep_default_na=False)["label"].tolist() == tdf["label"].tolist()  # still poisoned: not re-ingested
+    finally:
+        test_csv.write_text(clean_csv)
+    before, after = calibrations()[-2:]
+    assert set(before) == {"cal.weight", "cal.map_affine", "cal.score_affine"} and before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), (key, before[key], after[key])
     assert (project / "data/06_models/costfilter_patchcore/filter.safetensors").exists()
     # its features stage: the reference pool, computed before the filter's training
     assert (project / "data/04_feature/costfilter_patchcore/train_features.safetensors").exists()
