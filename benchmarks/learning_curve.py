@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         may use: it says whether any weight could lift the base at this budget)."""
         from uad.data.index import content_fingerprint
         from uad.engine.orchestration import calibrate_method
-        from uad.methods.costfilter.calibration import blend
+        from uad.methods.costfilter.calibration import best_weight, blend
         from uad.methods.costfilter.config import CALIBRATION_RECIPES
 
         t0 = time.perf_counter()
@@ -254,13 +254,9 @@ def main(argv: list[str] | None = None) -> int:
                                        content_fingerprint(train_index))
             cal = method.calibration
             # the same validation curve without the bootstrap test: the best weight beating the base by min_gain
-            unguarded = []
-            for col in (2, 1):  # pixel (map weight), image (score weight)
-                curve = [(c[col], c[0]) for c in figures["curve"] if np.isfinite(c[col])]
-                base_v = next((v for v, w in curve if w == 0.0), float("nan"))
-                best_v = max(v for v, _ in curve)
-                best_w = min(w for v, w in curve if v >= best_v - 1e-12)
-                unguarded.append(best_w if best_v - base_v >= float(method.cfg.blend_min_gain) else 0.0)
+            ws = [c[0] for c in figures["curve"]]
+            unguarded = [best_weight([c[col] for c in figures["curve"]], ws, method.cfg.blend_min_gain)[0]
+                         for col in (2, 1)]  # pixel (map weight), image (score weight)
             variants[recipe] = {
                 "weights": [cal.map_weight, cal.score_weight], "test": test_metrics((cal.map_weight, cal.score_weight), cal),
                 "weights_without_bootstrap": unguarded, "test_without_bootstrap": test_metrics(tuple(unguarded), cal),

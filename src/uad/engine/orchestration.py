@@ -346,13 +346,14 @@ def calibrate_method(method, method_name: str, validation_index: pd.DataFrame | 
     recipe = str(getattr(method, "validation_recipe", "own"))
     # each held-out normal gives `copies` pseudo-anomalous images (rows repeated: each index its own draw)
     copies = pd.concat([rows] * int(getattr(method, "validation_copies", 1)), ignore_index=True)
-    aug, _ = synthesis_augment(method, stage, copies, rows.iloc[0:0], spec, val_seed, group)
-    if aug is None:
+    if spec is None or not method.wants_synthesis(stage):
         raise ConfigError(f"{method_name}: calibrate needs the method's pseudo-anomaly recipe (a synthesis stage)")
-    if recipe == "cutpaste":
+    if recipe == "cutpaste":  # placed where the stage's own recipe places its anomalies, no texture read
         from uad.synthesis.spec import cutpaste_augment
 
         aug = cutpaste_augment(spec, stage, copies, val_seed)
+    else:
+        aug, _ = synthesis_augment(method, stage, copies, rows.iloc[0:0], spec, val_seed, group)
     normals = method_dataset(method, rows, classes)
     pseudo = method_dataset(method, copies, classes, augment=aug)
     figures = method.calibrate(normals, pseudo)

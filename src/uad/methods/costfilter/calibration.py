@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 __all__ = ["BlendCalibration", "ValidationOutputs", "affine_onto", "choose_weights", "blend", "bootstrap_gain_share",
+           "best_weight",
            "DEFAULT_WEIGHTS", "DEFAULT_MIN_GAIN", "DEFAULT_CONFIDENCE"]
 
 #: the candidate weights searched by default: 0, 0.05, ..., 1
@@ -176,7 +177,8 @@ def bootstrap_gain_share(item_labels: np.ndarray, item_image: np.ndarray, image_
         _, source = np.unique(np.asarray(image_source), return_inverse=True)
         source = source.reshape(-1)
         n_sources = int(source.max()) + 1 if len(source) else 0
-    kinds = [np.flatnonzero(image_labels == k) for k in np.unique(image_labels)]
+    else:
+        kinds = [np.flatnonzero(image_labels == k) for k in np.unique(image_labels)]
     wins = 0.0
     for _ in range(int(resamples)):
         if image_source is not None:
@@ -191,6 +193,22 @@ def bootstrap_gain_share(item_labels: np.ndarray, item_image: np.ndarray, image_
         if np.isfinite(a) and np.isfinite(b):
             wins += 1.0 if b > a else 0.5 if b == a else 0.0
     return wins / max(int(resamples), 1)
+
+
+def best_weight(curve: Sequence[float], weights: Sequence[float], min_gain: float) -> tuple[float, float]:
+    """``(weight, gain over w = 0)`` of the best finite value of ``curve`` (validation AUROC per
+    candidate weight; ties to the smaller weight); the weight is 0 when that gain is under
+    ``min_gain``, when w = 0 is not a candidate the best is taken as it is (gain nan)."""
+    finite = [(v, w) for v, w in zip(curve, weights) if np.isfinite(v)]
+    if not finite:
+        return 0.0, float("nan")
+    best_v = max(v for v, _ in finite)
+    best_w = min(w for v, w in finite if v >= best_v - 1e-12)
+    base_v = dict(zip(weights, curve)).get(0.0)
+    if base_v is None or not np.isfinite(base_v):
+        return best_w, float("nan")
+    gain = best_v - base_v
+    return (best_w if best_w != 0.0 and gain >= float(min_gain) else 0.0), gain
 
 
 def choose_weights(val: ValidationOutputs, map_affine: tuple[float, float], score_affine: tuple[float, float],
@@ -219,16 +237,9 @@ def choose_weights(val: ValidationOutputs, map_affine: tuple[float, float], scor
     def pick(curve: list[float], kind: str) -> float:
         if len(ws) == 1:  # a fixed weight (``blend`` given): nothing to choose
             return ws[0]
-        finite = [(v, w) for v, w in zip(curve, ws) if np.isfinite(v)]
-        if not finite:
-            return 0.0
-        best_v = max(v for v, _ in finite)
-        best_w = min(w for v, w in finite if v >= best_v - 1e-12)
-        base_v = dict(zip(ws, curve)).get(0.0)
-        if base_v is None or not np.isfinite(base_v):
+        best_w, gain = best_weight(curve, ws, min_gain)
+        if best_w == 0.0 or not np.isfinite(gain):
             return best_w
-        if best_w == 0.0 or best_v - base_v < float(min_gain):
-            return 0.0
         if float(confidence) > 0.0:
             sources = None if val.sources is None else val.sources.numpy()
             if kind == "image":
