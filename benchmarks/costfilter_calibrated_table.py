@@ -7,8 +7,8 @@ over the base, the weights the validation chose (map, score) and P's and the bas
 AUROC (held-out normals + pseudo anomalies), and the filter's training seconds to that budget.
 Reports that carry them add: the gain of the earlier chooser (the filter's own recipe, no bootstrap
 test) on the same filter, and the largest gain any weight gives when swept on the test split itself
-(an indication no run may use; in AUROC pooled over the classes, where the other columns are means of
-per-class AUROC, so it is not a bound on them exactly).
+(an upper bound no run may use; means over classes like the other columns; reports made before the
+sweep carried AUPRO pooled their AUROC over the classes, an indication only).
 
 Usage::
 
@@ -30,8 +30,8 @@ def _fmt(m: dict) -> str:
 
 def rows(paths: list[Path], steps: int | None, every: bool = False) -> list[str]:
     out = ["| base | steps | base alone | P alone | calibrated blend | gain (points) | weights map / score "
-           "| validation AUROC image / pixel: P, base | own recipe, no bootstrap: gain | test sweep, pooled AUROC: best "
-           "gain image / pixel | filter training (s) |",
+           "| validation image AUROC / pixel AUROC / AUPRO: P, base | own recipe, no bootstrap: gain "
+           "| test sweep: best gain | filter training (s) |",
            "| --- | ---: | --- | --- | --- | --- | --- | --- | --- | --- | ---: |"]
     for path in paths:
         rep = json.loads(path.read_text())
@@ -48,16 +48,19 @@ def _row(rep: dict, p: dict) -> str:
     own = (p.get("variants") or {}).get("own")
     old = " / ".join(f"{100 * (own['test_without_bootstrap'][k] - p['base'][k]):+.1f}" for k in KEYS) if own else "-"
     if p.get("test_sweep"):
-        b_img = next(c[1] for c in p["test_sweep"] if c[0] == 0.0)
-        b_pix = next(c[2] for c in p["test_sweep"] if c[0] == 0.0)
-        bound = (f"{100 * (max(c[1] for c in p['test_sweep']) - b_img):+.1f} / "
-                 f"{100 * (max(c[2] for c in p['test_sweep']) - b_pix):+.1f}")
+        sweep = p["test_sweep"]
+        at0 = next(c for c in sweep if c[0] == 0.0)
+        bound = " / ".join(f"{100 * (max(c[i] for c in sweep) - at0[i]):+.1f}" for i in range(1, len(at0)))
+        if len(at0) < 4:
+            bound += " (pooled)"
     else:
         bound = "-"
+
+    def val(who: str) -> str:
+        return " / ".join(f"{v.get(f'val_{who}_{k}', float('nan')):.3f}" for k in KEYS)
     return (f"| `{rep['pipeline'].split('_', 1)[1]}` | {p['steps']} | {_fmt(p['base'])} | {_fmt(p['p'])} | "
             f"{_fmt(p['blend'])} | {gain} | {v['map_weight']:g} / {v['score_weight']:g} | "
-            f"{v['val_p_image_auroc']:.3f} / {v['val_p_pixel_auroc']:.3f}, {v['val_base_image_auroc']:.3f} / "
-            f"{v['val_base_pixel_auroc']:.3f} | {old} | {bound} | {p['train_seconds']:.0f} |")
+            f"{val('p')}, {val('base')} | {old} | {bound} | {p['train_seconds']:.0f} |")
 
 
 def main() -> int:

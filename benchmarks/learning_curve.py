@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         may use: it says whether any weight could lift the base at this budget)."""
         from uad.data.index import content_fingerprint
         from uad.engine.orchestration import calibrate_method
-        from uad.methods.costfilter.calibration import best_weight, blend
+        from uad.methods.costfilter.calibration import best_weight, blend, region_guard
         from uad.methods.costfilter.config import CALIBRATION_RECIPES
 
         t0 = time.perf_counter()
@@ -255,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             cal = method.calibration
             # the same validation curve without the bootstrap test: the best weight beating the base by min_gain
             ws = [c[0] for c in figures["curve"]]
-            unguarded = [best_weight([c[col] for c in figures["curve"]], ws, method.cfg.blend_min_gain)[0]
-                         for col in (2, 1)]  # pixel (map weight), image (score weight)
+            curve = figures["curve"]
+            unguarded = [best_weight(region_guard([c[2] for c in curve], [c[3] for c in curve], ws,
+                                                  method.cfg.blend_min_gain), ws, method.cfg.blend_min_gain)[0],
+                         best_weight([c[1] for c in curve], ws, method.cfg.blend_min_gain)[0]]  # map, score
             variants[recipe] = {
                 "weights": [cal.map_weight, cal.score_weight], "test": test_metrics((cal.map_weight, cal.score_weight), cal),
                 "weights_without_bootstrap": unguarded, "test_without_bootstrap": test_metrics(tuple(unguarded), cal),
@@ -264,24 +266,20 @@ def main(argv: list[str] | None = None) -> int:
             kept = figures
         figures = kept  # the configured recipe's calibration stays on the method (the pipeline's output)
         cal = method.calibration
-        # the test split swept (an upper bound, never an input of the method)
-        step = max(1, -(-out.masks.numel() // 2_000_000))
-        pix_labels = out.masks.reshape(-1)[::step].numpy()
-        p_px, b_px = out.p_maps.reshape(-1)[::step], out.base_maps.reshape(-1)[::step]
-        from uad.metrics.metrics import auroc
-
+        # the test split swept (an upper bound, never an input of the method): per weight, the
+        # score and the map blended at that weight, each figure the mean over classes as in the table
         sweep = []
         for w in method.cfg.blend_candidates:
-            sweep.append([w, float(auroc(labels, blend(out.p_scores, out.base_scores, w, cal.score_affine).numpy())),
-                          float(auroc(pix_labels, blend(p_px, b_px, w, cal.map_affine).numpy()))])
+            m = test_metrics((w, w), cal)
+            sweep.append([w, m["image_auroc"], m["pixel_auroc"], m["pixel_aupro"]])
         parts = {"p": (out.p_scores, out.p_maps), "base": (out.base_scores, out.base_maps),
                  "blend": (blend(out.p_scores, out.base_scores, cal.score_weight, cal.score_affine),
                            blend(out.p_maps, out.base_maps, cal.map_weight, cal.map_affine))}
         row = {"steps": done, "loss": loss, "train_seconds": round(train_seconds[0], 1),
                "validation": {k: v for k, v in figures.items() if k != "curve"},
                "validation_curve": figures["curve"], "variants": variants, "test_sweep": sweep,
-               "test_sweep_note": "pooled AUROC over the test split per weight (image: all images; pixel: a stride "
-                                  "sample); an upper bound, not used to choose"}
+               "test_sweep_note": "per weight [w, image AUROC, pixel AUROC, AUPRO] on the test split, each the mean "
+                                  "over classes; an upper bound, not used to choose"}
         for name, (sc, mp) in parts.items():
             row[name] = _metrics(labels, sc.numpy(), masks, mp.numpy(), test_classes)
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
@@ -415,10 +413,11 @@ def plot_calibrated(report: dict, path: Path) -> None:
     pts = report["points"]
     steps = [p["steps"] for p in pts]
     base_name = report["pipeline"].split("_", 1)[1]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 6.4))
-    fig.subplots_adjust(left=0.07, right=0.98, top=0.86, bottom=0.27, wspace=0.2)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 6.4))
+    fig.subplots_adjust(left=0.05, right=0.99, top=0.86, bottom=0.27, wspace=0.2)
     for ax, key, vkey, title in ((axes[0], "image_auroc", "image_auroc", "image AUROC"),
-                                 (axes[1], "pixel_auroc", "pixel_auroc", "pixel AUROC")):
+                                 (axes[1], "pixel_auroc", "pixel_auroc", "pixel AUROC"),
+                                 (axes[2], "pixel_aupro", "pixel_aupro", "AUPRO (FPR <= 0.3)")):
         ax.plot(steps, [p["blend"][key] for p in pts], "o-", color="C0", lw=2.2, label="calibrated blend (test)")
         for x, p in zip(steps, pts):
             wkey = "score_weight" if key == "image_auroc" else "map_weight"
@@ -430,7 +429,7 @@ def plot_calibrated(report: dict, path: Path) -> None:
         for r in other:
             ax.plot(steps, [p["variants"][r]["test_without_bootstrap"][key] for p in pts], "x-.", color="C4", lw=1.2,
                     label=f"blend chosen on the {r} recipe, no bootstrap (test)")
-        ax.plot(steps, [p["validation"][f"val_{vkey}"] for p in pts], "o:", color="C0", alpha=0.6,
+        ax.plot(steps, [p["validation"].get(f"val_{vkey}", np.nan) for p in pts], "o:", color="C0", alpha=0.6,
                 label="calibrated blend (validation)")
         ax.plot(steps, [p["validation"].get(f"val_p_{vkey}", np.nan) for p in pts], "s:", color="C1", alpha=0.6,
                 label="P alone (validation)")
@@ -440,6 +439,8 @@ def plot_calibrated(report: dict, path: Path) -> None:
         ax.set_xlabel(f"optimisation steps (batch {report['batch_size']}, {report['n_train']} training images)")
         ax.set_ylabel(title)
         lows = [p[part][key] for p in pts for part in ("p", "base", "blend")]
+        lows += [v for p in pts for v in (p["validation"].get(f"val_{vkey}"), p["validation"].get(f"val_p_{vkey}"))
+                 if v is not None and np.isfinite(v)]
         ax.set_ylim(max(0.0, min(0.4, min(lows) - 0.05)), 1.02)
         ax.grid(alpha=0.3)
         ax.set_title(f"{title}, mean over classes")

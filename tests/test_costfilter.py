@@ -684,6 +684,72 @@ def test_weighted_bootstrap_auroc_equals_the_resample_materialised():
     assert abs(got - auroc(item_labels[idx], scores[idx])) < 1e-12
 
 
+def test_pixel_ranking_equals_the_metrics_on_the_set_and_on_a_resample_materialised():
+    """The calibration's pixel AUROC and AUPRO (one ranking, resamples by per-image counts) equal
+    ``pixel_metrics`` on the whole set and on the resample built image by image (ties, several
+    regions per image, an image drawn twice: its regions counted twice); a region counted once per
+    image, or a count applied to the wrong pixels, fails it."""
+    import numpy as np
+
+    from uad.methods.costfilter.calibration import PixelRanking
+    from uad.metrics.metrics import label_regions, pixel_metrics
+
+    rng = np.random.default_rng(11)
+    n, s = 10, 12
+    masks = np.zeros((n, s, s), dtype=bool)
+    masks[5:, 1:4, 1:4] = True  # a large region ...
+    masks[5:, 8, 8] = True  # ... and a one-pixel one per anomalous image
+    masks[7, 6:11, 1:3] = True
+    maps = np.round(rng.normal(size=(n, s, s)) + 1.5 * masks, 1).astype(np.float32)  # rounded: ties
+    regions = label_regions(masks)[0].reshape(-1)
+    image = np.repeat(np.arange(n), s * s)
+    rank = PixelRanking(maps.reshape(-1), regions, image, n)
+    want = pixel_metrics(masks, maps)
+    got = rank.figures()
+    assert abs(got[0] - want["pixel_auroc"]) < 1e-12 and abs(got[1] - want["pixel_aupro"]) < 1e-12
+    for trial in range(3):
+        counts = np.bincount(rng.choice(n, size=n), minlength=n).astype(float)
+        idx = np.concatenate([[i] * int(counts[i]) for i in range(n)]).astype(int)
+        want = pixel_metrics(masks[idx], maps[idx])
+        got = rank.figures(counts)
+        assert abs(got[0] - want["pixel_auroc"]) < 1e-12 and abs(got[1] - want["pixel_aupro"]) < 1e-12, trial
+
+
+def test_map_weight_does_not_buy_pixel_auroc_with_region_overlap():
+    """Where P finds the large regions and misses the small ones the base finds, pixel AUROC
+    alone (ruled by the large regions' pixels) goes far to P's side and costs the small regions
+    their overlap; the chosen map weight is the best pixel AUROC among the weights whose AUPRO
+    stays within ``min_gain`` of the base's: smaller, still above the base, and the figures carry
+    the validation AUPRO of the base, P and the choice."""
+    from uad.methods.costfilter.calibration import ValidationOutputs, best_weight, choose_weights
+
+    g = torch.Generator().manual_seed(4)
+    n, s = 40, 24
+    labels = (torch.arange(n) >= n // 4).long()
+    large = torch.zeros(n, s, s, dtype=torch.bool)
+    large[n // 4:, 2:14, 2:14] = True
+    small = torch.zeros(n, s, s, dtype=torch.bool)
+    for k in range(3):
+        small[n // 4:, 18 + 2 * k, 3 + 6 * k] = True
+    masks = large | small
+    base = 40 + 10 * (torch.rand(n, s, s, generator=g) + 0.35 * large + 1.5 * small)
+    p = torch.rand(n, s, s, generator=g) + 1.2 * large.float() - 0.8 * small.float()
+    val = ValidationOutputs(p, base, p.flatten(1).amax(1), base.flatten(1).amax(1), masks, labels,
+                            sources=torch.arange(n) % (n // 4))
+    wm, _, fig = choose_weights(val, (10.0, 40.0), (10.0, 40.0))
+    curve = fig["curve"]
+    ws = [c[0] for c in curve]
+    at = {c[0]: c for c in curve}
+    by_pixel = best_weight([c[2] for c in curve], ws, 0.005)[0]
+    assert at[by_pixel][3] < at[0.0][3] - 0.005  # the pixel-AUROC choice costs region overlap
+    assert 0.0 < wm < by_pixel
+    assert at[wm][3] >= at[0.0][3] - 0.005 and at[wm][2] > at[0.0][2] + 0.005
+    # the best pixel AUROC among the weights the guard admits
+    assert at[wm][2] == max(c[2] for c in curve if c[3] >= at[0.0][3] - 0.005)
+    assert fig["val_pixel_aupro"] == at[wm][3] and fig["val_base_pixel_aupro"] == at[0.0][3]
+    assert fig["val_p_pixel_aupro"] == at[1.0][3]
+
+
 def test_cutpaste_changes_only_its_mask_and_is_seeded():
     """CutPaste (the calibration's validation recipe): the image equals its input outside the mask,
     every masked pixel changed, the same (seed, index) gives the same sample, and a foreground

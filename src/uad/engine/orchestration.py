@@ -357,12 +357,14 @@ def calibrate_method(method, method_name: str, validation_index: pd.DataFrame | 
     normals = method_dataset(method, rows, classes)
     pseudo = method_dataset(method, copies, classes, augment=aug)
     figures = method.calibrate(normals, pseudo)
+    nan = float("nan")
     log.info("%s%s: calibrated on %d held-out normals + %d %s pseudo anomalies: map weight %.2f, score weight %.2f "
-             "(validation image / pixel AUROC %.3f / %.3f; base %.3f / %.3f, P %.3f / %.3f)", method_name,
+             "(validation image AUROC / pixel AUROC / AUPRO %.3f / %.3f / %.3f; base %.3f / %.3f / %.3f, "
+             "P %.3f / %.3f / %.3f)", method_name,
              f" [{group}]" if group else "", len(rows), len(copies), recipe, figures["map_weight"], figures["score_weight"],
-             figures["val_image_auroc"], figures["val_pixel_auroc"],
-             figures.get("val_base_image_auroc", float("nan")), figures.get("val_base_pixel_auroc", float("nan")),
-             figures.get("val_p_image_auroc", float("nan")), figures.get("val_p_pixel_auroc", float("nan")))
+             figures["val_image_auroc"], figures["val_pixel_auroc"], figures.get("val_pixel_aupro", nan),
+             *(figures.get(f"val_{who}_{key}", nan) for who in ("base", "p")
+               for key in ("image_auroc", "pixel_auroc", "pixel_aupro")))
     return figures
 
 
