@@ -63,7 +63,8 @@ def test_costfilter_over_patchcore_calibrated_logs_base_and_gain(project):
     # the weights were chosen on the held-out normals + pseudo anomalies and logged with their figures
     map_w, score_w = m["calibration/map_weight"], m["calibration/score_weight"]
     assert run.data.tags["blend_calibrated"] == "true" and run.data.tags["blend"] == f"map {map_w:g}, score {score_w:g}"
-    for key in ("val_image_auroc", "val_pixel_auroc", "val_base_image_auroc", "val_p_pixel_auroc", "map_scale"):
+    for key in ("val_image_auroc", "val_pixel_auroc", "val_pixel_aupro", "val_base_image_auroc", "val_p_pixel_auroc",
+                "val_base_pixel_aupro", "map_scale"):
         assert f"calibration/{key}" in m, key
     # the held-out normals and 4 CutPaste copies of each (calibration_copies), logged with the recipe
     n_val = m["calibration/val_images"]
