@@ -684,37 +684,6 @@ def test_weighted_bootstrap_auroc_equals_the_resample_materialised():
     assert abs(got - auroc(item_labels[idx], scores[idx])) < 1e-12
 
 
-def test_pixel_ranking_equals_the_metrics_on_the_set_and_on_a_resample_materialised():
-    """The calibration's pixel AUROC and AUPRO (one ranking, resamples by per-image counts) equal
-    ``pixel_metrics`` on the whole set and on the resample built image by image (ties, several
-    regions per image, an image drawn twice: its regions counted twice); a region counted once per
-    image, or a count applied to the wrong pixels, fails it."""
-    import numpy as np
-
-    from uad.methods.costfilter.calibration import PixelRanking
-    from uad.metrics.metrics import label_regions, pixel_metrics
-
-    rng = np.random.default_rng(11)
-    n, s = 10, 12
-    masks = np.zeros((n, s, s), dtype=bool)
-    masks[5:, 1:4, 1:4] = True  # a large region ...
-    masks[5:, 8, 8] = True  # ... and a one-pixel one per anomalous image
-    masks[7, 6:11, 1:3] = True
-    maps = np.round(rng.normal(size=(n, s, s)) + 1.5 * masks, 1).astype(np.float32)  # rounded: ties
-    regions = label_regions(masks)[0].reshape(-1)
-    image = np.repeat(np.arange(n), s * s)
-    rank = PixelRanking(maps.reshape(-1), regions, image, n)
-    want = pixel_metrics(masks, maps)
-    got = rank.figures()
-    assert abs(got[0] - want["pixel_auroc"]) < 1e-12 and abs(got[1] - want["pixel_aupro"]) < 1e-12
-    for trial in range(3):
-        counts = np.bincount(rng.choice(n, size=n), minlength=n).astype(float)
-        idx = np.concatenate([[i] * int(counts[i]) for i in range(n)]).astype(int)
-        want = pixel_metrics(masks[idx], maps[idx])
-        got = rank.figures(counts)
-        assert abs(got[0] - want["pixel_auroc"]) < 1e-12 and abs(got[1] - want["pixel_aupro"]) < 1e-12, trial
-
-
 def test_map_weight_does_not_buy_pixel_auroc_with_region_overlap():
     """Where P finds the large regions and misses the small ones the base finds, pixel AUROC
     alone (ruled by the large regions' pixels) goes far to P's side and costs the small regions

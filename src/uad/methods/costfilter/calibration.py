@@ -40,12 +40,12 @@ All statistics are of the model's own group (one model per class in the one-clas
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["BlendCalibration", "ValidationOutputs", "PixelRanking", "affine_onto", "choose_weights", "blend",
+__all__ = ["BlendCalibration", "ValidationOutputs", "affine_onto", "choose_weights", "blend",
            "bootstrap_gain_share", "best_weight", "region_guard",
            "DEFAULT_WEIGHTS", "DEFAULT_MIN_GAIN", "DEFAULT_CONFIDENCE"]
 
@@ -59,8 +59,6 @@ DEFAULT_CONFIDENCE = 0.95
 DEFAULT_RESAMPLES = 400
 #: at most this many pixels enter a quantile or a pixel figure (a fixed stride over the maps)
 MAX_PIXELS = 2_000_000
-#: the AUPRO's false-positive-rate limit (the papers' 0.3)
-FPR_LIMIT = 0.3
 
 
 @dataclass
@@ -162,41 +160,6 @@ def _weighted_auroc(groups: np.ndarray, n_groups: int, labels: np.ndarray, weigh
     return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
 
-def _resampled_counts(rng: np.random.Generator, image_labels: np.ndarray, image_source: np.ndarray | None,
-                      resamples: int):
-    """Per bootstrap resample, how often each image is drawn: with ``image_source`` the sources
-    are drawn, each carrying all its images; without it normal and pseudo-anomalous images are
-    drawn apart (each resample keeps both kinds, in their counts)."""
-    n_images = len(image_labels)
-    if image_source is not None:
-        _, source = np.unique(np.asarray(image_source), return_inverse=True)
-        source = source.reshape(-1)
-        n_sources = int(source.max()) + 1 if len(source) else 0
-    else:
-        kinds = [np.flatnonzero(image_labels == k) for k in np.unique(image_labels)]
-    for _ in range(int(resamples)):
-        if image_source is not None:
-            yield np.bincount(rng.integers(0, n_sources, n_sources), minlength=n_sources).astype(np.float64)[source]
-        else:
-            counts = np.zeros(n_images, dtype=np.float64)
-            for idx in kinds:
-                counts += np.bincount(rng.choice(idx, size=len(idx), replace=True), minlength=n_images)
-            yield counts
-
-
-def _gain_share(base: Callable[[np.ndarray], float], candidate: Callable[[np.ndarray], float],
-                image_labels: np.ndarray, resamples: int, seed: int, image_source: np.ndarray | None) -> float:
-    """The share of bootstrap resamples (per-image draw counts) in which ``candidate(counts)``
-    exceeds ``base(counts)``; a tie counts half, a resample where either is undefined counts 0."""
-    rng = np.random.default_rng(seed)
-    wins = 0.0
-    for counts in _resampled_counts(rng, np.asarray(image_labels), image_source, resamples):
-        a, b = base(counts), candidate(counts)
-        if np.isfinite(a) and np.isfinite(b):
-            wins += 1.0 if b > a else 0.5 if b == a else 0.0
-    return wins / max(int(resamples), 1)
-
-
 def bootstrap_gain_share(item_labels: np.ndarray, item_image: np.ndarray, image_labels: np.ndarray,
                          base: np.ndarray, candidate: np.ndarray, resamples: int = DEFAULT_RESAMPLES,
                          seed: int = 0, image_source: np.ndarray | None = None) -> float:
@@ -208,11 +171,31 @@ def bootstrap_gain_share(item_labels: np.ndarray, item_image: np.ndarray, image_
     (each resample keeps both kinds, in their counts)."""
     item_labels = np.asarray(item_labels, dtype=np.float64)
     item_image = np.asarray(item_image, dtype=np.int64)
+    image_labels = np.asarray(image_labels)
     g_base, n_base = _groups(np.asarray(base, dtype=np.float64))
     g_cand, n_cand = _groups(np.asarray(candidate, dtype=np.float64))
-    return _gain_share(lambda c: _weighted_auroc(g_base, n_base, item_labels, c[item_image]),
-                       lambda c: _weighted_auroc(g_cand, n_cand, item_labels, c[item_image]),
-                       image_labels, resamples, seed, image_source)
+    rng = np.random.default_rng(seed)
+    n_images = len(image_labels)
+    if image_source is not None:
+        _, source = np.unique(np.asarray(image_source), return_inverse=True)
+        source = source.reshape(-1)
+        n_sources = int(source.max()) + 1 if len(source) else 0
+    else:
+        kinds = [np.flatnonzero(image_labels == k) for k in np.unique(image_labels)]
+    wins = 0.0
+    for _ in range(int(resamples)):
+        if image_source is not None:
+            counts = np.bincount(rng.integers(0, n_sources, n_sources), minlength=n_sources).astype(np.float64)[source]
+        else:
+            counts = np.zeros(n_images, dtype=np.float64)
+            for idx in kinds:
+                counts += np.bincount(rng.choice(idx, size=len(idx), replace=True), minlength=n_images)
+        w = counts[item_image]
+        a = _weighted_auroc(g_base, n_base, item_labels, w)
+        b = _weighted_auroc(g_cand, n_cand, item_labels, w)
+        if np.isfinite(a) and np.isfinite(b):
+            wins += 1.0 if b > a else 0.5 if b == a else 0.0
+    return wins / max(int(resamples), 1)
 
 
 def region_guard(pixel: Sequence[float], region: Sequence[float], weights: Sequence[float],
@@ -225,56 +208,6 @@ def region_guard(pixel: Sequence[float], region: Sequence[float], weights: Seque
     if base is None or not np.isfinite(base):
         return [float(v) for v in pixel]
     return [float(v) if np.isfinite(r) and r >= base - float(min_gain) else float("nan") for v, r in zip(pixel, region)]
-
-
-class PixelRanking:
-    """One map's pixels ranked once; pixel AUROC and AUPRO of the whole set or of any bootstrap
-    resample of its images (per-image draw counts) from cumulative sums, without sorting again.
-
-    ``scores``: (P,) the map's values (float32, as :func:`uad.metrics.metrics.pixel_metrics` casts
-    them); ``regions``: (P,) the anomalous region of each pixel (0: normal; ids from
-    :func:`uad.metrics.metrics.label_regions`); ``item_image``: (P,) its image. A resample counts an
-    image drawn ``k`` times ``k`` times over: its normal pixels in the false-positive rate and each of
-    its regions as ``k`` regions of the PRO mean, as the materialised resample would (ties grouped,
-    the ROC and PRO polylines joined straight across a tie, as ``pixel_metrics`` does)."""
-
-    def __init__(self, scores: np.ndarray, regions: np.ndarray, item_image: np.ndarray, n_images: int) -> None:
-        values = np.asarray(scores, dtype=np.float32).reshape(-1)
-        regions = np.asarray(regions, dtype=np.int64).reshape(-1)
-        item_image = np.asarray(item_image, dtype=np.int64).reshape(-1)
-        order = np.argsort(values, kind="stable")[::-1]  # descending
-        ranked = values[order]
-        self._ends = np.append(np.flatnonzero(ranked[1:] != ranked[:-1]), ranked.size - 1)  # last of each tie
-        self._image = item_image[order]
-        reg = regions[order]
-        self._pos = (reg > 0).astype(np.float64)
-        n_regions = int(regions.max()) if regions.size else 0
-        size = np.bincount(regions, minlength=n_regions + 1).astype(np.float64)
-        self._unit = np.where(reg > 0, 1.0 / np.maximum(size[reg], 1.0), 0.0)  # a region's pixels sum to 1
-        region_image = np.zeros(n_regions + 1, dtype=np.int64)
-        region_image[regions] = item_image
-        self._region_image = region_image[1:][size[1:] > 0]
-        self._n_images = int(n_images)
-
-    def figures(self, counts: np.ndarray | None = None, fpr_limit: float = FPR_LIMIT) -> tuple[float, float]:
-        """``(pixel AUROC, AUPRO up to fpr_limit)``, of the resample ``counts`` (per image) or of the set."""
-        from uad.metrics.metrics import _trapezoid_upto
-
-        c = np.ones(self._n_images) if counts is None else np.asarray(counts, dtype=np.float64)
-        w = c[self._image]
-        tp = np.cumsum(w * self._pos)[self._ends]
-        fp = np.cumsum(w - w * self._pos)[self._ends]
-        n_pos, n_neg = tp[-1] if tp.size else 0.0, fp[-1] if fp.size else 0.0
-        if n_pos <= 0 or n_neg <= 0:
-            return float("nan"), float("nan")
-        fpr = np.concatenate([[0.0], fp / n_neg])
-        tpr = np.concatenate([[0.0], tp / n_pos])
-        area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]))) / 2.0
-        n_regions = float(c[self._region_image].sum())
-        if n_regions <= 0:
-            return area, float("nan")
-        pro = np.concatenate([[0.0], np.cumsum(w * self._unit)[self._ends] / n_regions])
-        return area, float(_trapezoid_upto(fpr, pro, float(fpr_limit)) / float(fpr_limit))
 
 
 def best_weight(curve: Sequence[float], weights: Sequence[float], min_gain: float) -> tuple[float, float]:
@@ -302,29 +235,26 @@ def choose_weights(val: ValidationOutputs, map_affine: tuple[float, float], scor
     score's by image AUROC, on the validation set; each the best candidate (ties to the smaller
     weight) **if** it beats the base (w = 0) on that figure by at least ``min_gain`` and in at least
     a ``confidence`` share of bootstrap resamples of the validation images
-    (:func:`bootstrap_gain_share`, :class:`PixelRanking`), else 0: a gain inside the noise of a few
+    (:func:`bootstrap_gain_share`), else 0: a gain inside the noise of a few
     dozen validation images is not taken, and the base keeps its output unless P's help is clear."""
-    from uad.metrics.metrics import label_regions
+    from uad.metrics.metrics import pixel_metrics
 
     labels = val.labels.numpy().astype(np.int64)
     masks = val.masks.reshape(-1)
     step = max(1, -(-masks.numel() // MAX_PIXELS))
+    pix_labels = masks[::step].numpy().astype(np.int64)
     per_image = int(val.masks[0].numel()) if len(val.masks) else 1
     pix_image = (np.arange(0, masks.numel(), step) // per_image).astype(np.int64)
-    regions = (label_regions(val.masks.numpy().astype(bool))[0].reshape(-1)[::step] if len(val.masks)
-               else np.zeros(0, dtype=np.int64))
     base_px, p_px = val.base_maps.reshape(-1)[::step], val.p_maps.reshape(-1)[::step]
     ws = [float(w) for w in weights]
     sources = None if val.sources is None else val.sources.numpy()
     score_of = {w: blend(val.p_scores, val.base_scores, w, score_affine).numpy() for w in ws}
     image = [_auroc(labels, score_of[w]) for w in ws]
-
-    def ranking(w: float) -> PixelRanking:
-        return PixelRanking(blend(p_px, base_px, w, map_affine).numpy(), regions, pix_image, len(labels))
-
-    pixel_figs = [ranking(w).figures() for w in ws]
-    pixel = [f[0] for f in pixel_figs]
-    region = [f[1] for f in pixel_figs]
+    # the map's figures per weight with the project's own pixel metrics (the whole maps: AUPRO needs regions)
+    mask_np = val.masks.numpy().astype(bool)
+    figs = [pixel_metrics(mask_np, blend(val.p_maps, val.base_maps, w, map_affine).numpy()) for w in ws]
+    pixel = [f["pixel_auroc"] for f in figs]
+    region = [f["pixel_aupro"] for f in figs]
     shares: dict[str, float] = {}
 
     def pick(curve: list[float], kind: str) -> float:
@@ -338,9 +268,9 @@ def choose_weights(val: ValidationOutputs, map_affine: tuple[float, float], scor
                 share = bootstrap_gain_share(labels, np.arange(len(labels)), labels, score_of[0.0], score_of[best_w],
                                              resamples, image_source=sources)
             else:
-                base_rank, cand_rank = ranking(0.0), ranking(best_w)
-                share = _gain_share(lambda c: base_rank.figures(c)[0], lambda c: cand_rank.figures(c)[0], labels,
-                                    resamples, 0, sources)
+                share = bootstrap_gain_share(pix_labels, pix_image, labels, base_px.numpy(),
+                                             blend(p_px, base_px, best_w, map_affine).numpy(), resamples,
+                                             image_source=sources)
             shares[kind] = share
             if share < float(confidence):
                 return 0.0
